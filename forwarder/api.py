@@ -1,0 +1,165 @@
+"""Internal API, health and metrics routes, and the one mapping of errors to problem+json.
+
+``POST /v1/batches`` queues a batch; ``GET /v1/batches/{batch_id}`` returns its forwarding state.  Both
+need a bearer token from ``FORWARDER_API_TOKENS`` (compared in constant time).
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+import msgspec
+import structlog
+from litestar import Request, Response, get, post
+from litestar.datastructures import State
+from litestar.exceptions import HTTPException
+from litestar.status_codes import HTTP_202_ACCEPTED
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from forwarder.datagrid import check_batch_id
+from forwarder.errors import ForwarderError, InvalidBatchId, KafkaError
+from forwarder.jobs import Job
+from forwarder.webhooks import InvalidWebhook, SignatureError
+
+log = structlog.get_logger("forwarder.api")
+
+PROBLEM_JSON = "application/problem+json"
+PROBLEM_BASE = "https://datagrid-forwarder.dev/problems/"
+
+
+class Unauthorized(ForwarderError):
+    """Missing or wrong bearer token (401)."""
+
+    code = "unauthorized"
+
+
+class NotFound(ForwarderError):
+    """No such resource (404)."""
+
+    code = "not_found"
+
+
+class BadRequest(ForwarderError):
+    """Malformed request body (400)."""
+
+    code = "bad_request"
+
+
+class BatchRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """Body of ``POST /v1/batches``."""
+
+    batch_id: str
+    replay: bool = False
+
+
+def _status_of(exc: ForwarderError) -> int:
+    if isinstance(exc, (Unauthorized, SignatureError)):
+        return 401
+    if isinstance(exc, NotFound):
+        return 404
+    if isinstance(exc, (BadRequest, InvalidWebhook, InvalidBatchId)):
+        return 400
+    if isinstance(exc, KafkaError):
+        return 503
+    return 500
+
+
+def problem_response(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    """Every error as RFC 9457 problem details; internal details never leak."""
+    headers: dict[str, str] = {}
+    if isinstance(exc, ForwarderError):
+        status = _status_of(exc)
+        code, detail = exc.code, str(exc)
+        if status == 401:
+            headers["WWW-Authenticate"] = "Bearer" if isinstance(exc, Unauthorized) else "Signature"
+        if status >= 500:
+            log.error("request_failed", path=request.url.path, error=str(exc))
+            detail = "Kafka is unavailable; retry later" if status == 503 else "internal error"
+            headers["Retry-After"] = "5"
+    elif isinstance(exc, HTTPException):
+        status = exc.status_code
+        code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed",
+                413: "payload_too_large"}.get(status, "http_error")
+        detail = exc.detail if status < 500 else "internal error"
+    else:
+        status, code, detail = 500, "internal_error", "internal error"
+        log.exception("request_crashed", path=request.url.path)
+    body = {
+        "type": PROBLEM_BASE + code,
+        "title": code.replace("_", " ").capitalize(),
+        "status": status,
+        "detail": detail,
+        "instance": request.url.path,
+    }
+    return Response(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
+
+
+def require_token(request: Request[Any, Any, Any], tokens: list[bytes]) -> None:
+    """Raise :class:`Unauthorized` unless the request carries one of ``tokens`` as a bearer."""
+    header = request.headers.get("authorization", "")
+    scheme, _, presented = header.partition(" ")
+    if scheme.lower() != "bearer" or not presented:
+        raise Unauthorized("a bearer token is required")
+    candidate = presented.strip().encode()
+    matched = False
+    for token in tokens:
+        matched |= hmac.compare_digest(candidate, token)
+    if not matched:
+        raise Unauthorized("the bearer token is not valid")
+
+
+@post("/v1/batches", status_code=HTTP_202_ACCEPTED, summary="Queue a batch for forwarding")
+async def queue_batch(request: Request[Any, Any, Any], state: State) -> dict[str, Any]:
+    """Queue ``batch_id`` (``replay: true`` forwards again even if it was forwarded)."""
+    services = state.services
+    require_token(request, services.api_tokens)
+    try:
+        payload = msgspec.json.decode(await request.body(), type=BatchRequest)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise BadRequest(f"body must be {{\"batch_id\": str, \"replay\": bool}}: {exc}") from exc
+    check_batch_id(payload.batch_id)
+    await services.queue.put(Job(batch_id=payload.batch_id, source="api", replay=payload.replay))
+    log.info("batch_queued", batch_id=payload.batch_id, replay=payload.replay)
+    return {"status": "queued", "batch_id": payload.batch_id, "replay": payload.replay}
+
+
+@get("/v1/batches/{batch_id:str}", summary="A batch's forwarding state")
+async def batch_state(request: Request[Any, Any, Any], state: State, batch_id: str) -> Response[Any]:
+    """The batch's latest state record (the same JSON as the state topic)."""
+    services = state.services
+    require_token(request, services.api_tokens)
+    check_batch_id(batch_id)
+    known = services.store.get(batch_id)
+    if known is None:
+        raise NotFound(f"no forwarding state for batch {batch_id}")
+    return Response(msgspec.to_builtins(known))
+
+
+@get("/healthz", summary="Liveness", include_in_schema=True)
+async def healthz() -> dict[str, str]:
+    """200 while the process serves HTTP; restart it only if this fails."""
+    return {"status": "ok"}
+
+
+@get("/readyz", summary="Readiness")
+async def readyz(state: State) -> Response[Any]:
+    """200 when Kafka is reachable, the state topic is loaded, the worker joined its group and the
+    process is not draining; 503 with the failing checks otherwise."""
+    checks = state.services.readiness()
+    ready = all(checks.values())
+    state.services.metrics.ready.set(1 if ready else 0)
+    return Response(
+        {"status": "ready" if ready else "not_ready", "checks": checks},
+        status_code=200 if ready else 503,
+    )
+
+
+@get("/metrics", summary="Prometheus metrics", include_in_schema=False)
+async def metrics(state: State) -> Response[bytes]:
+    """Prometheus text exposition of the service's registry."""
+    registry = state.services.metrics.registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+ROUTES = [queue_batch, batch_state, healthz, readyz, metrics]

@@ -1,0 +1,159 @@
+"""Command line: ``forwarder serve | forward | enqueue``.
+
+Exit status: 0 success; 1 a batch was not fully forwarded (or not queued); 2 bad usage or setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import textwrap
+from collections.abc import Sequence
+
+from forwarder import __version__
+from forwarder.config import Settings, describe_variables, load_settings
+from forwarder.errors import BatchNotReady, ConfigError, ForwarderError, InvalidBatchId
+from forwarder.observability import Metrics, configure_logging
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _epilog() -> str:
+    lines = ["configuration (environment variables, also read from ./.env):"]
+    for variable, default, description in describe_variables():
+        lines.append(f"  {variable}" + (f" (default: {default})" if default else ""))
+        lines.extend(textwrap.wrap(description, 92, initial_indent="      ", subsequent_indent="      "))
+    lines.append("")
+    lines.append("exit status: 0 success, 1 a batch was not fully forwarded, 2 bad usage or setting")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (also used to render ``--help``)."""
+    parser = argparse.ArgumentParser(
+        prog="forwarder",
+        description="Forward Datagrid batch-prediction results into Kafka, once per batch.",
+        epilog=_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser(
+        "serve",
+        help="run the HTTP server (webhooks, API, metrics) and the workers",
+        description="Run the HTTP server and the jobs-topic workers until SIGTERM.",
+    )
+    forward = commands.add_parser(
+        "forward",
+        help="stream and publish batches now (one-shot)",
+        description="Stream each batch's results and publish them now, then record its state. "
+        "An explicit forward always runs, like a replay. Exit 0 only if every batch was fully "
+        "forwarded.",
+    )
+    forward.add_argument("batch_ids", nargs="+", metavar="BATCH_ID")
+    forward.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait up to SECONDS for batches that are not terminal yet (default: do not wait)",
+    )
+    enqueue = commands.add_parser(
+        "enqueue",
+        help="write jobs to the jobs topic for the workers",
+        description="Write one job per batch id to the jobs topic.",
+    )
+    enqueue.add_argument("batch_ids", nargs="+", metavar="BATCH_ID")
+    enqueue.add_argument("--replay", action="store_true", help="forward again even if done")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``forwarder`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings()
+        if args.command == "serve":
+            from forwarder.app import serve
+
+            configure_logging(settings.log_format, settings.log_level)
+            return serve(settings)
+        # One-shot commands keep stdout for their summary; logs go to stderr.
+        configure_logging(settings.log_format, settings.log_level, stream=sys.stderr)
+        if args.command == "forward":
+            return asyncio.run(_forward(settings, args.batch_ids, args.wait))
+        return asyncio.run(_enqueue(settings, args.batch_ids, args.replay))
+    except ConfigError as exc:
+        print(f"forwarder: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except InvalidBatchId as exc:
+        print(f"forwarder: invalid input: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ForwarderError as exc:
+        print(f"forwarder: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+async def _forward(settings: Settings, batch_ids: list[str], wait: float) -> int:
+    from forwarder.app import open_core
+    from forwarder.datagrid import check_batch_id
+
+    for batch_id in batch_ids:
+        check_batch_id(batch_id)  # refuse bad input before touching Kafka
+    ok = True
+    async with open_core(settings, Metrics(process=False)) as core:
+        for batch_id in batch_ids:
+            deadline = asyncio.get_running_loop().time() + wait
+            delay = 1.0
+            while True:
+                try:
+                    state = await core.pipeline.forward(batch_id, source="cli")
+                except BatchNotReady as exc:
+                    remaining = deadline - asyncio.get_running_loop().time()
+                    if remaining <= 0:
+                        print(f"{batch_id}: not forwarded: {exc}")
+                        ok = False
+                        break
+                    await asyncio.sleep(min(delay, remaining))
+                    delay = min(delay * 2, settings.not_ready_poll_seconds)
+                    continue
+                print(summary(state))
+                ok = ok and state.status == "forwarded"
+                break
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+def summary(state: object) -> str:
+    """One human line per batch: outcome, lines by status, dead letters, attempts."""
+    from forwarder.pipeline import BatchState
+
+    assert isinstance(state, BatchState)
+    lines = sum(state.lines.values())
+    by_status = ", ".join(f"{k} {v}" for k, v in sorted(state.lines.items())) or "none"
+    dead = sum(state.dead_letters.values())
+    by_reason = ", ".join(f"{k} {v}" for k, v in sorted(state.dead_letters.items()))
+    text = (
+        f"{state.batch_id}: {state.status}: {lines} lines ({by_status}), "
+        f"{dead} dead letters" + (f" ({by_reason})" if by_reason else "")
+        + f", {state.blank_lines} blank, {state.attempts} attempt"
+        + ("s" if state.attempts != 1 else "")
+    )
+    if state.error:
+        text += f"; error: {state.error.get('detail')}"
+    return text
+
+
+async def _enqueue(settings: Settings, batch_ids: list[str], replay: bool) -> int:
+    from forwarder.jobs import enqueue_jobs
+
+    await enqueue_jobs(settings, batch_ids, replay=replay, source="cli")
+    for batch_id in batch_ids:
+        print(f"{batch_id}: queued" + (" (replay)" if replay else ""))
+    return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""Settings: one object, read from ``FORWARDER_*`` environment variables (or ``.env``), built once.
+
+Every field has a docstring; the README's configuration table is written from them.  A bad value
+stops start-up with one line naming the variable (see :func:`load_settings`).
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from forwarder.errors import ConfigError
+
+ENV_PREFIX = "FORWARDER_"
+
+#: Batch ids go into URL paths; only these characters ever reach a URL.
+BATCH_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+
+
+class Delivery(StrEnum):
+    """Delivery guarantee of the results topic."""
+
+    AT_LEAST_ONCE = "at-least-once"
+    EXACTLY_ONCE = "exactly-once"
+
+
+def _split_csv(value: object) -> object:
+    """Read a comma-separated variable as a list (blank items dropped)."""
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Everything the forwarder can be told, validated once at start."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        frozen=True,
+        populate_by_name=True,
+        use_attribute_docstrings=True,
+    )
+
+    # --- Datagrid (upstream) ---------------------------------------------------------------
+    datagrid_api_key: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("FORWARDER_DATAGRID_API_KEY", "DATAGRID_API_KEY"),
+    )
+    """Datagrid API key (`DATAGRID_API_KEY` also accepted). Required by `serve` and `forward`."""
+
+    datagrid_base_url: str = "https://api.datagrid.com/v1"
+    """Datagrid API base URL, up to and including `/v1`."""
+
+    datagrid_teamspace: str | None = None
+    """Optional `Datagrid-Teamspace` header, for account-scoped API keys."""
+
+    datagrid_connect_timeout: float = Field(default=5.0, gt=0)
+    """Seconds to open a connection to Datagrid."""
+
+    datagrid_read_timeout: float = Field(default=60.0, gt=0)
+    """Seconds without a byte from Datagrid before a stream counts as stalled and is retried."""
+
+    # --- Kafka -----------------------------------------------------------------------------
+    kafka_bootstrap_servers: str = "localhost:9092"
+    """Comma-separated `host:port` list of Kafka brokers."""
+
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    """Kafka security protocol."""
+
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    """SASL mechanism when the protocol is SASL_*."""
+
+    kafka_sasl_username: str | None = None
+    """SASL user name."""
+
+    kafka_sasl_password: SecretStr | None = None
+    """SASL password."""
+
+    kafka_ssl_cafile: str | None = None
+    """CA bundle (PEM) that signed the brokers' certificates."""
+
+    kafka_ssl_certfile: str | None = None
+    """Client certificate (PEM) for mutual TLS."""
+
+    kafka_ssl_keyfile: str | None = None
+    """Client private key (PEM) for mutual TLS."""
+
+    kafka_create_topics: bool = True
+    """Create missing topics at start; with `false` a missing topic stops start-up."""
+
+    kafka_topic_partitions: int = Field(default=6, ge=1)
+    """Partitions of topics the forwarder creates."""
+
+    kafka_replication_factor: int = Field(default=-1, ge=-1)
+    """Replication factor of topics the forwarder creates (-1: 3, or fewer if the cluster is smaller)."""
+
+    kafka_linger_ms: int = Field(default=5, ge=0)
+    """Producer linger: how long a batch waits for more records."""
+
+    kafka_batch_bytes: int = Field(default=262_144, ge=1024)
+    """Producer batch size in bytes (capped at the results topic's message limit)."""
+
+    results_topic: str = "datagrid.batch-results"
+    """Topic receiving one message per result line (key `custom_id`)."""
+
+    jobs_topic: str = "datagrid.batch-jobs"
+    """Durable queue of batches to forward (key: batch id)."""
+
+    dead_letter_topic: str = "datagrid.batch-results.dlq"
+    """Topic receiving lines that cannot be forwarded, with the reason in headers."""
+
+    state_topic: str = "datagrid.batch-state"
+    """Compacted topic holding each batch's latest forwarding state."""
+
+    consumer_group: str = "datagrid-forwarder"
+    """Consumer group of the workers on the jobs topic."""
+
+    delivery: Delivery = Delivery.AT_LEAST_ONCE
+    """`at-least-once` (idempotent producer) or `exactly-once` (Kafka transactions)."""
+
+    # --- Work --------------------------------------------------------------------------------
+    concurrency: int = Field(default=4, ge=1, le=256)
+    """Batches in flight per process."""
+
+    max_in_flight_bytes: int = Field(default=16 * 1024 * 1024, ge=65_536)
+    """Bytes of lines handed to Kafka but not yet acknowledged, per batch, before reading waits."""
+
+    max_attempts: int = Field(default=8, ge=1)
+    """Attempts per batch on retriable failures (5xx, 429, timeouts, broken streams)."""
+
+    retry_base_seconds: float = Field(default=1.0, gt=0)
+    """First retry delay; doubles each attempt, with jitter."""
+
+    retry_max_seconds: float = Field(default=60.0, gt=0)
+    """Cap on one retry delay (also caps honoured `Retry-After`)."""
+
+    not_ready_poll_seconds: float = Field(default=30.0, gt=0)
+    """Longest wait between polls of a batch that is not terminal yet."""
+
+    drain_timeout_seconds: float = Field(default=30.0, ge=0)
+    """On SIGTERM, how long in-flight batches may finish before they are abandoned uncommitted."""
+
+    # --- HTTP --------------------------------------------------------------------------------
+    http_host: str = "0.0.0.0"  # noqa: S104 - a service in a pod listens on all interfaces.
+    """Address the HTTP server binds."""
+
+    http_port: int = Field(default=8080, ge=1, le=65_535)
+    """Port of the webhook, API, health and metrics routes."""
+
+    webhook_secrets: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    """Comma-separated Datagrid webhook secrets; any one verifies (rotation). Required by `serve`."""
+
+    webhook_tolerance_seconds: int = Field(default=300, ge=1)
+    """Largest accepted age (or future skew) of a webhook signature timestamp."""
+
+    webhook_max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    """Largest accepted webhook body; larger ones get 413 without being read in full."""
+
+    api_tokens: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    """Comma-separated bearer tokens for `/v1/batches`; without any, those routes refuse all."""
+
+    # --- Logs --------------------------------------------------------------------------------
+    log_format: Literal["json", "console"] = "json"
+    """`json` (one object per line) or `console` (for humans)."""
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Lowest level logged."""
+
+    @field_validator("webhook_secrets", "api_tokens", mode="before")
+    @classmethod
+    def _csv(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("datagrid_base_url")
+    @classmethod
+    def _base_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("must be an http(s) URL")
+        return value.rstrip("/")
+
+    @field_validator("kafka_bootstrap_servers")
+    @classmethod
+    def _bootstrap(cls, value: str) -> str:
+        for server in value.split(","):
+            if not re.match(r"^\s*[^\s:]+:\d+\s*$", server):
+                raise ValueError(f"expected host:port[,host:port...], got {server!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _sasl(self) -> Settings:
+        if self.kafka_security_protocol.startswith("SASL") and not (
+            self.kafka_sasl_mechanism and self.kafka_sasl_username and self.kafka_sasl_password
+        ):
+            raise ValueError(
+                "FORWARDER_KAFKA_SECURITY_PROTOCOL is SASL_*: set FORWARDER_KAFKA_SASL_MECHANISM, "
+                "FORWARDER_KAFKA_SASL_USERNAME and FORWARDER_KAFKA_SASL_PASSWORD"
+            )
+        return self
+
+    def require_api_key(self) -> SecretStr:
+        """The Datagrid API key, or a :class:`ConfigError` naming the variable."""
+        if self.datagrid_api_key is None or not self.datagrid_api_key.get_secret_value():
+            raise ConfigError("DATAGRID_API_KEY (or FORWARDER_DATAGRID_API_KEY) is not set")
+        return self.datagrid_api_key
+
+
+def env_name(field: str) -> str:
+    """The environment variable that sets ``field`` (aliases are already variable names)."""
+    return field if field.isupper() else f"{ENV_PREFIX}{field.upper()}"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build :class:`Settings` from the environment, turning validation errors into one line each."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else ""
+            name = env_name(field) if field else "configuration"
+            # Never echo the input: it may be a secret.
+            problems.append(f"{name}: {error['msg']}")
+        raise ConfigError("; ".join(problems)) from None
+
+
+def describe_variables() -> list[tuple[str, str, str]]:
+    """``(variable, default, description)`` for every setting: for ``--help`` and the README."""
+    rows = []
+    for name, info in Settings.model_fields.items():
+        variable = env_name(name)
+        if name == "datagrid_api_key":
+            variable = "DATAGRID_API_KEY / FORWARDER_DATAGRID_API_KEY"
+        default = info.get_default(call_default_factory=True)
+        if isinstance(default, list) or default is None:
+            shown = ""
+        elif isinstance(default, bool):
+            shown = str(default).lower()
+        else:
+            shown = str(getattr(default, "value", default))
+        rows.append((variable, shown, info.description or ""))
+    return rows

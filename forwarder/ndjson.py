@@ -1,0 +1,145 @@
+"""NDJSON framing and the hot-path look-up of a result line's routing fields.
+
+Lines are split on the byte ``\\n`` only (a trailing ``\\r`` is dropped), never on text: JSON strings may
+hold raw U+2028/U+0085, which ``str.splitlines`` and ``httpx``'s ``aiter_lines`` treat as line breaks,
+and a chunk boundary may fall inside a multi-byte character or between ``\\r`` and ``\\n``.
+
+Memory is bounded: a line longer than ``max_line_bytes`` is not accumulated; its first bytes are kept
+(for the dead-letter record) and the rest only counted, as an :class:`Oversized` line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+import msgspec
+
+__all__ = ["LineHead", "LineSplitter", "Oversized", "classify", "is_blank"]
+
+_NL: Final = b"\n"
+_CR: Final = b"\r"
+_WS: Final = b" \t\r\n\f\v"
+
+
+@dataclass(frozen=True, slots=True)
+class Oversized:
+    """A line longer than the splitter keeps: its first bytes and its full length."""
+
+    prefix: bytes
+    size: int
+
+
+class LineSplitter:
+    """Turns arbitrary byte chunks into complete lines, terminator removed.
+
+    ``feed`` returns the lines that a chunk completes; ``close`` returns the last line if the stream
+    did not end with a newline.  Lines are ``bytes``, or :class:`Oversized` past ``max_line_bytes``.
+    """
+
+    __slots__ = ("_max", "_parts", "_size", "_overflow")
+
+    def __init__(self, max_line_bytes: int) -> None:
+        self._max = max_line_bytes
+        self._parts: list[bytes] = []  # pieces of the unfinished line
+        self._size = 0  # bytes seen of the unfinished line (including those not kept)
+        self._overflow = False
+
+    def feed(self, chunk: bytes) -> list[bytes | Oversized]:
+        """Add a chunk; return the lines it completes, in order."""
+        pieces = chunk.split(_NL)
+        if len(pieces) == 1:
+            self._hold(chunk)
+            return []
+        tail = pieces.pop()
+        if self._parts or self._overflow:
+            self._hold(pieces[0])
+            pieces[0] = self._take()  # type: ignore[call-overload]
+        out: list[bytes | Oversized] = pieces  # type: ignore[assignment]
+        max_line = self._max
+        for index, line in enumerate(out):
+            if type(line) is bytes:
+                if line[-1:] == _CR:
+                    line = out[index] = line[:-1]
+                if len(line) > max_line:
+                    out[index] = Oversized(line[:max_line], len(line))
+        if tail:
+            self._hold(tail)
+        return out
+
+    def close(self) -> list[bytes | Oversized]:
+        """End of stream: the final line, if it had no newline."""
+        if not self._parts and not self._overflow:
+            return []
+        line = self._take()
+        if type(line) is bytes:
+            if line[-1:] == _CR:
+                line = line[:-1]
+            if len(line) > self._max:
+                return [Oversized(line[: self._max], len(line))]
+        return [line]
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held for the unfinished line (bounded by ``max_line_bytes``)."""
+        return sum(len(part) for part in self._parts)
+
+    def _hold(self, piece: bytes) -> None:
+        if not piece:
+            return
+        self._size += len(piece)
+        if self._overflow:
+            return
+        kept = self._size - len(piece)
+        if self._size > self._max:
+            # Keep only what fits, and from now on count without storing.
+            self._parts.append(piece[: self._max - kept])
+            self._overflow = True
+        else:
+            self._parts.append(piece)
+
+    def _take(self) -> bytes | Oversized:
+        data = b"".join(self._parts)
+        size, overflow = self._size, self._overflow
+        self._parts, self._size, self._overflow = [], 0, False
+        if overflow:
+            return Oversized(data, size)
+        return data
+
+
+def is_blank(line: bytes) -> bool:
+    """Empty or whitespace-only lines are skipped, never dead-lettered."""
+    return not line or (line[0] in _WS and not line.strip(_WS))
+
+
+class LineHead(msgspec.Struct):
+    """The three fields routing needs; the rest of the line is validated but not decoded."""
+
+    custom_id: object = None
+    status: object = None
+    batch_id: object = msgspec.UNSET
+
+
+_decode_head = msgspec.json.Decoder(LineHead).decode
+
+
+def classify(line: bytes, batch_id: str) -> tuple[str, str] | LineHead:
+    """The line's routing head, or ``(reason, detail)`` when it must be dead-lettered."""
+    try:
+        head = _decode_head(line)
+    except msgspec.ValidationError:
+        return "not_an_object", "line is JSON but not an object"
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, ValueError) as exc:
+        return "invalid_json", _short(str(exc))
+    custom_id = head.custom_id
+    if type(custom_id) is not str or not custom_id:
+        return "missing_custom_id", "custom_id is missing, empty or not a string"
+    if head.batch_id is not msgspec.UNSET and head.batch_id != batch_id:
+        return "batch_id_mismatch", _short(f"line batch_id {head.batch_id!r} is not {batch_id!r}")
+    return head
+
+
+def _short(text: str, limit: int = 200) -> str:
+    """Header-sized detail: one line, bounded."""
+    text = text.replace("\n", " ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,199 @@
+"""Metrics and logs, configured in one place.
+
+Metric names in the first block are fixed by the product contract (DESIGN.md).  Collectors are
+created on an injected :class:`CollectorRegistry`; label values come from closed sets only.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, TextIO
+
+import structlog
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
+
+LINE_STATUSES = ("succeeded", "errored", "canceled", "expired")
+DEAD_LETTER_REASONS = (
+    "invalid_json",
+    "not_an_object",
+    "missing_custom_id",
+    "batch_id_mismatch",
+    "too_large",
+)
+
+_DELAY_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400)
+_DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+def line_status_label(status: object) -> str:
+    """The metric label for a line's ``status``: one of the known four, else ``other``."""
+    return status if status in LINE_STATUSES else "other"  # type: ignore[return-value]
+
+
+class Metrics:
+    """Every collector of the service, registered on one registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, *, process: bool = True) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        if process:
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+            GCCollector(registry=r)
+        # --- contract metrics (names fixed) ---
+        self.lines_forwarded = Counter(
+            "forwarder_lines_forwarded",
+            "Lines acknowledged by Kafka on the results topic, by the line's status.",
+            ["status"],
+            registry=r,
+        )
+        self.dead_letters = Counter(
+            "forwarder_dead_letters",
+            "Lines sent to the dead-letter topic, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.batches = Counter(
+            "forwarder_batches",
+            "Batches finished, by outcome (forwarded, failed, duplicate).",
+            ["outcome"],
+            registry=r,
+        )
+        self.webhooks = Counter(
+            "forwarder_webhooks",
+            "Webhook deliveries, by outcome.",
+            ["outcome"],
+            registry=r,
+        )
+        self.upstream_requests = Counter(
+            "forwarder_upstream_requests",
+            "Datagrid responses by HTTP status code, or 'error' for transport failures.",
+            ["code"],
+            registry=r,
+        )
+        self.jobs_lag = Gauge(
+            "forwarder_jobs_lag",
+            "Jobs-topic consumer lag in messages, per assigned partition.",
+            ["partition"],
+            registry=r,
+        )
+        self.forward_delay = Histogram(
+            "forwarder_forward_delay_seconds",
+            "Seconds from the batch's terminal time to its last line acknowledged.",
+            buckets=_DELAY_BUCKETS,
+            registry=r,
+        )
+        self.batch_duration = Histogram(
+            "forwarder_batch_duration_seconds",
+            "One batch's stream-and-publish time in seconds.",
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        # --- operational metrics ---
+        self.blank_lines = Counter(
+            "forwarder_blank_lines",
+            "Empty or whitespace-only lines skipped.",
+            registry=r,
+        )
+        self.jobs_lag_seconds = Gauge(
+            "forwarder_jobs_lag_seconds",
+            "Age in seconds of the oldest job not yet finished (0 when idle).",
+            registry=r,
+        )
+        self.batches_in_flight = Gauge(
+            "forwarder_batches_in_flight",
+            "Batches being forwarded now.",
+            registry=r,
+        )
+        self.batches_waiting = Gauge(
+            "forwarder_batches_waiting",
+            "Batches waiting for Datagrid to finish them (not terminal yet).",
+            registry=r,
+        )
+        self.upstream_latency = Histogram(
+            "forwarder_upstream_request_duration_seconds",
+            "Seconds until Datagrid's response headers arrived.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.produce_latency = Histogram(
+            "forwarder_produce_duration_seconds",
+            "Seconds from handing a record to the producer to its acknowledgement (sampled).",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.retries = Counter(
+            "forwarder_retries",
+            "Batch attempts retried, by the kind of failure.",
+            ["reason"],
+            registry=r,
+        )
+        self.stream_restarts = Counter(
+            "forwarder_stream_restarts",
+            "Results streams restarted after breaking midway.",
+            registry=r,
+        )
+        self.ready = Gauge(
+            "forwarder_ready",
+            "1 when /readyz answers ready.",
+            registry=r,
+        )
+
+    def on_upstream_response(self, code: str, seconds: float) -> None:
+        """Hook for the Datagrid client: count the response and time it."""
+        self.upstream_requests.labels(code=code).inc()
+        self.upstream_latency.observe(seconds)
+
+
+def configure_logging(
+    log_format: str = "json", level: str = "INFO", stream: TextIO | None = None
+) -> None:
+    """Configure structlog and stdlib logging once: one JSON object per line on stdout.
+
+    Third-party loggers (uvicorn, aiokafka, httpx) go through the same renderer; noisy ones are
+    clamped to WARNING.
+    """
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.StackInfoRenderer(),
+    ]
+    renderer: Any
+    if log_format == "console":
+        renderer = structlog.dev.ConsoleRenderer()
+    else:
+        shared.append(structlog.processors.format_exc_info)
+        renderer = structlog.processors.JSONRenderer()
+    numeric = logging.getLevelName(level.upper())
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        cache_logger_on_first_use=True,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+    )
+    handler = logging.StreamHandler(stream or sys.stdout)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(numeric)
+    for noisy in ("aiokafka", "kafka", "httpx", "httpcore", "uvicorn.access"):
+        logging.getLogger(noisy).setLevel(max(numeric, logging.WARNING))
+    for name in ("uvicorn", "uvicorn.error"):
+        logging.getLogger(name).handlers[:] = []
+        logging.getLogger(name).propagate = True

@@ -1,0 +1,175 @@
+"""``POST /webhooks/datagrid``: verify Datagrid's signature, then durably queue terminal batch events.
+
+Signature (``Datagrid-Signature: t=<unix>,v1=<hex>``): ``v1`` is HMAC-SHA256, keyed by the webhook
+secret, of ``"<t>." + raw body``.  Every configured secret is tried (rotation), every ``v1`` value in
+the header is accepted, comparisons are constant-time, and ``t`` must be within the tolerance of now,
+in either direction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+import structlog
+from litestar import Request, Response, post
+from litestar.datastructures import State
+from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED
+
+from forwarder.datagrid import TERMINAL_STATUSES, check_batch_id
+from forwarder.errors import ForwarderError, InvalidBatchId
+from forwarder.jobs import Job
+
+log = structlog.get_logger("forwarder.webhooks")
+
+SIGNATURE_HEADER = "datagrid-signature"
+TERMINAL_EVENTS = frozenset(f"batch_prediction.{status}" for status in TERMINAL_STATUSES)
+_MAX_HEADER = 4096
+
+
+class SignatureError(ForwarderError):
+    """Missing, malformed, wrong or stale signature (401)."""
+
+    code = "bad_signature"
+
+
+class InvalidWebhook(ForwarderError):
+    """A correctly signed body that is not a usable event (400)."""
+
+    code = "invalid_webhook"
+
+
+def sign(secret: bytes, timestamp: int, body: bytes) -> str:
+    """The ``v1`` value Datagrid sends for ``body`` at ``timestamp`` (lowercase hex)."""
+    return hmac.new(secret, str(timestamp).encode() + b"." + body, hashlib.sha256).hexdigest()
+
+
+def verify_signature(
+    header: str | None,
+    body: bytes,
+    secrets: Sequence[bytes],
+    *,
+    now: float,
+    tolerance: float,
+) -> int:
+    """Return the signed timestamp, or raise :class:`SignatureError` saying why (never which secret)."""
+    if not header:
+        raise SignatureError("missing Datagrid-Signature header")
+    if len(header) > _MAX_HEADER:
+        raise SignatureError("malformed Datagrid-Signature header")
+    timestamp: int | None = None
+    candidates: list[bytes] = []
+    for item in header.split(","):
+        name, sep, value = item.strip().partition("=")
+        if not sep:
+            raise SignatureError("malformed Datagrid-Signature header")
+        if name == "t":
+            if not value.isdigit() or len(value) > 12:
+                raise SignatureError("malformed Datagrid-Signature timestamp")
+            timestamp = int(value)
+        elif name == "v1":
+            candidates.append(value.strip().lower().encode("ascii", "replace"))
+    if timestamp is None or not candidates:
+        raise SignatureError("malformed Datagrid-Signature header")
+    # Compute and compare against every secret and every v1 without an early exit,
+    # so timing reveals neither which secret matched nor how much of a signature was right.
+    matched = False
+    for secret in secrets:
+        expected = sign(secret, timestamp, body).encode()
+        for candidate in candidates:
+            matched |= hmac.compare_digest(expected, candidate)
+    if not matched:
+        raise SignatureError("signature does not match")
+    if abs(now - timestamp) > tolerance:
+        raise SignatureError("signature timestamp outside the tolerance")
+    return timestamp
+
+
+class _RecentEvents:
+    """Event ids queued recently by this process (bounded), to answer redeliveries cheaply."""
+
+    def __init__(self, size: int = 10_000) -> None:
+        self._ids: OrderedDict[str, None] = OrderedDict()
+        self._size = size
+
+    def __contains__(self, event_id: str) -> bool:
+        return event_id in self._ids
+
+    def add(self, event_id: str) -> None:
+        self._ids[event_id] = None
+        self._ids.move_to_end(event_id)
+        while len(self._ids) > self._size:
+            self._ids.popitem(last=False)
+
+
+def parse_event(body: bytes) -> tuple[str, str, dict[str, Any]]:
+    """``(event_id, event_type, data)`` of a webhook body, or :class:`InvalidWebhook`."""
+    try:
+        event = msgspec.json.decode(body)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise InvalidWebhook("body is not valid JSON") from exc
+    if not isinstance(event, dict):
+        raise InvalidWebhook("body is not a JSON object")
+    event_id, event_type, data = event.get("id"), event.get("event_type"), event.get("data")
+    if not isinstance(event_id, str) or not event_id or len(event_id) > 256:
+        raise InvalidWebhook("event id is missing or not a string")
+    if not isinstance(event_type, str) or not event_type:
+        raise InvalidWebhook("event_type is missing or not a string")
+    if not isinstance(data, dict):
+        data = {}
+    return event_id, event_type, data
+
+
+@post("/webhooks/datagrid", status_code=HTTP_202_ACCEPTED, summary="Datagrid webhook receiver")
+async def datagrid_webhook(request: Request[Any, Any, Any], state: State) -> Response[Any]:
+    """Verify the signature; queue terminal ``batch_prediction.*`` events (202), ignore others (200)."""
+    services = state.services
+    settings = services.settings
+    metrics = services.metrics
+    body = await request.body()  # bounded by request_max_body_size: 413 beyond it
+    try:
+        verify_signature(
+            request.headers.get(SIGNATURE_HEADER),
+            body,
+            services.webhook_secrets,
+            now=time.time(),
+            tolerance=settings.webhook_tolerance_seconds,
+        )
+    except SignatureError:
+        metrics.webhooks.labels(outcome="bad_signature").inc()
+        raise
+    try:
+        event_id, event_type, data = parse_event(body)
+        structlog.contextvars.bind_contextvars(event_id=event_id)
+        if event_type not in TERMINAL_EVENTS:
+            metrics.webhooks.labels(outcome="ignored").inc()
+            log.info("webhook_ignored", event_type=event_type)
+            return Response({"status": "ignored", "event_id": event_id}, status_code=HTTP_200_OK)
+        batch_id = data.get("id")
+        if not isinstance(batch_id, str):
+            raise InvalidWebhook("data.id (the batch id) is missing")
+        check_batch_id(batch_id)
+    except (InvalidWebhook, InvalidBatchId):
+        metrics.webhooks.labels(outcome="invalid").inc()
+        raise
+    known = services.store.get(batch_id)
+    if event_id in services.recent_events or (known is not None and known.status == "forwarded"):
+        metrics.webhooks.labels(outcome="duplicate").inc()
+        log.info("webhook_duplicate", batch_id=batch_id)
+        return Response(
+            {"status": "duplicate", "event_id": event_id, "batch_id": batch_id},
+            status_code=HTTP_200_OK,
+        )
+    await services.queue.put(Job(batch_id=batch_id, source="webhook", event_id=event_id))
+    services.recent_events.add(event_id)
+    metrics.webhooks.labels(outcome="accepted").inc()
+    log.info("webhook_accepted", batch_id=batch_id, event_type=event_type)
+    return Response(
+        {"status": "queued", "event_id": event_id, "batch_id": batch_id},
+        status_code=HTTP_202_ACCEPTED,
+    )
