@@ -119,7 +119,7 @@ async def queue_batch(request: Request[Any, Any, Any], state: State) -> dict[str
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise BadRequest(f"body must be {{\"batch_id\": str, \"replay\": bool}}: {exc}") from exc
     check_batch_id(payload.batch_id)
-    await services.queue.put(Job(batch_id=payload.batch_id, source="api", replay=payload.replay))
+    await services.enqueue(Job(batch_id=payload.batch_id, source="api", replay=payload.replay))
     log.info("batch_queued", batch_id=payload.batch_id, replay=payload.replay)
     return {"status": "queued", "batch_id": payload.batch_id, "replay": payload.replay}
 
@@ -130,7 +130,7 @@ async def batch_state(request: Request[Any, Any, Any], state: State, batch_id: s
     services = state.services
     require_token(request, services.api_tokens)
     check_batch_id(batch_id)
-    known = services.store.get(batch_id)
+    known = services.state_of(batch_id)
     if known is None:
         raise NotFound(f"no forwarding state for batch {batch_id}")
     return Response(msgspec.to_builtins(known))

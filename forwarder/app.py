@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import time
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -30,8 +30,8 @@ from forwarder import __version__
 from forwarder.api import ROUTES, problem_response
 from forwarder.config import ConfigError, Settings
 from forwarder.datagrid import DatagridClient
-from forwarder.errors import ForwarderError
-from forwarder.jobs import JobQueue, StateStore, Worker
+from forwarder.errors import ForwarderError, KafkaError
+from forwarder.jobs import Job, JobQueue, StateStore, Worker
 from forwarder.kafka import TopicLimits, make_jobs_consumer, make_producer, prepare_topics, translate
 from forwarder.observability import Metrics
 from forwarder.pipeline import BatchState, Pipeline
@@ -97,6 +97,8 @@ class Services:
     worker: Worker | None = None
     kafka_ok: bool = False
     draining: bool = False
+    fatal: BaseException | None = None
+    on_fatal: Callable[[BaseException], None] = lambda exc: None
 
     def readiness(self) -> dict[str, bool]:
         """Named readiness checks; ready only when all hold."""
@@ -106,6 +108,75 @@ class Services:
             "worker_assigned": self.worker is not None and self.worker.assigned.is_set(),
             "not_draining": not self.draining,
         }
+
+    async def enqueue(self, job: Job) -> None:
+        """Queue a job durably, or raise a retriable :class:`KafkaError` (503) while not connected."""
+        if self.queue is None or self.draining:
+            raise KafkaError("not connected to Kafka yet (or draining)")
+        await self.queue.put(job)
+
+    def state_of(self, batch_id: str) -> BatchState | None:
+        """The batch's latest known state, if the state topic is loaded."""
+        return self.store.get(batch_id) if self.store is not None else None
+
+    async def run(self, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        """Open every resource in order (retrying while Kafka is unreachable), then hold them
+        until cancelled, closing them in reverse order."""
+        settings, metrics = self.settings, self.metrics
+        delay = 1.0
+        while True:
+            try:
+                async with AsyncExitStack() as stack:
+                    await self._open(stack, transport)
+                    delay = 1.0
+                    await asyncio.Event().wait()  # hold until cancelled
+            except ForwarderError as exc:
+                self.kafka_ok = False
+                if not exc.retriable:
+                    log.error("startup_failed", error=str(exc))
+                    self.fatal = exc
+                    self.on_fatal(exc)
+                    return
+                log.warning("startup_retry", error=str(exc), retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+            finally:
+                self.queue = None
+                self.worker = None
+
+    async def _open(
+        self, stack: AsyncExitStack, transport: httpx.AsyncBaseTransport | None
+    ) -> None:
+        settings, metrics = self.settings, self.metrics
+        core = await stack.enter_async_context(open_core(settings, metrics, transport=transport))
+        self.queue = JobQueue(core.producer, settings.jobs_topic)
+        self.kafka_ok = True
+        store = StateStore(settings)
+        stack.push_async_callback(store.stop)
+        await store.start()
+        self.store = store
+
+        async def record_state(state: BatchState) -> None:
+            future = await core.producer.send(
+                settings.state_topic, state.encode(), key=state.batch_id.encode()
+            )
+            await future
+
+        worker = Worker(
+            settings,
+            core.pipeline,
+            store,
+            metrics,
+            consumer_factory=lambda: make_jobs_consumer(settings),
+            record_state=record_state,
+        )
+        stack.push_async_callback(worker.stop)
+        await worker.start()
+        self.worker = worker
+        probe = asyncio.create_task(_probe_kafka(core.producer, self))
+        stack.callback(probe.cancel)
+        log.info("started", port=settings.http_port, delivery=settings.delivery.value,
+                 concurrency=settings.concurrency, version=__version__)
 
     async def drain(self) -> None:
         """Readiness off, stop taking jobs, let in-flight batches finish within the drain timeout."""
@@ -123,6 +194,7 @@ def create_app(
     metrics: Metrics | None = None,
     *,
     transport: httpx.AsyncBaseTransport | None = None,
+    on_fatal: Callable[[BaseException], None] | None = None,
 ) -> Litestar:
     """The Litestar app with one lifespan owning every resource."""
     if not settings.webhook_secrets:
@@ -137,42 +209,22 @@ def create_app(
         webhook_secrets=[s.get_secret_value().encode() for s in settings.webhook_secrets],
         api_tokens=[t.get_secret_value().encode() for t in settings.api_tokens],
     )
+    if on_fatal is not None:
+        services.on_fatal = on_fatal
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        async with AsyncExitStack() as stack:
-            core = await stack.enter_async_context(open_core(settings, metrics, transport=transport))
-            services.queue = JobQueue(core.producer, settings.jobs_topic)
-            services.kafka_ok = True
-            store = StateStore(settings)
-            stack.push_async_callback(store.stop)
-            await store.start()
-            services.store = store
-
-            async def record_state(state: BatchState) -> None:
-                future = await core.producer.send(
-                    settings.state_topic, state.encode(), key=state.batch_id.encode()
-                )
-                await future
-
-            worker = Worker(
-                settings,
-                core.pipeline,
-                store,
-                metrics,
-                consumer_factory=lambda: make_jobs_consumer(settings),
-                record_state=record_state,
-            )
-            stack.push_async_callback(worker.stop)
-            await worker.start()
-            services.worker = worker
-            probe = asyncio.create_task(_probe_kafka(core.producer, services))
-            stack.callback(probe.cancel)
-            log.info("started", port=settings.http_port, delivery=settings.delivery.value,
-                     concurrency=settings.concurrency, version=__version__)
+        # Resources open in the background so that /healthz answers at once and /readyz tells
+        # the truth while Kafka is still out of reach; a permanent error stops the process.
+        runner = asyncio.create_task(services.run(transport), name="resources")
+        try:
             yield
+        finally:
             await services.drain()
-        log.info("stopped")
+            runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await runner
+            log.info("stopped")
 
     return Litestar(
         route_handlers=[*ROUTES, datagrid_webhook],
@@ -224,7 +276,13 @@ class _DrainingServer(uvicorn.Server):
 
 def serve(settings: Settings) -> int:
     """Run ``forwarder serve`` until SIGTERM; returns the exit status."""
-    app = create_app(settings)
+    server: _DrainingServer | None = None
+
+    def stop_on_fatal(exc: BaseException) -> None:
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(settings, on_fatal=stop_on_fatal)
     services: Services = app.state.services
     config = uvicorn.Config(
         app,
@@ -237,12 +295,11 @@ def serve(settings: Settings) -> int:
         server_header=False,
     )
     server = _DrainingServer(config, services)
-    started = time.monotonic()
     server.run()
-    if not server.started:
-        log.error("start_failed", after_s=round(time.monotonic() - started, 1))
+    if services.fatal is not None:
+        print(f"forwarder: {services.fatal}", file=sys.stderr)
         return 1
-    return 0
+    return 0 if server.started else 1
 
 
 __all__ = ["Core", "Services", "create_app", "open_core", "serve"]

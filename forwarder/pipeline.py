@@ -189,7 +189,8 @@ class Pipeline:
             terminal = datetime.fromisoformat(state.terminal_at.replace("Z", "+00:00"))
             delay = max((datetime.now(UTC) - terminal).total_seconds(), 0.0)
             self._metrics.forward_delay.observe(delay)
-        logger.info(
+        emit = logger.info if state.status == "forwarded" else logger.warning
+        emit(
             "batch_" + state.status,
             attempt=state.attempts,
             lines=dict(state.lines),

@@ -157,7 +157,7 @@ async def datagrid_webhook(request: Request[Any, Any, Any], state: State) -> Res
     except (InvalidWebhook, InvalidBatchId):
         metrics.webhooks.labels(outcome="invalid").inc()
         raise
-    known = services.store.get(batch_id)
+    known = services.state_of(batch_id)
     if event_id in services.recent_events or (known is not None and known.status == "forwarded"):
         metrics.webhooks.labels(outcome="duplicate").inc()
         log.info("webhook_duplicate", batch_id=batch_id)
@@ -165,7 +165,7 @@ async def datagrid_webhook(request: Request[Any, Any, Any], state: State) -> Res
             {"status": "duplicate", "event_id": event_id, "batch_id": batch_id},
             status_code=HTTP_200_OK,
         )
-    await services.queue.put(Job(batch_id=batch_id, source="webhook", event_id=event_id))
+    await services.enqueue(Job(batch_id=batch_id, source="webhook", event_id=event_id))
     services.recent_events.add(event_id)
     metrics.webhooks.labels(outcome="accepted").inc()
     log.info("webhook_accepted", batch_id=batch_id, event_type=event_type)

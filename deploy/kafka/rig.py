@@ -400,8 +400,8 @@ class Broker:
             "format",
             "--config",
             str(self.properties_file),
-            "--cluster-id",
-            cluster_id,
+            # "=" form: a random id may start with "-", which argparse would take for an option.
+            f"--cluster-id={cluster_id}",
             "--standalone",
         )
         proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)

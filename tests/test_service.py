@@ -1,0 +1,287 @@
+"""``forwarder serve`` end to end: real processes, the real broker, the fake Datagrid over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from aiokafka import AIOKafkaProducer
+from pydantic import SecretStr
+
+from forwarder.config import Settings
+from tests.conftest import REPO
+from tests.fake_datagrid import FakeDatagrid
+from tests.kafka_helpers import read_topic
+from tests.service_helpers import (
+    WEBHOOK_SECRET,
+    Forwarder,
+    event_body,
+    settings_env,
+    wait_until,
+)
+
+MakeSettings = Callable[..., Settings]
+
+
+@pytest.fixture
+def forwarders(tmp_path: Path) -> Iterator[list[Forwarder]]:
+    """Every forwarder a test starts is stopped at its end, and its log shown on failure."""
+    started: list[Forwarder] = []
+    yield started
+    for fwd in started:
+        fwd.stop()
+
+
+def start(forwarders: list[Forwarder], settings: Settings, log_dir: Path, **env: str) -> Forwarder:
+    fwd = Forwarder(settings, log_dir, name=f"fwd{len(forwarders)}", **env).start()
+    forwarders.append(fwd)
+    return fwd
+
+
+def count(settings: Settings, topic: str) -> int:
+    return len(asyncio.run(read_topic(settings.kafka_bootstrap_servers, topic)))
+
+
+def results(settings: Settings) -> list[bytes | None]:
+    return [r.key for r in asyncio.run(read_topic(settings.kafka_bootstrap_servers,
+                                                  settings.results_topic))]
+
+
+def metric_value(fwd: Forwarder, sample: str) -> float:
+    """A sample's value from /metrics (0 if absent), e.g. 'forwarder_batches_total{outcome="duplicate"}'."""
+    for text in fwd.http.get("/metrics").text.splitlines():
+        if text.startswith(sample + " "):
+            return float(text.split()[-1])
+    return 0.0
+
+
+def test_signature_matrix(
+    make_settings: MakeSettings, fake_datagrid: FakeDatagrid, forwarders: list[Forwarder],
+    tmp_path: Path,
+) -> None:
+    """Good (each rotated secret), bad, stale, future, missing, malformed, altered: right codes."""
+    settings = make_settings(
+        webhook_secrets=[SecretStr("whsec_old"), SecretStr(WEBHOOK_SECRET)],
+        webhook_max_body_bytes=4096,
+    )
+    fwd = start(forwarders, settings, tmp_path).wait_ready()
+    for name in ("bpred_sig_a", "bpred_sig_b"):
+        fake_datagrid.configure(name, lines=['{"custom_id":"a"}'])
+    now = int(time.time())
+    body = event_body("bpred_sig_a", "evt_sig_1")
+    cases = [
+        ("good, current secret", dict(body=body), 202),
+        ("good, previous secret", dict(body=event_body("bpred_sig_b", "evt_sig_2"),
+                                        secret="whsec_old"), 202),
+        ("wrong secret", dict(body=body, secret="whsec_wrong"), 401),
+        ("stale", dict(body=body, timestamp=now - 301), 401),
+        ("future", dict(body=body, timestamp=now + 301), 401),
+        ("missing", dict(body=body, header=""), 401),
+        ("malformed", dict(body=body, header="garbage"), 401),
+        ("malformed t", dict(body=body, header="t=abc,v1=00"), 401),
+        ("no v1", dict(body=body, header=f"t={now}"), 401),
+        ("altered body", dict(body=body[:-2] + b" }"), 401),
+    ]
+    for label, kwargs, expected in cases:
+        body_ = kwargs.pop("body")
+        if label == "altered body":
+            # sign the original, send a body differing by one byte
+            from forwarder.webhooks import sign
+
+            header = f"t={now},v1={sign(WEBHOOK_SECRET.encode(), now, body)}"
+            response = fwd.webhook(body_, header=header)
+        else:
+            response = fwd.webhook(body_, **kwargs)  # type: ignore[arg-type]
+        assert response.status_code == expected, (label, response.text)
+        if expected >= 400:
+            assert response.headers["content-type"].startswith("application/problem+json")
+            assert response.json()["status"] == expected
+    # other event types are acknowledged and ignored; signed garbage is 400; big bodies 413
+    other = event_body("bpred_sig_a", "evt_k", "knowledge.processing.completed")
+    assert fwd.webhook(other).status_code == 200
+    assert fwd.webhook(b"{not json").status_code == 400
+    assert fwd.webhook(b'{"id":"evt_x","event_type":"batch_prediction.completed"}').status_code == 400
+    assert fwd.webhook(event_body("../etc", "evt_y")).status_code == 400
+    too_big = fwd.webhook(b"{" + b" " * 5000 + b"}")
+    assert too_big.status_code == 413
+    assert too_big.headers["content-type"].startswith("application/problem+json")
+    assert metric_value(fwd, 'forwarder_webhooks_total{outcome="bad_signature"}') == 8
+    assert metric_value(fwd, 'forwarder_webhooks_total{outcome="accepted"}') == 2
+    assert metric_value(fwd, 'forwarder_webhooks_total{outcome="ignored"}') == 1
+    assert metric_value(fwd, 'forwarder_webhooks_total{outcome="invalid"}') == 3
+
+
+def test_duplicates_forward_once_and_replay_forwards_again(
+    make_settings: MakeSettings, fake_datagrid: FakeDatagrid, forwarders: list[Forwarder],
+    tmp_path: Path, batch_id: str,
+) -> None:
+    """5 identical webhooks, an API job and a bare-id job forward the lines once; replay again."""
+    settings = make_settings()
+    fake_datagrid.configure(batch_id, generate={"count": 50, "distinct_ids": 50})
+    fwd = start(forwarders, settings, tmp_path).wait_ready()
+    body = event_body(batch_id, "evt_dup_1")
+    codes = [fwd.webhook(body).status_code for _ in range(5)]
+    assert codes[0] == 202 and set(codes[1:]) <= {200, 202}
+    assert fwd.queue(batch_id).status_code == 202
+
+    async def bare_id() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers)
+        await producer.start()
+        try:
+            await producer.send_and_wait(settings.jobs_topic, batch_id.encode())
+        finally:
+            await producer.stop()
+
+    asyncio.run(bare_id())
+    wait_until(lambda: (fwd.state(batch_id) or {}).get("status") == "forwarded", 30, "forwarded")
+    duplicates = 'forwarder_batches_total{outcome="duplicate"}'
+    wait_until(lambda: metric_value(fwd, duplicates) >= 2, 30, "two duplicate jobs")
+    assert metric_value(fwd, 'forwarder_webhooks_total{outcome="duplicate"}') == 4
+    assert metric_value(fwd, 'forwarder_batches_total{outcome="forwarded"}') == 1
+    assert len(results(settings)) == 50
+    # A restarted process remembers (the state topic), so a late redelivery is still a duplicate.
+    fwd.stop()
+    fwd2 = start(forwarders, settings, tmp_path).wait_ready()
+    assert fwd2.queue(batch_id).status_code == 202
+    wait_until(lambda: metric_value(fwd2, duplicates) == 1, 30, "duplicate after restart")
+    assert fwd2.queue(batch_id, replay=True).status_code == 202
+    wait_until(lambda: len(results(settings)) == 100, 30, "replayed lines")
+    assert Counter(results(settings)) == {k: 2 for k in set(results(settings))}
+
+
+def test_two_processes_share_twenty_batches(
+    make_settings: MakeSettings, fake_datagrid: FakeDatagrid, forwarders: list[Forwarder],
+    tmp_path: Path,
+) -> None:
+    """Two serve processes in one group forward 20 batches: each exactly once, work shared."""
+    settings = make_settings(concurrency=2)
+    batches = [f"bpred_share_{i:02d}_{tmp_path.name[-6:]}" for i in range(20)]
+    for b in batches:
+        fake_datagrid.configure(b, generate={"count": 40, "distinct_ids": 40}, drip_delay=0.01,
+                                chunk_size=2048)
+    a = start(forwarders, settings, tmp_path).wait_ready()
+    b_ = start(forwarders, settings, tmp_path).wait_ready()
+    wait_until(a.ready, 30, "first forwarder ready after the rebalance")
+    for batch in batches:
+        assert a.queue(batch).status_code == 202
+    wait_until(lambda: count(settings, settings.results_topic) >= 800, 90, "800 lines")
+    time.sleep(0)  # nothing more should arrive: check exact counts per batch
+    records = asyncio.run(read_topic(settings.kafka_bootstrap_servers, settings.results_topic))
+    per_batch = Counter(r.headers["datagrid-batch-id"].decode() for r in records)
+    assert per_batch == {b: 40 for b in batches}
+    done_a = {e["batch_id"] for e in a.events("batch_forwarded")}
+    done_b = {e["batch_id"] for e in b_.events("batch_forwarded")}
+    assert done_a and done_b, "both processes must have forwarded batches"
+    assert done_a.isdisjoint(done_b) and done_a | done_b == set(batches)
+
+
+def test_sigterm_mid_batch_then_restart_loses_nothing(
+    make_settings: MakeSettings, fake_datagrid: FakeDatagrid, forwarders: list[Forwarder],
+    tmp_path: Path, batch_id: str,
+) -> None:
+    """SIGTERM while a batch streams: readiness drops, the job stays uncommitted, a restart
+    forwards every line."""
+    settings = make_settings(drain_timeout_seconds=2.0, datagrid_read_timeout=30.0)
+    fake_datagrid.configure(
+        batch_id, generate={"count": 1000, "distinct_ids": 1000}, chunk_size=4096,
+        faults=[{"kind": "stall", "after_lines": 300, "seconds": 20}],
+    )
+    fwd = start(forwarders, settings, tmp_path).wait_ready()
+    assert fwd.queue(batch_id).status_code == 202
+    wait_until(lambda: count(settings, settings.results_topic) >= 250, 30, "lines before stall")
+    fwd.signal(signal.SIGTERM)
+    readiness = wait_until(
+        lambda: (r := fwd.http.get("/readyz")).status_code == 503 and r.json(), 5, "not ready"
+    )
+    assert readiness["checks"]["not_draining"] is False
+    assert fwd.wait_exit(30) == 0
+    assert fwd.events("drain_timeout_abandoned")
+    assert not fwd.events("batch_forwarded")
+    restarted = start(forwarders, settings, tmp_path).wait_ready()
+    wait_until(lambda: restarted.events("batch_forwarded"), 60, "restarted forward")
+    keys = results(settings)
+    assert set(keys) == {f"cid-{i:08d}".encode() for i in range(1000)}  # nothing lost
+    duplicates = len(keys) - 1000  # at-least-once: the first 300-odd lines may be there twice
+    assert 0 <= duplicates <= 300
+
+
+def test_not_terminal_batch_waits_without_blocking_others(
+    make_settings: MakeSettings, fake_datagrid: FakeDatagrid, forwarders: list[Forwarder],
+    tmp_path: Path, batch_id: str,
+) -> None:
+    """A batch queued in_progress is forwarded once completed; a later batch goes first."""
+    settings = make_settings(not_ready_poll_seconds=0.5, concurrency=1,
+                             kafka_topic_partitions=1)
+    fake_datagrid.configure(
+        batch_id, generate={"count": 10, "distinct_ids": 10},
+        status_sequence=["in_progress"] * 4 + ["completed"],
+    )
+    later = batch_id + "_later"
+    fake_datagrid.configure(later, generate={"count": 5, "distinct_ids": 5})
+    fwd = start(forwarders, settings, tmp_path).wait_ready()
+    assert fwd.queue(batch_id).status_code == 202
+    wait_until(lambda: (fwd.state(batch_id) or {}).get("status") == "waiting", 20, "waiting")
+    assert fwd.queue(later).status_code == 202
+    wait_until(lambda: (fwd.state(later) or {}).get("status") == "forwarded", 20, "later done")
+    wait_until(lambda: (fwd.state(batch_id) or {}).get("status") == "forwarded", 30, "first done")
+    order = [e["batch_id"] for e in fwd.events("batch_forwarded")]
+    assert order == [later, batch_id]
+    assert len(results(settings)) == 15
+
+
+def test_readyz_false_until_kafka_answers(
+    make_settings: MakeSettings, fake_datagrid: FakeDatagrid, forwarders: list[Forwarder],
+    tmp_path: Path,
+) -> None:
+    """With no broker yet, /healthz is 200 and /readyz 503; once the broker is up, ready."""
+    import rig  # deploy/kafka/rig.py, on sys.path via conftest
+
+    broker = rig.Broker.on_free_ports(tmp_path / "kafka")
+    settings = make_settings(kafka_bootstrap_servers=broker.bootstrap)
+    fwd = start(forwarders, settings, tmp_path)
+    wait_until(lambda: _get(fwd, "/healthz") == 200, 30, "liveness")
+    response = fwd.http.get("/readyz")
+    assert response.status_code == 503 and response.json()["checks"]["kafka"] is False
+    try:
+        broker.start()
+        fwd.wait_ready(90)
+    finally:
+        fwd.stop()
+        broker.stop()
+
+
+def _get(fwd: Forwarder, path: str) -> int:
+    try:
+        return fwd.http.get(path).status_code
+    except Exception:
+        return 0
+
+
+def test_missing_topic_or_bad_setting_stops_startup(make_settings: MakeSettings) -> None:
+    """A missing topic with creation disabled, a bad variable, and no webhook secret stop start-up."""
+    settings = make_settings(kafka_create_topics=False)
+
+    def serve(**overrides: str) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in settings_env(settings).items()}
+        env.update(overrides)
+        env["PATH"] = "/usr/bin:/bin"
+        return subprocess.run([sys.executable, "-m", "forwarder.cli", "serve"], env=env,
+                              cwd=REPO, capture_output=True, text=True, timeout=60)
+
+    done = serve(FORWARDER_HTTP_PORT="0")
+    assert done.returncode == 2 and "FORWARDER_HTTP_PORT" in done.stderr
+    done = serve(FORWARDER_HTTP_PORT="18999", FORWARDER_WEBHOOK_SECRETS="")
+    assert done.returncode == 2 and "FORWARDER_WEBHOOK_SECRETS" in done.stderr
+    done = serve(FORWARDER_HTTP_PORT="18999")
+    assert done.returncode == 1, done.stderr
+    assert settings.results_topic in done.stderr and "FORWARDER_KAFKA_CREATE_TOPICS" in done.stderr
+    log_lines = [json.loads(x) for x in done.stdout.splitlines() if x.startswith("{")]
+    assert any(r.get("event") == "startup_failed" for r in log_lines)
