@@ -222,7 +222,9 @@ class Pipeline:
                 problem={"expires_at": batch.get("expires_at")},
             )
         terminal = terminal_time(batch)
-        state.terminal_at = terminal.isoformat().replace("+00:00", "Z") if terminal else None
+        state.terminal_at = (
+            terminal.isoformat(timespec="milliseconds").replace("+00:00", "Z") if terminal else None
+        )
         if progress.high_water:
             state.stream_restarts += 1
             self._metrics.stream_restarts.inc()

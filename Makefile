@@ -1,0 +1,42 @@
+# datagrid-forwarder: `make help` lists the targets.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+PY := .venv/bin/python
+
+.PHONY: help
+help: ## List the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+.PHONY: install
+install: ## Install everything (system packages if missing, uv, venv, Kafka jars, tools)
+	scripts/bootstrap.sh
+
+.PHONY: demo
+demo: install ## Run the demo: broker + fake Datagrid + forwarder serve + a signed webhook
+	$(PY) deploy/demo.py
+
+.PHONY: test
+test: ## Run the whole test suite against a real local broker (what CI runs)
+	scripts/test.sh
+
+.PHONY: lint
+lint: install ## ruff and mypy (strict on the package)
+	$(PY) -m ruff check forwarder tests bench deploy
+	$(PY) -m ruff format --check forwarder tests bench deploy
+	$(PY) -m mypy forwarder
+
+.PHONY: kafka-start
+kafka-start: install ## Start a local broker on 127.0.0.1:9092
+	$(PY) deploy/kafka/rig.py start
+
+.PHONY: kafka-stop
+kafka-stop: ## Stop the local broker
+	$(PY) deploy/kafka/rig.py stop
+
+.PHONY: bench
+bench: install ## Benchmarks: the service against plain-library baselines (prints a table)
+	$(PY) -m bench
+
+.PHONY: clean
+clean: ## Remove caches and build output (keeps downloaded jars and tools)
+	rm -rf dist build .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Make a fresh machine ready: system packages (when missing), uv, the project venv from the lock file,
+# Kafka's jars and the pinned delivery tools. Idempotent and cached under .cache/.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+log() { printf 'bootstrap: %s\n' "$*" >&2; }
+
+# Debian packages: prometheus/promtool (observability tests), kcat (benchmark baseline).
+missing=()
+command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+command -v kcat >/dev/null 2>&1 || missing+=(kcat)
+if ((${#missing[@]})); then
+    if [[ $(id -u) -ne 0 ]] || ! command -v apt-get >/dev/null 2>&1; then
+        log "please install: ${missing[*]} (Debian packages)"; exit 1
+    fi
+    log "apt-get install ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        $(printf '%s\n' "${missing[@]}" | sort -u) >/dev/null
+fi
+for tool in java mvn go python3; do
+    command -v "$tool" >/dev/null 2>&1 || { log "$tool is required"; exit 1; }
+done
+
+# uv, pinned, in a private venv (no global install).
+UV=.cache/uv/bin/uv
+if [[ ! -x $UV ]] || [[ "$($UV --version)" != "uv 0.13.9"* ]]; then
+    log "installing uv 0.13.9"
+    python3 -m venv .cache/uv
+    .cache/uv/bin/pip install -q --disable-pip-version-check uv==0.13.9
+fi
+$UV sync --frozen --quiet
+
+.venv/bin/python deploy/kafka/rig.py fetch >&2
+deploy/tools/install.sh

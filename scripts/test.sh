@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The whole test suite: bootstrap, a local Kafka broker (unless FORWARDER_KAFKA_BOOTSTRAP_SERVERS
+# names one), pytest, then the broker is stopped. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+scripts/bootstrap.sh
+export PATH="$PWD/.cache/tools/bin:$PATH"
+if [[ -z "${FORWARDER_KAFKA_BOOTSTRAP_SERVERS:-}" ]]; then
+    port=${TEST_KAFKA_PORT:-19092}
+    data=".cache/kafka/test-data"
+    rm -rf "$data"  # a fresh broker each run: no topics left from earlier runs
+    FORWARDER_KAFKA_BOOTSTRAP_SERVERS=$(.venv/bin/python deploy/kafka/rig.py start --port "$port" --data-dir "$data")
+    export FORWARDER_KAFKA_BOOTSTRAP_SERVERS
+    trap '.venv/bin/python deploy/kafka/rig.py stop --data-dir "$data" >&2' EXIT
+fi
+.venv/bin/python -m pytest "$@"
