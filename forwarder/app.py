@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any
 
 import httpx
 import structlog
@@ -28,7 +27,7 @@ from litestar.openapi import OpenAPIConfig
 
 from forwarder import __version__
 from forwarder.api import ROUTES, problem_response
-from forwarder.config import ConfigError, Settings
+from forwarder.config import ConfigError, Delivery, Settings
 from forwarder.datagrid import DatagridClient
 from forwarder.errors import ForwarderError, KafkaError
 from forwarder.jobs import Job, JobQueue, StateStore, Worker
@@ -122,7 +121,6 @@ class Services:
     async def run(self, transport: httpx.AsyncBaseTransport | None = None) -> None:
         """Open every resource in order (retrying while Kafka is unreachable), then hold them
         until cancelled, closing them in reverse order."""
-        settings, metrics = self.settings, self.metrics
         delay = 1.0
         while True:
             try:
@@ -156,11 +154,11 @@ class Services:
         await store.start()
         self.store = store
 
-        async def record_state(state: BatchState) -> None:
-            future = await core.producer.send(
-                settings.state_topic, state.encode(), key=state.batch_id.encode()
-            )
-            await future
+        transactional = None
+        if settings.delivery is Delivery.EXACTLY_ONCE:
+
+            def transactional(transactional_id: str) -> AIOKafkaProducer:
+                return make_producer(settings, core.limits, transactional_id=transactional_id)
 
         worker = Worker(
             settings,
@@ -168,7 +166,7 @@ class Services:
             store,
             metrics,
             consumer_factory=lambda: make_jobs_consumer(settings),
-            record_state=record_state,
+            transactional_producer=transactional,
         )
         stack.push_async_callback(worker.stop)
         await worker.start()

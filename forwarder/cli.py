@@ -7,14 +7,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 import textwrap
-from collections.abc import Sequence
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING
 
 from forwarder import __version__
-from forwarder.config import Settings, describe_variables, load_settings
+from forwarder.config import Delivery, Settings, describe_variables, load_settings
+from forwarder.datagrid import check_batch_id
+from forwarder.kafka import make_producer
+from forwarder.pipeline import Transaction
 from forwarder.errors import BatchNotReady, ConfigError, ForwarderError, InvalidBatchId
 from forwarder.observability import Metrics, configure_logging
+
+if TYPE_CHECKING:
+    from forwarder.app import Core
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -99,18 +108,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 async def _forward(settings: Settings, batch_ids: list[str], wait: float) -> int:
     from forwarder.app import open_core
-    from forwarder.datagrid import check_batch_id
 
     for batch_id in batch_ids:
         check_batch_id(batch_id)  # refuse bad input before touching Kafka
     ok = True
-    async with open_core(settings, Metrics(process=False)) as core:
+    async with open_core(settings, Metrics(process=False)) as core, _transaction(core) as txn:
         for batch_id in batch_ids:
             deadline = asyncio.get_running_loop().time() + wait
             delay = 1.0
             while True:
                 try:
-                    state = await core.pipeline.forward(batch_id, source="cli")
+                    state = await core.pipeline.forward(batch_id, source="cli", txn=txn)
                 except BatchNotReady as exc:
                     remaining = deadline - asyncio.get_running_loop().time()
                     if remaining <= 0:
@@ -124,6 +132,21 @@ async def _forward(settings: Settings, batch_ids: list[str], wait: float) -> int
                 ok = ok and state.status == "forwarded"
                 break
     return EXIT_OK if ok else EXIT_FAILED
+
+
+@contextlib.asynccontextmanager
+async def _transaction(core: Core) -> AsyncIterator[Transaction | None]:
+    """In exactly-once mode, a transactional producer of this command's own (no offsets to commit)."""
+    if core.settings.delivery is not Delivery.EXACTLY_ONCE:
+        yield None
+        return
+    transactional_id = f"{core.settings.consumer_group}-cli-{uuid.uuid4().hex}"
+    producer = make_producer(core.settings, core.limits, transactional_id=transactional_id)
+    try:
+        await producer.start()
+        yield Transaction(producer)
+    finally:
+        await producer.stop()
 
 
 def summary(state: object) -> str:

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -32,7 +32,7 @@ from forwarder.datagrid import check_batch_id
 from forwarder.errors import BatchNotReady, ForwarderError, InvalidBatchId, KafkaError
 from forwarder.kafka import connection_options, topic_partitions, translate
 from forwarder.observability import Metrics
-from forwarder.pipeline import BatchState, Pipeline, utcnow
+from forwarder.pipeline import BatchState, Fenced, Pipeline, Transaction, utcnow
 
 log = structlog.get_logger("forwarder.jobs")
 
@@ -221,6 +221,8 @@ class StateStore:
         if self._consumer is not None:
             await self._consumer.stop()
             self._consumer = None
+        for tp in list(self._txn_producers):
+            await self._txn_producers.pop(tp).stop()
 
 
 class _PartitionOffsets:
@@ -260,14 +262,18 @@ class Worker(ConsumerRebalanceListener):
         metrics: Metrics,
         *,
         consumer_factory: Callable[[], AIOKafkaConsumer],
-        record_state: Callable[[BatchState], Awaitable[None]],
+        transactional_producer: Callable[[str], AIOKafkaProducer] | None = None,
     ) -> None:
         self._settings = settings
         self._pipeline = pipeline
         self._store = store
         self._metrics = metrics
         self._consumer_factory = consumer_factory
-        self._record_state = record_state
+        # Exactly-once: one transactional producer per assigned jobs partition, its id derived
+        # from the partition, so a new owner's init_transactions fences the previous one (zombie).
+        self._make_txn_producer = transactional_producer
+        self._txn_producers: dict[TopicPartition, AIOKafkaProducer] = {}
+        self._partition_locks: dict[TopicPartition, asyncio.Lock] = {}
         self._consumer: AIOKafkaConsumer | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._tasks: dict[asyncio.Task[None], tuple[TopicPartition, int, float]] = {}
@@ -318,6 +324,8 @@ class Worker(ConsumerRebalanceListener):
         if self._consumer is not None:
             await self._consumer.stop()
             self._consumer = None
+        for tp in list(self._txn_producers):
+            await self._txn_producers.pop(tp).stop()
 
     # --- rebalance listener ------------------------------------------------------------------
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
@@ -332,6 +340,10 @@ class Worker(ConsumerRebalanceListener):
                 await asyncio.wait(late)
         for tp in revoked_set:
             self._offsets.pop(tp, None)
+            self._partition_locks.pop(tp, None)
+            producer = self._txn_producers.pop(tp, None)
+            if producer is not None:
+                await producer.stop()
         for batch_id, waiter in list(self._waiters.items()):
             if self._jobs_partition(batch_id) in revoked_set:
                 waiter.cancel()
@@ -342,6 +354,17 @@ class Worker(ConsumerRebalanceListener):
         """Track the new partitions and adopt the waiting batches they own."""
         for tp in assigned:
             self._offsets.setdefault(tp, _PartitionOffsets())
+            if self._make_txn_producer is not None and tp not in self._txn_producers:
+                transactional_id = f"{self._settings.consumer_group}-{tp.topic}-{tp.partition}"
+                producer = self._make_txn_producer(transactional_id)
+                try:
+                    await producer.start()  # init_transactions: fences a previous owner
+                except AIOKafkaError as exc:
+                    await producer.stop()
+                    log.error("transactional_producer_failed", partition=tp.partition,
+                              error=str(exc))
+                    continue
+                self._txn_producers[tp] = producer
         assigned_set = set(assigned)
         for state in self._store.waiting():
             if state.batch_id not in self._waiters and self._jobs_partition(state.batch_id) in (
@@ -393,8 +416,12 @@ class Worker(ConsumerRebalanceListener):
             delay = 1.0
             while True:
                 try:
-                    await self.run_job(job)
+                    await self.run_job(job, tp, record.offset)
                     break
+                except Fenced:
+                    # Another process owns this partition now: it will redo the job.
+                    log.warning("producer_fenced", batch_id=job.batch_id, partition=tp.partition)
+                    return
                 except KafkaError as exc:
                     # Kafka itself is failing: do not commit; try again until it recovers.
                     log.warning("job_retry_kafka", batch_id=job.batch_id, error=str(exc),
@@ -403,10 +430,28 @@ class Worker(ConsumerRebalanceListener):
                     delay = min(delay * 2, 30.0)
         await self._commit(tp, record.offset)
 
-    async def run_job(self, job: Job) -> None:
-        """Forward ``job``'s batch unless it already was (or park it if it is not terminal)."""
+    async def run_job(
+        self, job: Job, tp: TopicPartition | None = None, offset: int | None = None
+    ) -> None:
+        """Forward ``job``'s batch unless it already was (or park it if it is not terminal).
+
+        In exactly-once mode the job's offset (``tp``, ``offset``) commits in the batch's
+        transaction, and a partition's jobs run one at a time (one transaction per producer).
+        """
+        txn = None
+        if self._make_txn_producer is not None:
+            tp = tp or self._jobs_partition(job.batch_id)
+            producer = self._txn_producers.get(tp) if tp is not None else None
+            if tp is None or producer is None:
+                raise KafkaError(f"no transactional producer for {tp}: partition not owned")
+            offsets = {tp: offset + 1} if offset is not None else None
+            txn = Transaction(producer, offsets, self._settings.consumer_group)
+            lock = self._partition_locks.setdefault(tp, asyncio.Lock())
+            async with lock, self._batch_lock(job.batch_id), self._slots:
+                await self._run_locked(job, txn)
+            return
         async with self._batch_lock(job.batch_id), self._slots:
-            await self._run_locked(job)
+            await self._run_locked(job, None)
 
     @contextlib.asynccontextmanager
     async def _batch_lock(self, batch_id: str) -> AsyncIterator[None]:
@@ -421,7 +466,7 @@ class Worker(ConsumerRebalanceListener):
             if entry[1][0] == 0:
                 del self._batch_locks[batch_id]
 
-    async def _run_locked(self, job: Job) -> None:
+    async def _run_locked(self, job: Job, txn: Transaction | None) -> None:
         logger = log.bind(batch_id=job.batch_id, event_id=job.event_id, source=job.source)
         if not job.replay:
             await self._store.sync()
@@ -436,14 +481,14 @@ class Worker(ConsumerRebalanceListener):
                 return
         try:
             state = await self._pipeline.forward(
-                job.batch_id, source=job.source, event_id=job.event_id
+                job.batch_id, source=job.source, event_id=job.event_id, txn=txn
             )
         except BatchNotReady as exc:
-            await self._wait_for(job, exc)
+            await self._wait_for(job, exc, txn)
             return
         self._store.put(state)
 
-    async def _wait_for(self, job: Job, exc: BatchNotReady) -> None:
+    async def _wait_for(self, job: Job, exc: BatchNotReady, txn: Transaction | None) -> None:
         previous = self._store.get(job.batch_id)
         checks = (previous.attempts if previous and previous.status == "waiting" else 0) + 1
         expires_at = (exc.problem or {}).get("expires_at")
@@ -454,7 +499,7 @@ class Worker(ConsumerRebalanceListener):
                 error={"code": "batch_expired_unfinished",
                        "detail": f"batch still {exc.batch_status!r} after expires_at {expires_at}"},
             )
-            await self._record_state(state)
+            await self._pipeline.record(state, txn)
             self._store.put(state)
             self._metrics.batches.labels(outcome="failed").inc()
             log.warning("batch_failed", batch_id=job.batch_id, error=state.error)
@@ -466,7 +511,7 @@ class Worker(ConsumerRebalanceListener):
             batch_status=exc.batch_status, attempts=checks, started_at=utcnow(),
             error={"code": "batch_not_ready", "detail": str(exc), "expires_at": expires_at},
         )
-        await self._record_state(state)
+        await self._pipeline.record(state, txn)
         self._store.put(state)
         log.info("batch_waiting", batch_id=job.batch_id, batch_status=exc.batch_status,
                  next_check_s=round(delay, 2), checks=checks)
@@ -479,9 +524,10 @@ class Worker(ConsumerRebalanceListener):
             self._update_waiting_gauge()
             while True:
                 try:
-                    await self.run_job(Job(batch_id=job.batch_id, source=job.source,
-                                           event_id=job.event_id, replay=True))
+                    await self.run_job(job)
                     return
+                except Fenced:
+                    return  # the partition moved: its new owner adopts the waiting batch
                 except KafkaError as exc:
                     log.warning("job_retry_kafka", batch_id=job.batch_id, error=str(exc))
                     await asyncio.sleep(5)

@@ -22,10 +22,11 @@ from typing import Any
 
 import msgspec
 import structlog
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError as AIOKafkaError
+from aiokafka.errors import ProducerFenced
 
-from forwarder.config import Delivery, Settings
+from forwarder.config import Settings
 from forwarder.datagrid import TERMINAL_STATUSES, DatagridClient, check_batch_id, terminal_time
 from forwarder.errors import BatchNotReady, ForwarderError, KafkaError, UpstreamUnavailable
 from forwarder.kafka import RECORD_OVERHEAD_BYTES, TopicLimits, translate
@@ -97,8 +98,24 @@ class _Progress:
     blank_lines: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class Transaction:
+    """Exactly-once context: the transactional producer, and the job offsets to commit with it."""
+
+    producer: AIOKafkaProducer
+    offsets: dict[TopicPartition, int] | None = None
+    group_id: str | None = None
+
+
+class Fenced(KafkaError):
+    """Another process took over this transactional id: stop, commit nothing, let it do the work."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retriable=False)
+
+
 class Pipeline:
-    """Forwards batches with one shared producer and upstream client."""
+    """Forwards batches with a shared upstream client and producer (or a transaction's producer)."""
 
     def __init__(
         self,
@@ -126,8 +143,13 @@ class Pipeline:
         *,
         source: str = "cli",
         event_id: str | None = None,
+        txn: Transaction | None = None,
     ) -> BatchState:
         """Forward one batch now and record its state; raise :class:`BatchNotReady` if not terminal.
+
+        With ``txn`` (exactly-once), each attempt is one Kafka transaction holding the lines, the
+        state record and the job's offsets; a failed attempt is aborted and redone from line 1.
+        Without it (at-least-once), a re-stream skips the lines already acknowledged.
 
         Returns the final state (``forwarded`` or ``failed``).  Raises :class:`KafkaError` only when
         even the state record cannot be written, so the caller must not count the job as done.
@@ -139,7 +161,7 @@ class Pipeline:
             status="forwarding",
             source=source,
             event_id=event_id,
-            delivery=settings.delivery.value,
+            delivery=settings.delivery.value if txn is None else "exactly-once",
             started_at=utcnow(),
         )
         logger = log.bind(batch_id=batch_id, event_id=event_id, source=source)
@@ -150,15 +172,22 @@ class Pipeline:
             for attempt in range(1, settings.max_attempts + 1):
                 state.attempts = attempt
                 try:
-                    await self._attempt(batch_id, event_id, state, progress, logger, attempt)
-                except BatchNotReady:
+                    if txn is None:
+                        await self._attempt(batch_id, event_id, state, progress, logger, attempt,
+                                            self._producer)
+                    else:
+                        progress = await self._transaction(batch_id, event_id, state, logger,
+                                                           attempt, txn, started)
+                except (BatchNotReady, Fenced):
                     raise
                 except ForwarderError as exc:
                     if not exc.retriable or attempt == settings.max_attempts:
                         self._fail(state, exc)
                         break
                     delay = self._backoff(attempt, getattr(exc, "retry_after", None))
-                    reason = "stream_broken" if progress.high_water else exc.code
+                    reason = "stream_broken" if state.stream_restarts or progress.high_water else (
+                        exc.code
+                    )
                     self._metrics.retries.labels(reason=reason).inc()
                     logger.warning(
                         "batch_attempt_failed",
@@ -171,7 +200,7 @@ class Pipeline:
                 else:
                     state.status = "forwarded"
                     break
-        except BatchNotReady:
+        except (BatchNotReady, Fenced):
             raise
         except Exception as exc:  # a bug must fail one batch, not the worker
             logger.exception("batch_internal_error")
@@ -179,9 +208,13 @@ class Pipeline:
         finally:
             self._metrics.batches_in_flight.dec()
         duration = time.perf_counter() - started
-        state.finished_at = utcnow()
-        self._fill_counts(state, progress)
-        await self._record_state(state)
+        if state.status == "failed" and txn is not None:
+            progress = _Progress()  # every attempt was aborted: nothing of it is visible
+        self._finalize(state, progress)
+        if txn is None or state.status == "failed":
+            # (exactly-once success already wrote its state inside the transaction)
+            await self.record(state, txn)
+        self._count(progress)
         self._metrics.batch_duration.observe(duration)
         self._metrics.batches.labels(outcome=state.status).inc()
         delay = None
@@ -199,9 +232,77 @@ class Pipeline:
             stream_restarts=state.stream_restarts,
             duration_s=round(duration, 3),
             forward_delay_s=None if delay is None else round(delay, 3),
+            delivery=state.delivery,
             error=state.error,
         )
         return state
+
+    async def _transaction(
+        self,
+        batch_id: str,
+        event_id: str | None,
+        state: BatchState,
+        logger: Any,
+        attempt: int,
+        txn: Transaction,
+        started: float,
+    ) -> _Progress:
+        """One exactly-once attempt: lines, state and offsets commit together or not at all."""
+        progress = _Progress()  # an aborted attempt leaves nothing behind: start from line 1
+        producer = txn.producer
+        try:
+            async with producer.transaction():
+                await self._attempt(batch_id, event_id, state, progress, logger, attempt, producer)
+                state.status = "forwarded"
+                self._finalize(state, progress)
+                await self._send_state(state, producer)
+                if txn.offsets:
+                    await producer.send_offsets_to_transaction(txn.offsets, txn.group_id)
+        except ProducerFenced as exc:
+            raise Fenced(f"transactional producer fenced while forwarding {batch_id}") from exc
+        except AIOKafkaError as exc:
+            raise translate(exc, f"transaction for {batch_id}") from exc
+        return progress
+
+    async def record(self, state: BatchState, txn: Transaction | None = None) -> None:
+        """Write ``state`` to the state topic (with the job's offsets, in a transaction, if given)."""
+        if txn is None:
+            await self._send_state(state, self._producer)
+            return
+        try:
+            async with txn.producer.transaction():
+                await self._send_state(state, txn.producer)
+                if txn.offsets:
+                    await txn.producer.send_offsets_to_transaction(txn.offsets, txn.group_id)
+        except ProducerFenced as exc:
+            raise Fenced(f"transactional producer fenced recording {state.batch_id}") from exc
+        except AIOKafkaError as exc:
+            raise translate(exc, f"recording state of {state.batch_id}") from exc
+
+    async def _send_state(self, state: BatchState, producer: AIOKafkaProducer) -> None:
+        try:
+            future = await producer.send(
+                self._settings.state_topic, state.encode(), key=state.batch_id.encode()
+            )
+            await future
+        except AIOKafkaError as exc:
+            raise translate(exc, f"recording state of {state.batch_id}") from exc
+
+    def _finalize(self, state: BatchState, progress: _Progress) -> None:
+        state.finished_at = utcnow()
+        state.lines = dict(progress.lines)
+        state.dead_letters = dict(progress.dead_letters)
+        state.blank_lines = progress.blank_lines
+
+    def _count(self, progress: _Progress) -> None:
+        """Add what is now visible in Kafka to the metrics (once, at the end of the batch)."""
+        metrics = self._metrics
+        for status, n in progress.lines.items():
+            metrics.lines_forwarded.labels(status=status).inc(n)
+        for reason, n in progress.dead_letters.items():
+            metrics.dead_letters.labels(reason=reason).inc(n)
+        if progress.blank_lines:
+            metrics.blank_lines.inc(progress.blank_lines)
 
     async def _attempt(
         self,
@@ -211,6 +312,7 @@ class Pipeline:
         progress: _Progress,
         logger: Any,
         attempt: int,
+        producer: AIOKafkaProducer,
     ) -> None:
         batch = await self._datagrid.get_batch(batch_id)
         status = batch.get("status")
@@ -229,7 +331,7 @@ class Pipeline:
             state.stream_restarts += 1
             self._metrics.stream_restarts.inc()
             logger.info("stream_restart", attempt=attempt, skip_lines=progress.acked_through)
-        run = _Run(self, batch_id, event_id, progress)
+        run = _Run(self, producer, batch_id, event_id, progress)
         try:
             async with self._datagrid.stream_results(batch_id) as chunks:
                 splitter = LineSplitter(self._max_line)
@@ -264,20 +366,6 @@ class Pipeline:
         else:
             state.error = {"code": "internal_error", "detail": f"{type(exc).__name__}: {exc}"}
 
-    def _fill_counts(self, state: BatchState, progress: _Progress) -> None:
-        state.lines = dict(progress.lines)
-        state.dead_letters = dict(progress.dead_letters)
-        state.blank_lines = progress.blank_lines
-
-    async def _record_state(self, state: BatchState) -> None:
-        try:
-            future = await self._producer.send(
-                self._settings.state_topic, state.encode(), key=state.batch_id.encode()
-            )
-            await future
-        except AIOKafkaError as exc:
-            raise translate(exc, f"recording state of {state.batch_id}") from exc
-
     def status_header(self, status: object) -> bytes:
         """``datagrid-status`` header value for a line's ``status`` (cached per distinct value)."""
         value = self._status_bytes.get(status)
@@ -292,9 +380,15 @@ class _Run:
     """One stream of one batch: numbering, classification, produce calls and acknowledgements."""
 
     def __init__(
-        self, pipeline: Pipeline, batch_id: str, event_id: str | None, progress: _Progress
+        self,
+        pipeline: Pipeline,
+        producer: AIOKafkaProducer,
+        batch_id: str,
+        event_id: str | None,
+        progress: _Progress,
     ) -> None:
         self.p = pipeline
+        self.producer = producer
         self.batch_id = batch_id
         self.key_batch = batch_id.encode()
         self.progress = progress
@@ -320,7 +414,7 @@ class _Run:
         """Number, classify and hand lines to the producer; wait while too much is in flight."""
         progress = self.progress
         skip_through = progress.acked_through
-        send = self.p._producer.send
+        send = self.producer.send
         for line in lines:
             self.line_no += 1
             n = self.line_no
@@ -338,7 +432,6 @@ class _Run:
             elif is_blank(line):
                 if n > progress.high_water:
                     progress.blank_lines += 1
-                    self.p._metrics.blank_lines.inc()
             else:
                 head = classify(line, self.batch_id)
                 if type(head) is not LineHead:
@@ -386,7 +479,7 @@ class _Run:
             ("forwarder-error-detail", detail.encode("utf-8", "replace")[:1024]),
         ]
         try:
-            future = await self.p._producer.send(
+            future = await self.producer.send(
                 self.dlq_topic, value, self.key_batch, headers=headers
             )
         except AIOKafkaError as exc:
@@ -418,13 +511,10 @@ class _Run:
         progress = self.progress
         progress.acked_through = entry.line_no
         progress.boundary = entry.line
-        metrics = self.p._metrics
         if entry.dead_letter:
             progress.dead_letters[entry.label] += 1
-            metrics.dead_letters.labels(reason=entry.label).inc()
         else:
             progress.lines[entry.label] += 1
-            metrics.lines_forwarded.labels(status=entry.label).inc()
 
     async def drain(self) -> None:
         """Wait for every record handed to Kafka; the acknowledged prefix then covers them."""
