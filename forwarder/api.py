@@ -1,6 +1,7 @@
 """Internal API, health and metrics routes, and the one mapping of errors to problem+json.
 
-``POST /v1/batches`` queues a batch; ``GET /v1/batches/{batch_id}`` returns its forwarding state.  Both
+``POST /v1/batches`` queues a batch; ``GET /v1/batches/{batch_id}`` returns its forwarding state.
+Both
 need a bearer token from ``FORWARDER_API_TOKENS`` (compared in constant time).
 """
 
@@ -79,8 +80,12 @@ def problem_response(request: Request[Any, Any, Any], exc: Exception) -> Respons
             headers["Retry-After"] = "5"
     elif isinstance(exc, HTTPException):
         status = exc.status_code
-        code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed",
-                413: "payload_too_large"}.get(status, "http_error")
+        code = {
+            400: "bad_request",
+            404: "not_found",
+            405: "method_not_allowed",
+            413: "payload_too_large",
+        }.get(status, "http_error")
         detail = exc.detail if status < 500 else "internal error"
     else:
         status, code, detail = 500, "internal_error", "internal error"
@@ -117,7 +122,7 @@ async def queue_batch(request: Request[Any, Any, Any], state: State) -> dict[str
     try:
         payload = msgspec.json.decode(await request.body(), type=BatchRequest)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise BadRequest(f"body must be {{\"batch_id\": str, \"replay\": bool}}: {exc}") from exc
+        raise BadRequest(f'body must be {{"batch_id": str, "replay": bool}}: {exc}') from exc
     check_batch_id(payload.batch_id)
     await services.enqueue(Job(batch_id=payload.batch_id, source="api", replay=payload.replay))
     log.info("batch_queued", batch_id=payload.batch_id, replay=payload.replay)
@@ -125,7 +130,9 @@ async def queue_batch(request: Request[Any, Any, Any], state: State) -> dict[str
 
 
 @get("/v1/batches/{batch_id:str}", summary="A batch's forwarding state")
-async def batch_state(request: Request[Any, Any, Any], state: State, batch_id: str) -> Response[Any]:
+async def batch_state(
+    request: Request[Any, Any, Any], state: State, batch_id: str
+) -> Response[Any]:
     """The batch's latest state record (the same JSON as the state topic)."""
     services = state.services
     require_token(request, services.api_tokens)

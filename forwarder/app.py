@@ -27,11 +27,17 @@ from litestar.openapi import OpenAPIConfig
 
 from forwarder import __version__
 from forwarder.api import ROUTES, problem_response
-from forwarder.config import ConfigError, Delivery, Settings
+from forwarder.config import Delivery, Settings
 from forwarder.datagrid import DatagridClient
-from forwarder.errors import ForwarderError, KafkaError
+from forwarder.errors import ConfigError, ForwarderError, KafkaError
 from forwarder.jobs import Job, JobQueue, StateStore, Worker
-from forwarder.kafka import TopicLimits, make_jobs_consumer, make_producer, prepare_topics, translate
+from forwarder.kafka import (
+    TopicLimits,
+    make_jobs_consumer,
+    make_producer,
+    prepare_topics,
+    translate,
+)
 from forwarder.observability import Metrics
 from forwarder.pipeline import BatchState, Pipeline
 from forwarder.webhooks import _RecentEvents, datagrid_webhook
@@ -109,7 +115,8 @@ class Services:
         }
 
     async def enqueue(self, job: Job) -> None:
-        """Queue a job durably, or raise a retriable :class:`KafkaError` (503) while not connected."""
+        """Queue a job durably, or raise a retriable :class:`KafkaError` (503) while not
+        connected."""
         if self.queue is None or self.draining:
             raise KafkaError("not connected to Kafka yet (or draining)")
         await self.queue.put(job)
@@ -173,11 +180,17 @@ class Services:
         self.worker = worker
         probe = asyncio.create_task(_probe_kafka(core.producer, self))
         stack.callback(probe.cancel)
-        log.info("started", port=settings.http_port, delivery=settings.delivery.value,
-                 concurrency=settings.concurrency, version=__version__)
+        log.info(
+            "started",
+            port=settings.http_port,
+            delivery=settings.delivery.value,
+            concurrency=settings.concurrency,
+            version=__version__,
+        )
 
     async def drain(self) -> None:
-        """Readiness off, stop taking jobs, let in-flight batches finish within the drain timeout."""
+        """Readiness off, stop taking jobs, let in-flight batches finish within the drain
+        timeout."""
         if self.draining:
             return
         self.draining = True
@@ -228,8 +241,11 @@ def create_app(
         route_handlers=[*ROUTES, datagrid_webhook],
         lifespan=[lifespan],
         state=State({"services": services}),
-        exception_handlers={ForwarderError: problem_response, HTTPException: problem_response,
-                            Exception: problem_response},
+        exception_handlers={
+            ForwarderError: problem_response,
+            HTTPException: problem_response,
+            Exception: problem_response,
+        },
         request_max_body_size=settings.webhook_max_body_bytes,
         openapi_config=OpenAPIConfig(title="datagrid-forwarder", version=__version__),
         logging_config=None,

@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING
 from forwarder import __version__
 from forwarder.config import Delivery, Settings, describe_variables, load_settings
 from forwarder.datagrid import check_batch_id
-from forwarder.kafka import make_producer
-from forwarder.pipeline import Transaction
 from forwarder.errors import BatchNotReady, ConfigError, ForwarderError, InvalidBatchId
+from forwarder.kafka import make_producer
 from forwarder.observability import Metrics, configure_logging
+from forwarder.pipeline import Transaction
 
 if TYPE_CHECKING:
     from forwarder.app import Core
@@ -32,9 +32,13 @@ def _epilog() -> str:
     lines = ["configuration (environment variables, also read from ./.env):"]
     for variable, default, description in describe_variables():
         lines.append(f"  {variable}" + (f" (default: {default})" if default else ""))
-        lines.extend(textwrap.wrap(description, 92, initial_indent="      ", subsequent_indent="      "))
+        lines.extend(
+            textwrap.wrap(description, 92, initial_indent="      ", subsequent_indent="      ")
+        )
     lines.append("")
-    lines.append("exit status: 0 success, 1 a batch was not fully forwarded, 2 bad usage or setting")
+    lines.append(
+        "exit status: 0 success, 1 a batch was not fully forwarded, 2 bad usage or setting"
+    )
     return "\n".join(lines)
 
 
@@ -136,7 +140,8 @@ async def _forward(settings: Settings, batch_ids: list[str], wait: float) -> int
 
 @contextlib.asynccontextmanager
 async def _transaction(core: Core) -> AsyncIterator[Transaction | None]:
-    """In exactly-once mode, a transactional producer of this command's own (no offsets to commit)."""
+    """In exactly-once mode, a transactional producer of this command's own (no offsets to
+    commit)."""
     if core.settings.delivery is not Delivery.EXACTLY_ONCE:
         yield None
         return
@@ -160,7 +165,8 @@ def summary(state: object) -> str:
     by_reason = ", ".join(f"{k} {v}" for k, v in sorted(state.dead_letters.items()))
     text = (
         f"{state.batch_id}: {state.status}: {lines} lines ({by_status}), "
-        f"{dead} dead letters" + (f" ({by_reason})" if by_reason else "")
+        f"{dead} dead letters"
+        + (f" ({by_reason})" if by_reason else "")
         + f", {state.blank_lines} blank, {state.attempts} attempt"
         + ("s" if state.attempts != 1 else "")
     )

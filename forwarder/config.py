@@ -106,7 +106,8 @@ class Settings(BaseSettings):
     """Partitions of topics the forwarder creates."""
 
     kafka_replication_factor: int = Field(default=-1, ge=-1)
-    """Replication factor of topics the forwarder creates (-1: 3, or fewer if the cluster is smaller)."""
+    """Replication factor of topics the forwarder creates (-1: 3, or fewer if the cluster is
+    smaller)."""
 
     kafka_linger_ms: int = Field(default=5, ge=0)
     """Producer linger: how long a batch waits for more records."""
@@ -162,7 +163,8 @@ class Settings(BaseSettings):
     """Port of the webhook, API, health and metrics routes."""
 
     webhook_secrets: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
-    """Comma-separated Datagrid webhook secrets; any one verifies (rotation). Required by `serve`."""
+    """Comma-separated Datagrid webhook secrets; any one verifies (rotation). Required by
+    `serve`."""
 
     webhook_tolerance_seconds: int = Field(default=300, ge=1)
     """Largest accepted age (or future skew) of a webhook signature timestamp."""
@@ -229,7 +231,8 @@ def env_name(field: str) -> str:
 
 
 def load_settings(**overrides: object) -> Settings:
-    """Build :class:`Settings` from the environment, turning validation errors into one line each."""
+    """Build :class:`Settings` from the environment, turning validation errors into one line
+    each."""
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:

@@ -138,9 +138,7 @@ class DatagridClient:
         """
         path = f"batch-predictions/{check_batch_id(batch_id)}/results"
         started = time.perf_counter()
-        request = self._http.build_request(
-            "GET", path, headers={"Accept": "application/x-ndjson"}
-        )
+        request = self._http.build_request("GET", path, headers={"Accept": "application/x-ndjson"})
         try:
             response = await self._http.send(request, stream=True)
         except httpx.TransportError as exc:

@@ -1,12 +1,15 @@
 """The durable queue of batches: jobs in, the consumer loop, and the memory of what was forwarded.
 
 * :class:`JobQueue` writes jobs (key: batch id) and returns once Kafka acknowledged them.
-* :class:`StateStore` reads the compacted state topic into a dict: every pod knows each batch's latest
+* :class:`StateStore` reads the compacted state topic into a dict: every pod knows each batch's
+latest
   state, which makes "forward each batch once" hold across restarts and pods.
-* :class:`Worker` is a consumer group member on the jobs topic.  It runs up to ``concurrency`` batches
+* :class:`Worker` is a consumer group member on the jobs topic.  It runs up to ``concurrency``
+batches
   at once and commits a partition's offset only up to its oldest unfinished job, so a crash redoes
   unfinished work and never skips it.  A batch that is not terminal yet is parked as a ``waiting``
-  state record (durable) and re-checked on a timer by the pod owning its jobs partition, so it blocks
+  state record (durable) and re-checked on a timer by the pod owning its jobs partition, so it
+  blocks
   neither a slot nor its partition's commits.
 """
 
@@ -85,21 +88,19 @@ class JobQueue:
         """Queue ``job``; returns only after Kafka acknowledged it (durable)."""
         check_batch_id(job.batch_id)
         try:
-            future = await self._producer.send(
-                self._topic, job.encode(), key=job.batch_id.encode()
-            )
+            future = await self._producer.send(self._topic, job.encode(), key=job.batch_id.encode())
             await future
         except AIOKafkaError as exc:
             raise translate(exc, f"queueing {job.batch_id}") from exc
 
 
-async def enqueue_jobs(settings: Settings, batch_ids: list[str], *, replay: bool, source: str) -> None:
+async def enqueue_jobs(
+    settings: Settings, batch_ids: list[str], *, replay: bool, source: str
+) -> None:
     """Queue batch ids with a short-lived producer (the ``enqueue`` command)."""
     for batch_id in batch_ids:
         check_batch_id(batch_id)
-    producer = AIOKafkaProducer(
-        **connection_options(settings), acks="all", enable_idempotence=True
-    )
+    producer = AIOKafkaProducer(**connection_options(settings), acks="all", enable_idempotence=True)
     try:
         await producer.start()
         queue = JobQueue(producer, settings.jobs_topic)
@@ -189,7 +190,7 @@ class StateStore:
         except (msgspec.DecodeError, msgspec.ValidationError):
             log.warning("state_record_unreadable", batch_id=batch_id, offset=record.offset)
 
-    async def sync(self, timeout: float = 30.0) -> None:
+    async def sync(self, within: float = 30.0) -> None:
         """Wait until everything written to the state topic before this call has been read."""
         assert self._consumer is not None
         try:
@@ -203,7 +204,7 @@ class StateStore:
                     return False
             return True
 
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + within
         while not await caught_up():
             if time.monotonic() > deadline:
                 raise KafkaError("timed out reading the state topic")
@@ -221,12 +222,11 @@ class StateStore:
         if self._consumer is not None:
             await self._consumer.stop()
             self._consumer = None
-        for tp in list(self._txn_producers):
-            await self._txn_producers.pop(tp).stop()
 
 
 class _PartitionOffsets:
-    """Offsets of one partition's jobs in flight; the committable offset is the oldest unfinished."""
+    """Offsets of one partition's jobs in flight; the committable offset is the oldest
+    unfinished."""
 
     def __init__(self) -> None:
         self.pending: dict[int, bool] = {}  # offset -> finished (insertion order = offset order)
@@ -251,7 +251,7 @@ class _PartitionOffsets:
         return None
 
 
-class Worker(ConsumerRebalanceListener):
+class Worker(ConsumerRebalanceListener):  # type: ignore[misc]
     """Consumes the jobs topic and forwards each batch once."""
 
     def __init__(
@@ -295,8 +295,8 @@ class Worker(ConsumerRebalanceListener):
             raise translate(exc, "starting the jobs consumer") from exc
         self._loop_task = asyncio.create_task(self._loop(), name="jobs-loop")
 
-    async def drain(self, timeout: float) -> None:
-        """Stop taking jobs; let in-flight batches finish for ``timeout`` s, then abandon them.
+    async def drain(self, grace: float) -> None:
+        """Stop taking jobs; let in-flight batches finish for ``grace`` s, then abandon them.
 
         Abandoned jobs stay uncommitted, so another pod (or this one, restarted) redoes them.
         """
@@ -306,8 +306,8 @@ class Worker(ConsumerRebalanceListener):
             self._loop_task = None
         running = [t for t in self._tasks if not t.done()]
         if running:
-            log.info("draining", batches=len(running), timeout_s=timeout)
-            _, late = await asyncio.wait(running, timeout=timeout)
+            log.info("draining", batches=len(running), timeout_s=grace)
+            _, late = await asyncio.wait(running, timeout=grace)
             for task in late:
                 task.cancel()
             if late:
@@ -361,8 +361,9 @@ class Worker(ConsumerRebalanceListener):
                     await producer.start()  # init_transactions: fences a previous owner
                 except AIOKafkaError as exc:
                     await producer.stop()
-                    log.error("transactional_producer_failed", partition=tp.partition,
-                              error=str(exc))
+                    log.error(
+                        "transactional_producer_failed", partition=tp.partition, error=str(exc)
+                    )
                     continue
                 self._txn_producers[tp] = producer
         assigned_set = set(assigned)
@@ -370,8 +371,11 @@ class Worker(ConsumerRebalanceListener):
             if state.batch_id not in self._waiters and self._jobs_partition(state.batch_id) in (
                 assigned_set
             ):
-                job = Job(batch_id=state.batch_id, source=state.source or "producer",
-                          event_id=state.event_id)
+                job = Job(
+                    batch_id=state.batch_id,
+                    source=state.source or "producer",
+                    event_id=state.event_id,
+                )
                 self._park(job, state, delay=0.0)
         self.assigned.set()
 
@@ -401,10 +405,12 @@ class Worker(ConsumerRebalanceListener):
     def _start(self, tp: TopicPartition, record: ConsumerRecord[Any, Any]) -> None:
         offsets = self._offsets.setdefault(tp, _PartitionOffsets())
         offsets.add(record.offset)
-        task = asyncio.create_task(self._handle(tp, record), name=f"job-{tp.partition}-{record.offset}")
+        task = asyncio.create_task(
+            self._handle(tp, record), name=f"job-{tp.partition}-{record.offset}"
+        )
         queued_at = record.timestamp / 1000 if record.timestamp else time.time()
         self._tasks[task] = (tp, record.offset, queued_at)
-        task.add_done_callback(self._tasks.pop)  # type: ignore[arg-type]
+        task.add_done_callback(self._tasks.pop)
 
     async def _handle(self, tp: TopicPartition, record: ConsumerRecord[Any, Any]) -> None:
         try:
@@ -424,8 +430,9 @@ class Worker(ConsumerRebalanceListener):
                     return
                 except KafkaError as exc:
                     # Kafka itself is failing: do not commit; try again until it recovers.
-                    log.warning("job_retry_kafka", batch_id=job.batch_id, error=str(exc),
-                                retry_in=delay)
+                    log.warning(
+                        "job_retry_kafka", batch_id=job.batch_id, error=str(exc), retry_in=delay
+                    )
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 30.0)
         await self._commit(tp, record.offset)
@@ -494,10 +501,17 @@ class Worker(ConsumerRebalanceListener):
         expires_at = (exc.problem or {}).get("expires_at")
         if _past(expires_at):
             state = BatchState(
-                batch_id=job.batch_id, status="failed", source=job.source, event_id=job.event_id,
-                batch_status=exc.batch_status, finished_at=utcnow(), attempts=checks,
-                error={"code": "batch_expired_unfinished",
-                       "detail": f"batch still {exc.batch_status!r} after expires_at {expires_at}"},
+                batch_id=job.batch_id,
+                status="failed",
+                source=job.source,
+                event_id=job.event_id,
+                batch_status=exc.batch_status,
+                finished_at=utcnow(),
+                attempts=checks,
+                error={
+                    "code": "batch_expired_unfinished",
+                    "detail": f"batch still {exc.batch_status!r} after expires_at {expires_at}",
+                },
             )
             await self._pipeline.record(state, txn)
             self._store.put(state)
@@ -507,14 +521,24 @@ class Worker(ConsumerRebalanceListener):
         delay = min(self._settings.not_ready_poll_seconds, 2.0 ** min(checks, 10))
         delay *= random.uniform(0.8, 1.0)  # noqa: S311 - jitter
         state = BatchState(
-            batch_id=job.batch_id, status="waiting", source=job.source, event_id=job.event_id,
-            batch_status=exc.batch_status, attempts=checks, started_at=utcnow(),
+            batch_id=job.batch_id,
+            status="waiting",
+            source=job.source,
+            event_id=job.event_id,
+            batch_status=exc.batch_status,
+            attempts=checks,
+            started_at=utcnow(),
             error={"code": "batch_not_ready", "detail": str(exc), "expires_at": expires_at},
         )
         await self._pipeline.record(state, txn)
         self._store.put(state)
-        log.info("batch_waiting", batch_id=job.batch_id, batch_status=exc.batch_status,
-                 next_check_s=round(delay, 2), checks=checks)
+        log.info(
+            "batch_waiting",
+            batch_id=job.batch_id,
+            batch_status=exc.batch_status,
+            next_check_s=round(delay, 2),
+            checks=checks,
+        )
         self._park(job, state, delay)
 
     def _park(self, job: Job, state: BatchState, delay: float) -> None:
@@ -577,7 +601,9 @@ class Worker(ConsumerRebalanceListener):
                 position = next(iter(offsets.pending))
             if position is None:
                 position = highwater
-            self._metrics.jobs_lag.labels(partition=str(tp.partition)).set(max(highwater - position, 0))
+            self._metrics.jobs_lag.labels(partition=str(tp.partition)).set(
+                max(highwater - position, 0)
+            )
         oldest = min((queued for _, _, queued in self._tasks.values()), default=None)
         self._metrics.jobs_lag_seconds.set(0 if oldest is None else max(time.time() - oldest, 0))
 
@@ -597,4 +623,4 @@ def _past(iso: object) -> bool:
     return when < datetime.now(UTC)
 
 
-__all__ = ["Job", "JobQueue", "StateStore", "Worker", "enqueue_jobs", "parse_job", "ForwarderError"]
+__all__ = ["ForwarderError", "Job", "JobQueue", "StateStore", "Worker", "enqueue_jobs", "parse_job"]

@@ -57,11 +57,12 @@ def connection_options(settings: Settings) -> dict[str, Any]:
 
 
 def _ssl_context(settings: Settings) -> ssl.SSLContext:
-    return create_ssl_context(
+    context: ssl.SSLContext = create_ssl_context(
         cafile=settings.kafka_ssl_cafile,
         certfile=settings.kafka_ssl_certfile,
         keyfile=settings.kafka_ssl_keyfile,
     )
+    return context
 
 
 def topic_specs(settings: Settings) -> dict[str, dict[str, str]]:

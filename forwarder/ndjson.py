@@ -1,10 +1,13 @@
 """NDJSON framing and the hot-path look-up of a result line's routing fields.
 
-Lines are split on the byte ``\\n`` only (a trailing ``\\r`` is dropped), never on text: JSON strings may
-hold raw U+2028/U+0085, which ``str.splitlines`` and ``httpx``'s ``aiter_lines`` treat as line breaks,
+Lines are split on the byte ``\\n`` only (a trailing ``\\r`` is dropped), never on text: JSON
+strings may
+hold raw U+2028/U+0085, which ``str.splitlines`` and ``httpx``'s ``aiter_lines`` treat as line
+breaks,
 and a chunk boundary may fall inside a multi-byte character or between ``\\r`` and ``\\n``.
 
-Memory is bounded: a line longer than ``max_line_bytes`` is not accumulated; its first bytes are kept
+Memory is bounded: a line longer than ``max_line_bytes`` is not accumulated; its first bytes are
+kept
 (for the dead-letter record) and the rest only counted, as an :class:`Oversized` line.
 """
 
@@ -37,7 +40,7 @@ class LineSplitter:
     did not end with a newline.  Lines are ``bytes``, or :class:`Oversized` past ``max_line_bytes``.
     """
 
-    __slots__ = ("_max", "_parts", "_size", "_overflow")
+    __slots__ = ("_max", "_overflow", "_parts", "_size")
 
     def __init__(self, max_line_bytes: int) -> None:
         self._max = max_line_bytes
@@ -54,8 +57,9 @@ class LineSplitter:
         tail = pieces.pop()
         if self._parts or self._overflow:
             self._hold(pieces[0])
-            pieces[0] = self._take()  # type: ignore[call-overload]
-        out: list[bytes | Oversized] = pieces  # type: ignore[assignment]
+        out: list[bytes | Oversized] = list(pieces)
+        if self._parts or self._overflow:
+            out[0] = self._take()
         max_line = self._max
         for index, line in enumerate(out):
             if type(line) is bytes:

@@ -37,7 +37,7 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 
 
 def line_status_label(status: object) -> str:
     """The metric label for a line's ``status``: one of the known four, else ``other``."""
-    return status if status in LINE_STATUSES else "other"  # type: ignore[return-value]
+    return status if isinstance(status, str) and status in LINE_STATUSES else "other"
 
 
 class Metrics:

@@ -1,6 +1,7 @@
 """One batch, end to end: where a result line becomes a Kafka message.
 
-``Pipeline.forward`` fetches the batch, streams its NDJSON results, and publishes one record per line
+``Pipeline.forward`` fetches the batch, streams its NDJSON results, and publishes one record per
+line
 to the results topic (or the dead-letter topic with a reason), then records the batch's state.
 
 Memory is bounded: lines are handed to the producer as they are read, and reading waits for Kafka's
@@ -18,7 +19,7 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import structlog
@@ -30,7 +31,7 @@ from forwarder.config import Settings
 from forwarder.datagrid import TERMINAL_STATUSES, DatagridClient, check_batch_id, terminal_time
 from forwarder.errors import BatchNotReady, ForwarderError, KafkaError, UpstreamUnavailable
 from forwarder.kafka import RECORD_OVERHEAD_BYTES, TopicLimits, translate
-from forwarder.ndjson import LineHead, LineSplitter, Oversized, classify, is_blank
+from forwarder.ndjson import LineSplitter, Oversized, classify, is_blank
 from forwarder.observability import Metrics, line_status_label
 
 log = structlog.get_logger("forwarder.pipeline")
@@ -173,11 +174,13 @@ class Pipeline:
                 state.attempts = attempt
                 try:
                     if txn is None:
-                        await self._attempt(batch_id, event_id, state, progress, logger, attempt,
-                                            self._producer)
+                        await self._attempt(
+                            batch_id, event_id, state, progress, logger, attempt, self._producer
+                        )
                     else:
-                        progress = await self._transaction(batch_id, event_id, state, logger,
-                                                           attempt, txn, started)
+                        progress = await self._transaction(
+                            batch_id, event_id, state, logger, attempt, txn, started
+                        )
                 except (BatchNotReady, Fenced):
                     raise
                 except ForwarderError as exc:
@@ -185,8 +188,10 @@ class Pipeline:
                         self._fail(state, exc)
                         break
                     delay = self._backoff(attempt, getattr(exc, "retry_after", None))
-                    reason = "stream_broken" if state.stream_restarts or progress.high_water else (
-                        exc.code
+                    reason = (
+                        "stream_broken"
+                        if state.stream_restarts or progress.high_water
+                        else (exc.code)
                     )
                     self._metrics.retries.labels(reason=reason).inc()
                     logger.warning(
@@ -217,11 +222,11 @@ class Pipeline:
         self._count(progress)
         self._metrics.batch_duration.observe(duration)
         self._metrics.batches.labels(outcome=state.status).inc()
-        delay = None
+        forward_delay: float | None = None
         if state.status == "forwarded" and state.terminal_at:
             terminal = datetime.fromisoformat(state.terminal_at.replace("Z", "+00:00"))
-            delay = max((datetime.now(UTC) - terminal).total_seconds(), 0.0)
-            self._metrics.forward_delay.observe(delay)
+            forward_delay = max((datetime.now(UTC) - terminal).total_seconds(), 0.0)
+            self._metrics.forward_delay.observe(forward_delay)
         emit = logger.info if state.status == "forwarded" else logger.warning
         emit(
             "batch_" + state.status,
@@ -231,7 +236,7 @@ class Pipeline:
             blank_lines=state.blank_lines,
             stream_restarts=state.stream_restarts,
             duration_s=round(duration, 3),
-            forward_delay_s=None if delay is None else round(delay, 3),
+            forward_delay_s=None if forward_delay is None else round(forward_delay, 3),
             delivery=state.delivery,
             error=state.error,
         )
@@ -265,7 +270,8 @@ class Pipeline:
         return progress
 
     async def record(self, state: BatchState, txn: Transaction | None = None) -> None:
-        """Write ``state`` to the state topic (with the job's offsets, in a transaction, if given)."""
+        """Write ``state`` to the state topic (with the job's offsets, in a transaction, if
+        given)."""
         if txn is None:
             await self._send_state(state, self._producer)
             return
@@ -350,8 +356,10 @@ class Pipeline:
         settings = self._settings
         if retry_after is not None:
             return min(retry_after, settings.retry_max_seconds)
-        ceiling = min(settings.retry_max_seconds, settings.retry_base_seconds * 2 ** (attempt - 1))
-        return ceiling * random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not cryptography
+        ceiling = min(
+            settings.retry_max_seconds, settings.retry_base_seconds * 2.0 ** (attempt - 1)
+        )
+        return float(ceiling * random.uniform(0.5, 1.0))  # noqa: S311 - jitter, not cryptography
 
     def _fail(self, state: BatchState, exc: BaseException) -> None:
         state.status = "failed"
@@ -425,7 +433,7 @@ class _Run:
                         f"re-stream of {self.batch_id} differs at line {n}; re-publishing all lines"
                     )
                 continue
-            if type(line) is Oversized:
+            if isinstance(line, Oversized):
                 await self._dead_letter(
                     n, line.prefix, "too_large", f"line of {line.size} bytes exceeds the limit"
                 )
@@ -434,11 +442,11 @@ class _Run:
                     progress.blank_lines += 1
             else:
                 head = classify(line, self.batch_id)
-                if type(head) is not LineHead:
-                    reason, detail = head  # type: ignore[misc]
+                if isinstance(head, tuple):
+                    reason, detail = head
                     await self._dead_letter(n, line, reason, detail)
                 else:
-                    key = head.custom_id.encode()  # type: ignore[attr-defined]
+                    key = cast(str, head.custom_id).encode()
                     if len(line) + len(key) > self.limit:
                         await self._dead_letter(
                             n,
@@ -529,4 +537,4 @@ class _Run:
 
 
 def _raw(line: bytes | Oversized) -> bytes:
-    return line.prefix if type(line) is Oversized else line  # type: ignore[union-attr,return-value]
+    return line.prefix if isinstance(line, Oversized) else line

@@ -1,8 +1,11 @@
-"""``POST /webhooks/datagrid``: verify Datagrid's signature, then durably queue terminal batch events.
+"""``POST /webhooks/datagrid``: verify Datagrid's signature, then durably queue terminal batch
+events.
 
 Signature (``Datagrid-Signature: t=<unix>,v1=<hex>``): ``v1`` is HMAC-SHA256, keyed by the webhook
-secret, of ``"<t>." + raw body``.  Every configured secret is tried (rotation), every ``v1`` value in
-the header is accepted, comparisons are constant-time, and ``t`` must be within the tolerance of now,
+secret, of ``"<t>." + raw body``.  Every configured secret is tried (rotation), every ``v1`` value
+in
+the header is accepted, comparisons are constant-time, and ``t`` must be within the tolerance of
+now,
 in either direction.
 """
 
@@ -57,7 +60,8 @@ def verify_signature(
     now: float,
     tolerance: float,
 ) -> int:
-    """Return the signed timestamp, or raise :class:`SignatureError` saying why (never which secret)."""
+    """Return the signed timestamp, or raise :class:`SignatureError` saying why (never which
+    secret)."""
     if not header:
         raise SignatureError("missing Datagrid-Signature header")
     if len(header) > _MAX_HEADER:
@@ -127,7 +131,8 @@ def parse_event(body: bytes) -> tuple[str, str, dict[str, Any]]:
 
 @post("/webhooks/datagrid", status_code=HTTP_202_ACCEPTED, summary="Datagrid webhook receiver")
 async def datagrid_webhook(request: Request[Any, Any, Any], state: State) -> Response[Any]:
-    """Verify the signature; queue terminal ``batch_prediction.*`` events (202), ignore others (200)."""
+    """Verify the signature; queue terminal ``batch_prediction.*`` events (202), ignore others
+    (200)."""
     services = state.services
     settings = services.settings
     metrics = services.metrics
