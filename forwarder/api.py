@@ -8,14 +8,18 @@ need a bearer token from ``FORWARDER_API_TOKENS`` (compared in constant time).
 from __future__ import annotations
 
 import hmac
+import re
+import uuid
 from typing import Any
 
 import msgspec
 import structlog
 from litestar import Request, Response, get, post
 from litestar.datastructures import State
+from litestar.enums import ScopeType
 from litestar.exceptions import HTTPException
 from litestar.status_codes import HTTP_202_ACCEPTED
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from forwarder.datagrid import check_batch_id
@@ -98,6 +102,33 @@ def problem_response(request: Request[Any, Any, Any], exc: Exception) -> Respons
         "instance": request.url.path,
     }
     return Response(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
+
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def request_id_middleware(app: ASGIApp) -> ASGIApp:
+    """Bind a request id (the caller's ``X-Request-Id`` if sane, else a new one) to every log line
+    of the request, and echo it in the response."""
+
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != ScopeType.HTTP:
+            await app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                headers.append((b"x-request-id", request_id.encode()))
+                message["headers"] = headers
+            await send(message)
+
+        with structlog.contextvars.bound_contextvars(request_id=request_id):
+            await app(scope, receive, send_with_id)
+
+    return middleware
 
 
 def require_token(request: Request[Any, Any, Any], tokens: list[bytes]) -> None:

@@ -26,7 +26,7 @@ from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
 
 from forwarder import __version__
-from forwarder.api import ROUTES, problem_response
+from forwarder.api import ROUTES, problem_response, request_id_middleware
 from forwarder.config import Delivery, Settings
 from forwarder.datagrid import DatagridClient
 from forwarder.errors import ConfigError, ForwarderError, KafkaError
@@ -247,6 +247,7 @@ def create_app(
             Exception: problem_response,
         },
         request_max_body_size=settings.webhook_max_body_bytes,
+        middleware=[request_id_middleware],
         openapi_config=OpenAPIConfig(title="datagrid-forwarder", version=__version__),
         logging_config=None,
     )
