@@ -37,6 +37,24 @@ kafka-stop: ## Stop the local broker
 bench: install ## Benchmarks: the service against plain-library baselines (prints a table)
 	$(PY) -m bench
 
+.PHONY: tools
+tools: ## Install pinned helm and kubeconform into .cache/tools/bin (go install)
+	deploy/tools/install.sh
+
+.PHONY: chart-files
+chart-files: ## Copy the dashboard and alert rules into the Helm chart (one source: deploy/)
+	cp deploy/grafana/forwarder-dashboard.json helm/forwarder/files/grafana/
+	cp deploy/prometheus/forwarder-rules.yaml helm/forwarder/files/prometheus/
+
+.PHONY: image
+image: ## Build the container image (needs Docker)
+	docker build -t datagrid-forwarder:dev --build-arg VERSION=$$(grep -m1 '^version' pyproject.toml | cut -d'"' -f2) \
+		--build-arg REVISION=$$(git rev-parse HEAD) --build-arg CREATED=$$(date -u +%FT%TZ) .
+
+.PHONY: compose-up
+compose-up: ## Kafka, fake Datagrid, forwarder, Prometheus and Grafana with Docker Compose
+	docker compose -f deploy/compose.yaml up --build
+
 .PHONY: clean
 clean: ## Remove caches and build output (keeps downloaded jars and tools)
 	rm -rf dist build .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -18,6 +18,7 @@ from litestar import Request, Response, get, post
 from litestar.datastructures import State
 from litestar.enums import ScopeType
 from litestar.exceptions import HTTPException
+from litestar.params import FromPath
 from litestar.status_codes import HTTP_202_ACCEPTED
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -162,7 +163,7 @@ async def queue_batch(request: Request[Any, Any, Any], state: State) -> dict[str
 
 @get("/v1/batches/{batch_id:str}", summary="A batch's forwarding state")
 async def batch_state(
-    request: Request[Any, Any, Any], state: State, batch_id: str
+    request: Request[Any, Any, Any], state: State, batch_id: FromPath[str]
 ) -> Response[Any]:
     """The batch's latest state record (the same JSON as the state topic)."""
     services = state.services

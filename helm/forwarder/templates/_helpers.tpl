@@ -1,0 +1,196 @@
+{{/*
+Helpers of the forwarder chart. Every name is namespaced "forwarder." so that a parent chart
+can include this one without clashes.
+*/}}
+
+{{/* The chart name, or nameOverride. */}}
+{{- define "forwarder.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The fully qualified name of the release's objects (63 characters at most: DNS label rules).
+A release name that already contains the chart name is used as is.
+*/}}
+{{- define "forwarder.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* "name-version" for the helm.sh/chart label. */}}
+{{- define "forwarder.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Selector labels. They end up in the Deployment's immutable spec.selector, so they must never
+change for the life of a release: only the name and the instance, never a version, a chart
+version or anything from values other than nameOverride.
+*/}}
+{{- define "forwarder.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "forwarder.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* Labels of every object: the selector labels plus descriptive ones that may change. */}}
+{{- define "forwarder.labels" -}}
+helm.sh/chart: {{ include "forwarder.chart" . }}
+{{ include "forwarder.selectorLabels" . }}
+app.kubernetes.io/version: {{ include "forwarder.imageTag" . | trunc 63 | trimSuffix "-" | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: datagrid-forwarder
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Labels of the `helm test` pod: deliberately not a superset of the selector labels, so that the
+Service, the PodDisruptionBudget and the spread constraints never count it.
+*/}}
+{{- define "forwarder.testLabels" -}}
+helm.sh/chart: {{ include "forwarder.chart" . }}
+app.kubernetes.io/name: {{ include "forwarder.name" . }}-test
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: test
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/* The ServiceAccount the pods run as. */}}
+{{- define "forwarder.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "forwarder.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* The image tag: image.tag, else the chart's appVersion. */}}
+{{- define "forwarder.imageTag" -}}
+{{- .Values.image.tag | default .Chart.AppVersion }}
+{{- end }}
+
+{{/* The image reference; a digest, when given, pins it. */}}
+{{- define "forwarder.image" -}}
+{{- $ref := printf "%s:%s" .Values.image.repository (include "forwarder.imageTag" .) }}
+{{- if .Values.image.digest }}
+{{- $ref = printf "%s@%s" $ref .Values.image.digest }}
+{{- end }}
+{{- $ref }}
+{{- end }}
+
+{{/* The Secret holding the credentials: secrets.existingSecret, or the one this chart creates. */}}
+{{- define "forwarder.secretName" -}}
+{{- .Values.secrets.existingSecret | default (include "forwarder.fullname" .) }}
+{{- end }}
+
+{{/*
+A setting's value from .Values.config, rendered for an environment variable. Helm reads every
+YAML number as a float, so 1048576 would print as "1.048576e+06": whole numbers are printed as
+integers instead.
+Usage: include "forwarder.envValue" $value
+*/}}
+{{- define "forwarder.envValue" -}}
+{{- if and (kindIs "float64" .) (eq (floor .) .) }}
+{{- int64 . }}
+{{- else }}
+{{- toString . }}
+{{- end }}
+{{- end }}
+
+{{/* FORWARDER_HTTP_PORT: the container port the probes, the Service and the ServiceMonitor use. */}}
+{{- define "forwarder.httpPort" -}}
+{{- include "forwarder.envValue" (required "config.FORWARDER_HTTP_PORT is required" .Values.config.FORWARDER_HTTP_PORT) }}
+{{- end }}
+
+{{/* The Kafka security protocol the pods use (the app's default is PLAINTEXT). */}}
+{{- define "forwarder.kafkaSecurityProtocol" -}}
+{{- .Values.config.FORWARDER_KAFKA_SECURITY_PROTOCOL | default "PLAINTEXT" }}
+{{- end }}
+
+{{/* "true" when the pods talk SASL to Kafka (they then need FORWARDER_KAFKA_SASL_PASSWORD). */}}
+{{- define "forwarder.kafkaSasl" -}}
+{{- if hasPrefix "SASL" (include "forwarder.kafkaSecurityProtocol" .) }}true{{ end }}
+{{- end }}
+
+{{/* "true" when the pods talk TLS to Kafka. */}}
+{{- define "forwarder.kafkaTls" -}}
+{{- if has (include "forwarder.kafkaSecurityProtocol" .) (list "SSL" "SASL_SSL") }}true{{ end }}
+{{- end }}
+
+{{/*
+terminationGracePeriodSeconds: long enough for the preStop pause plus the app's drain
+(FORWARDER_DRAIN_TIMEOUT_SECONDS) plus closing the Kafka clients. Computed unless set; a value
+that does not exceed pause + drain is refused, since Kubernetes would SIGKILL the pod mid-drain.
+*/}}
+{{- define "forwarder.terminationGracePeriodSeconds" -}}
+{{- $drain := required "config.FORWARDER_DRAIN_TIMEOUT_SECONDS is required" .Values.config.FORWARDER_DRAIN_TIMEOUT_SECONDS | float64 | ceil | int64 }}
+{{- $pause := .Values.lifecycle.preStopSleepSeconds | int64 }}
+{{- $needed := add $drain $pause }}
+{{- if kindIs "invalid" .Values.terminationGracePeriodSeconds }}
+{{- add $needed .Values.lifecycle.shutdownMarginSeconds }}
+{{- else if le (int64 .Values.terminationGracePeriodSeconds) $needed }}
+{{- fail (printf "terminationGracePeriodSeconds (%d) must exceed lifecycle.preStopSleepSeconds + config.FORWARDER_DRAIN_TIMEOUT_SECONDS (%d): leave it empty to have it computed" (int64 .Values.terminationGracePeriodSeconds) $needed) }}
+{{- else }}
+{{- int64 .Values.terminationGracePeriodSeconds }}
+{{- end }}
+{{- end }}
+
+{{/*
+Checks that values.schema.json cannot express (or cannot explain well). Included by the
+Deployment, so every render runs them.
+*/}}
+{{- define "forwarder.validate" -}}
+{{- range $key := list "DATAGRID_API_KEY" "FORWARDER_DATAGRID_API_KEY" "FORWARDER_WEBHOOK_SECRETS" "FORWARDER_API_TOKENS" "FORWARDER_KAFKA_SASL_PASSWORD" }}
+{{- if hasKey $.Values.config $key }}
+{{- fail (printf "config.%s: secrets do not belong in the ConfigMap; use the secrets.* values or secrets.existingSecret" $key) }}
+{{- end }}
+{{- end }}
+{{- if .Values.kafkaTls.ca.secretName }}{{ if .Values.kafkaTls.ca.configMapName }}
+{{- fail "kafkaTls.ca: set secretName or configMapName, not both" }}
+{{- end }}{{ end }}
+{{- if or .Values.kafkaTls.ca.secretName .Values.kafkaTls.ca.configMapName }}
+{{- if hasKey .Values.config "FORWARDER_KAFKA_SSL_CAFILE" }}
+{{- fail "config.FORWARDER_KAFKA_SSL_CAFILE: the chart sets it from kafkaTls.ca; remove it from config" }}
+{{- end }}
+{{- end }}
+{{- if .Values.kafkaTls.clientCertSecret }}
+{{- range $key := list "FORWARDER_KAFKA_SSL_CERTFILE" "FORWARDER_KAFKA_SSL_KEYFILE" }}
+{{- if hasKey $.Values.config $key }}
+{{- fail (printf "config.%s: the chart sets it from kafkaTls.clientCertSecret; remove it from config" $key) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if not .Values.secrets.existingSecret }}
+{{- if not .Values.secrets.datagridApiKey }}
+{{- fail "secrets.datagridApiKey (DATAGRID_API_KEY) is required, or name a Secret holding it in secrets.existingSecret" }}
+{{- end }}
+{{- if not .Values.secrets.webhookSecrets }}
+{{- fail "secrets.webhookSecrets (FORWARDER_WEBHOOK_SECRETS) is required, or name a Secret holding it in secrets.existingSecret" }}
+{{- end }}
+{{- if and (include "forwarder.kafkaSasl" .) (not .Values.secrets.kafkaSaslPassword) }}
+{{- fail "config.FORWARDER_KAFKA_SECURITY_PROTOCOL is SASL_*: secrets.kafkaSaslPassword (FORWARDER_KAFKA_SASL_PASSWORD) is required" }}
+{{- end }}
+{{- end }}
+{{- if include "forwarder.kafkaSasl" . }}
+{{- range $key := list "FORWARDER_KAFKA_SASL_MECHANISM" "FORWARDER_KAFKA_SASL_USERNAME" }}
+{{- if not (index $.Values.config $key) }}
+{{- fail (printf "config.FORWARDER_KAFKA_SECURITY_PROTOCOL is SASL_*: config.%s is required" $key) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if and .Values.autoscaling.enabled (not (or .Values.autoscaling.targetCPUUtilizationPercentage .Values.autoscaling.targetMemoryUtilizationPercentage)) }}
+{{- fail "autoscaling.enabled: set targetCPUUtilizationPercentage or targetMemoryUtilizationPercentage" }}
+{{- end }}
+{{- if and .Values.autoscaling.enabled .Values.keda.enabled }}
+{{- fail "autoscaling.enabled and keda.enabled both scale the Deployment: enable one" }}
+{{- end }}
+{{- end }}

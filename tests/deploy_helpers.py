@@ -1,0 +1,98 @@
+"""Shared by the delivery tests (Dockerfile, Helm chart, compose file): paths, tools, settings.
+
+Tools are never skipped for: a missing one fails the test that needs it, with the way to get it.
+``helm`` and ``kubeconform`` come from ``deploy/tools/install.sh``, which :func:`tool` runs once per
+session (idempotent: about 20 ms when the pinned versions are already in ``.cache/tools/bin``,
+a few minutes of ``go install`` when they are not). ``hadolint`` and ``kubernetes-validate`` are
+Python packages of the dev group, found next to the running interpreter.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from pydantic import AliasChoices
+
+from forwarder.config import ENV_PREFIX, Settings
+
+REPO = Path(__file__).resolve().parent.parent
+INSTALL_SCRIPT = REPO / "deploy" / "tools" / "install.sh"
+GO_TOOLS = ("helm", "kubeconform")
+
+
+def run(
+    args: Sequence[str | Path],
+    *,
+    cwd: Path = REPO,
+    env: Mapping[str, str] | None = None,
+    input: str | None = None,
+    timeout: float = 300,
+) -> subprocess.CompletedProcess[str]:
+    """Run a command; on failure raise an AssertionError carrying its output."""
+    proc = subprocess.run(
+        [str(a) for a in args],
+        cwd=cwd,
+        env=None if env is None else {**os.environ, **env},
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(map(str, args))} exited {proc.returncode}\n"
+            f"--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+        )
+    return proc
+
+
+@functools.cache
+def _go_tools_bin() -> Path:
+    """Run deploy/tools/install.sh (once per session) and return the directory it installed into."""
+    proc = run(["bash", INSTALL_SCRIPT], timeout=900)
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
+def tool(name: str) -> str:
+    """Absolute path of a delivery tool; fails (never skips) when it cannot be had."""
+    if name in GO_TOOLS:
+        path = _go_tools_bin() / name
+    else:
+        # Console scripts of the dev group live beside the interpreter running the tests.
+        path = Path(sys.executable).parent / name
+        if not path.exists() and (found := shutil.which(name)):
+            path = Path(found)
+    if not path.exists():
+        raise AssertionError(
+            f"{name} not found at {path}: run `uv sync` (Python tools) or {INSTALL_SCRIPT}"
+        )
+    return str(path)
+
+
+@functools.cache
+def setting_variables() -> frozenset[str]:
+    """Every environment variable the service reads: one per Settings field, plus its aliases."""
+    names: set[str] = set()
+    for field, info in Settings.model_fields.items():
+        alias = info.validation_alias
+        if isinstance(alias, AliasChoices):
+            names.update(str(choice) for choice in alias.choices)
+        elif isinstance(alias, str):
+            names.add(alias)
+        else:
+            names.add(f"{ENV_PREFIX}{field.upper()}")
+    return frozenset(names)
+
+
+def settings_default(variable: str) -> object:
+    """The service's default for a ``FORWARDER_*`` variable, as the environment would spell it."""
+    field = variable.removeprefix(ENV_PREFIX).lower()
+    default = Settings.model_fields[field].get_default(call_default_factory=True)
+    return getattr(default, "value", default)

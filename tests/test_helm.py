@@ -1,0 +1,656 @@
+"""The Helm chart (helm/forwarder): lint, render every ci/ scenario, validate, hold it to the app.
+
+Each ``ci/*-values.yaml`` scenario is rendered for the oldest Kubernetes the chart supports (its
+``kubeVersion``) and for the newest whose schemas ``kubernetes-validate`` ships. Built-in kinds are
+validated with ``kubernetes-validate`` (strict: unknown fields fail); the custom resources
+(ServiceMonitor, PrometheusRule, ScaledObject, TriggerAuthentication) with ``kubeconform`` against
+the CRD schemas vendored in ``deploy/tools/schemas/crds`` (nothing can be downloaded at test time).
+Then the rendered objects are checked against the service itself: its routes, its settings, its
+drain timeout, its image's user.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import json
+import os
+import re
+import tarfile
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from pydantic import SecretStr
+
+from forwarder.app import create_app
+from forwarder.config import Settings, load_settings
+from tests.deploy_helpers import REPO, run, setting_variables, settings_default, tool
+
+CHART = REPO / "helm" / "forwarder"
+SCENARIOS = sorted(p.name for p in (CHART / "ci").glob("*-values.yaml"))
+CRD_SCHEMAS = REPO / "deploy" / "tools" / "schemas" / "crds"
+#: Kinds the chart may render from CRDs, validated by kubeconform against CRD_SCHEMAS.
+CUSTOM_KINDS = {"ServiceMonitor", "PrometheusRule", "ScaledObject", "TriggerAuthentication"}
+#: deploy/ files the chart ships as copies (Helm's .Files sees only files inside the chart).
+SHIPPED_FILES = {
+    "deploy/grafana/forwarder-dashboard.json": "files/grafana/forwarder-dashboard.json",
+    "deploy/prometheus/forwarder-rules.yaml": "files/prometheus/forwarder-rules.yaml",
+}
+RELEASE, NAMESPACE = "fwd", "datagrid"
+#: FORWARDER_KAFKA_SASL_MECHANISM -> the KEDA Kafka scaler's `sasl` parameter.
+KEDA_SASL = {"PLAIN": "plaintext", "SCRAM-SHA-256": "scram_sha256", "SCRAM-SHA-512": "scram_sha512"}
+#: Credentials the ci/ scenarios use: they must only ever appear inside Secrets.
+SECRET_VALUES = ("dg-test-key", "whsec-test", "whsec-new", "token-a", "sasl-secret")
+
+MIN_KUBE = re.sub(
+    r"^>=\s*([0-9.]+).*$", r"\1", yaml.safe_load((CHART / "Chart.yaml").read_text())["kubeVersion"]
+)
+MAX_KUBE = kubernetes_validate.latest_version()
+KUBE_VERSIONS = (MIN_KUBE, MAX_KUBE)
+
+
+# --- rendering ------------------------------------------------------------------------------------
+
+
+def _helm_env(tmp: Path) -> dict[str, str]:
+    """Keep helm's config, cache and data out of the developer's home."""
+    return {f"HELM_{kind}_HOME": str(tmp / kind.lower()) for kind in ("CACHE", "CONFIG", "DATA")}
+
+
+def helm(*args: str, tmp: Path | None = None) -> str:
+    """Run helm with a private home; return stdout (an AssertionError carries its stderr)."""
+    home = tmp or REPO / ".cache" / "helm-test-home"
+    return run([tool("helm"), *args], env=_helm_env(home)).stdout
+
+
+def values_args(scenario: str | None, *sets: str) -> list[str]:
+    """``-f ci/<scenario>`` plus ``--set`` pairs."""
+    args = ["-f", str(CHART / "ci" / scenario)] if scenario else []
+    for pair in sets:
+        args += ["--set", pair]
+    return args
+
+
+@functools.cache
+def render(
+    scenario: str | None, kube: str = MAX_KUBE, sets: tuple[str, ...] = ()
+) -> tuple[dict[str, Any], ...]:
+    """The objects ``helm template`` renders (tests too) for a scenario and Kubernetes version."""
+    out = helm(
+        "template",
+        RELEASE,
+        str(CHART),
+        "--namespace",
+        NAMESPACE,
+        "--kube-version",
+        kube,
+        *values_args(scenario, *sets),
+    )
+    return tuple(doc for doc in yaml.safe_load_all(out) if doc)
+
+
+def render_fails(*sets: str, scenario: str | None = "default-values.yaml") -> str:
+    """helm template's error message for values it must refuse."""
+    with pytest.raises(AssertionError) as failure:
+        render(scenario, MAX_KUBE, tuple(sets))
+    return str(failure.value)
+
+
+def only(objects: tuple[dict[str, Any], ...], kind: str, name_suffix: str = "") -> dict[str, Any]:
+    """The one object of ``kind`` (whose name ends with ``name_suffix``)."""
+    found = [
+        o for o in objects if o["kind"] == kind and o["metadata"]["name"].endswith(name_suffix)
+    ]
+    assert len(found) == 1, (
+        f"expected one {kind}*{name_suffix}, got {[o['metadata']['name'] for o in found]}"
+    )
+    return found[0]
+
+
+def workload(objects: tuple[dict[str, Any], ...]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The Deployment's pod spec and its one container."""
+    pod = only(objects, "Deployment")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    return pod, container
+
+
+def configmap_data(objects: tuple[dict[str, Any], ...]) -> dict[str, str]:
+    """The settings ConfigMap's data (not the dashboard's)."""
+    _, container = workload(objects)
+    name = container["envFrom"][0]["configMapRef"]["name"]
+    (configmap,) = [
+        o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == name
+    ]
+    data: dict[str, str] = configmap["data"]
+    return data
+
+
+def all_scenarios_and_versions() -> Iterator[tuple[str, str]]:
+    for scenario in SCENARIOS:
+        for kube in KUBE_VERSIONS:
+            yield scenario, kube
+
+
+@functools.cache
+def app_routes() -> frozenset[tuple[str, str]]:
+    """(method, path) of every route the service serves, read from the app itself."""
+    settings = Settings(webhook_secrets=[SecretStr("w")], datagrid_api_key=SecretStr("k"))
+    app = create_app(settings)
+    return frozenset((method, route.path) for route in app.routes for method in route.methods)
+
+
+# --- lint, schemas -------------------------------------------------------------------------------
+
+
+def test_scenarios_cover_the_required_cases() -> None:
+    """ci/ has the defaults, all-features, existing-secret and SASL/TLS Kafka scenarios."""
+    assert {
+        "default-values.yaml",
+        "all-features-values.yaml",
+        "existing-secret-values.yaml",
+        "kafka-sasl-tls-values.yaml",
+    } <= set(SCENARIOS)
+
+
+@pytest.mark.parametrize("scenario", [None, *SCENARIOS])
+def test_helm_lint_strict(scenario: str | None) -> None:
+    """`helm lint --strict` passes with the chart's defaults and with every ci/ scenario."""
+    out = helm("lint", "--strict", str(CHART), "--kube-version", MIN_KUBE, *values_args(scenario))
+    assert "0 chart(s) failed" in out
+
+
+@pytest.mark.parametrize(("scenario", "kube"), list(all_scenarios_and_versions()))
+def test_rendered_objects_are_valid_kubernetes(scenario: str, kube: str) -> None:
+    """Every rendered object validates strictly: built-in kinds per Kubernetes version, CRDs too."""
+    objects = render(scenario, kube)
+    custom = [o for o in objects if o["kind"] in CUSTOM_KINDS]
+    for obj in objects:
+        if obj["kind"] in CUSTOM_KINDS:
+            continue
+        try:
+            kubernetes_validate.validate(obj, kube, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(
+                f"{obj['kind']}/{obj['metadata']['name']} on {kube}: {exc.message}"
+                f" at {list(exc.path)}"
+            )
+    if custom:
+        kubeconform(custom)
+
+
+def kubeconform(objects: list[dict[str, Any]]) -> str:
+    """Validate custom resources with kubeconform against the vendored CRD schemas (strict)."""
+    return run(
+        [
+            tool("kubeconform"),
+            "-strict",
+            "-summary",
+            "-schema-location",
+            f"{CRD_SCHEMAS}/{{{{.Group}}}}/{{{{.ResourceKind}}}}_{{{{.ResourceAPIVersion}}}}.json",
+        ],
+        input=yaml.safe_dump_all(objects),
+    ).stdout
+
+
+def test_validators_reject_a_misspelt_field() -> None:
+    """Both validators are strict: a misspelt field fails (the API server would drop it)."""
+    objects = render("all-features-values.yaml")
+    deployment = json.loads(json.dumps(only(objects, "Deployment")))
+    deployment["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, MAX_KUBE, strict=True)
+    monitor = only(objects, "ServiceMonitor")
+    assert "Valid: 1" in kubeconform([monitor])
+    broken = json.loads(json.dumps(monitor))
+    broken["spec"]["endpoints"][0]["scrapeInterval"] = "30s"
+    with pytest.raises(AssertionError, match="scrapeInterval"):
+        kubeconform([broken])
+
+
+def test_every_crd_kind_has_a_vendored_schema() -> None:
+    """Each custom kind the chart renders has a schema file, so none is silently unvalidated."""
+    rendered = {
+        (o["apiVersion"], o["kind"])
+        for s in SCENARIOS
+        for o in render(s)
+        if o["kind"] in CUSTOM_KINDS
+    }
+    assert {kind for _, kind in rendered} == CUSTOM_KINDS
+    for api_version, kind in rendered:
+        group, version = api_version.split("/")
+        assert (CRD_SCHEMAS / group / f"{kind.lower()}_{version}.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (("config.LOG_LEVEL=DEBUG",), "LOG_LEVEL"),
+        (("config.FORWARDER_WEBHOOK_SECRETS=oops",), "secrets do not belong in the ConfigMap"),
+        (("secrets.datagridApiKey=",), "secrets.datagridApiKey"),
+        (("keda.enabled=true", "keda.minReplicaCount=0"), "minReplicaCount"),
+        (("keda.enabled=true", "autoscaling.enabled=true"), "enable one"),
+        (("config.FORWARDER_KAFKA_SECURITY_PROTOCOL=SASL_SSL",), "FORWARDER_KAFKA_SASL"),
+        (("terminationGracePeriodSeconds=30",), "must exceed"),
+        (("kafkaTls.ca.secretName=a", "kafkaTls.ca.configMapName=b"), "not both"),
+        (("ingress.enabled=true",), "ingress.hosts"),
+        (("helmTest.image=curlimages/curl",), "helmTest.image"),
+    ],
+)
+def test_bad_values_are_refused_with_a_clear_message(sets: tuple[str, ...], message: str) -> None:
+    """values.schema.json and the chart's checks refuse bad values, naming the value."""
+    assert message in render_fails(*sets)
+
+
+# --- the rendered objects against the service ---------------------------------------------------
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_probes_and_routes_are_real_routes(scenario: str) -> None:
+    """Probes, ServiceMonitor, Ingress, helm test use routes the app serves, on its port."""
+    objects = render(scenario)
+    routes = app_routes()
+    _, container = workload(objects)
+    port = int(configmap_data(objects)["FORWARDER_HTTP_PORT"])
+    assert container["ports"] == [{"name": "http", "containerPort": port, "protocol": "TCP"}]
+    probes = {
+        k: container[k]["httpGet"] for k in ("startupProbe", "livenessProbe", "readinessProbe")
+    }
+    assert probes["livenessProbe"]["path"] == probes["startupProbe"]["path"] == "/healthz"
+    assert probes["readinessProbe"]["path"] == "/readyz"
+    for probe in probes.values():
+        assert ("GET", probe["path"]) in routes
+        assert probe["port"] == "http"
+    service = only(objects, "Service")
+    assert service["spec"]["ports"][0]["targetPort"] == "http"
+    test_pod = only(objects, "Pod")
+    url = test_pod["spec"]["containers"][0]["command"][-1]
+    assert url.endswith(f":{service['spec']['ports'][0]['port']}/healthz")
+    assert ("GET", "/healthz") in routes
+    for monitor in (o for o in objects if o["kind"] == "ServiceMonitor"):
+        (endpoint,) = monitor["spec"]["endpoints"]
+        assert endpoint["port"] == "http" and ("GET", endpoint["path"]) in routes
+    for ingress in (o for o in objects if o["kind"] == "Ingress"):
+        paths = [p for rule in ingress["spec"]["rules"] for p in rule["http"]["paths"]]
+        assert {(p["path"], p["pathType"]) for p in paths} == {("/webhooks/datagrid", "Exact")}
+        assert ("POST", "/webhooks/datagrid") in routes
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_environment_names_are_settings_the_service_reads(scenario: str) -> None:
+    """Every ConfigMap key, Secret key and container env var is a variable Settings reads."""
+    objects = render(scenario)
+    known = setting_variables()
+    _, container = workload(objects)
+    names = set(configmap_data(objects)) | {e["name"] for e in container["env"]}
+    for secret in (o for o in objects if o["kind"] == "Secret"):
+        names |= set(secret["data"])
+    for env in container["env"]:
+        if ref := env.get("valueFrom", {}).get("secretKeyRef"):
+            assert ref["key"] == env["name"], "Secret keys are the variable names"
+    assert names - known == set()
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_rendered_settings_load(scenario: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pod's environment (ConfigMap, Secret, env) passes the service's own validation."""
+    objects = render(scenario)
+    _, container = workload(objects)
+    env = dict(configmap_data(objects))
+    secrets = {
+        key: base64.b64decode(value).decode()
+        for o in objects
+        if o["kind"] == "Secret"
+        for key, value in o["data"].items()
+    }
+    for item in container["env"]:
+        if "value" in item:
+            env[item["name"]] = item["value"]
+        elif ref := item["valueFrom"].get("secretKeyRef"):
+            # An existingSecret is not rendered: stand in for its keys.
+            env[item["name"]] = secrets.get(ref["key"], "from-existing-secret")
+    for name in [n for n in os.environ if n.startswith("FORWARDER_") or n == "DATAGRID_API_KEY"]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = load_settings(_env_file=None)
+    assert settings.http_port == int(env["FORWARDER_HTTP_PORT"])
+    assert settings.require_api_key().get_secret_value()
+    assert settings.webhook_secrets
+
+
+def test_config_defaults_are_the_services_defaults() -> None:
+    """values.yaml's config repeats the service's defaults (the Kafka address aside)."""
+    config = yaml.safe_load((CHART / "values.yaml").read_text())["config"]
+    for variable, value in config.items():
+        if variable == "FORWARDER_KAFKA_BOOTSTRAP_SERVERS":
+            continue  # "localhost" is meaningless in a pod; the chart points at a Service instead.
+        default = settings_default(variable)
+        assert str(value) == str(default) or float(value) == default, variable
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_security_context_is_hardened(scenario: str) -> None:
+    """Image UID, non-root, read-only root, no escalation/capabilities, RuntimeDefault, no token."""
+    objects = render(scenario)
+    uid = int(re.search(r"^USER (\d+):(\d+)$", (REPO / "Dockerfile").read_text(), re.M)[1])  # type: ignore[index]
+    pod, container = workload(objects)
+    for spec, ctr in (
+        (pod, container),
+        (only(objects, "Pod")["spec"], only(objects, "Pod")["spec"]["containers"][0]),
+    ):
+        context = {**spec.get("securityContext", {}), **ctr["securityContext"]}
+        assert context["runAsNonRoot"] is True
+        assert ctr["securityContext"]["readOnlyRootFilesystem"] is True
+        assert ctr["securityContext"]["allowPrivilegeEscalation"] is False
+        assert ctr["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+        assert context["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert spec["automountServiceAccountToken"] is False
+        assert "privileged" not in ctr["securityContext"]
+        assert not spec.get("hostNetwork") and not spec.get("hostPID")
+        assert "resources" in ctr and ctr["resources"].get("requests")
+    assert pod["securityContext"]["runAsUser"] == uid
+    assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
+    assert {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}} in pod["volumes"]
+    for sa in (o for o in objects if o["kind"] == "ServiceAccount"):
+        assert sa["automountServiceAccountToken"] is False
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_grace_period_exceeds_drain_timeout(scenario: str) -> None:
+    """terminationGracePeriodSeconds exceeds the preStop pause + FORWARDER_DRAIN_TIMEOUT_SECONDS."""
+    objects = render(scenario)
+    pod, container = workload(objects)
+    drain = float(configmap_data(objects)["FORWARDER_DRAIN_TIMEOUT_SECONDS"])
+    pause = int(
+        container.get("lifecycle", {})
+        .get("preStop", {})
+        .get("exec", {})
+        .get("command", ["", "0"])[1]
+    )
+    assert pod["terminationGracePeriodSeconds"] > drain + pause
+
+
+def test_grace_period_follows_the_drain_timeout() -> None:
+    """A longer drain lengthens the computed grace period; a too-short explicit one is refused."""
+    short = workload(render("default-values.yaml"))[0]["terminationGracePeriodSeconds"]
+    long = workload(
+        render("default-values.yaml", MAX_KUBE, ("config.FORWARDER_DRAIN_TIMEOUT_SECONDS=300",))
+    )[0]
+    assert long["terminationGracePeriodSeconds"] == short + 270
+    assert "must exceed" in render_fails(
+        "config.FORWARDER_DRAIN_TIMEOUT_SECONDS=300", "terminationGracePeriodSeconds=305"
+    )
+
+
+def test_selector_labels_never_change() -> None:
+    """Selectors stay {name, instance} whatever else changes (tag, labels, scaling, features)."""
+    expected = {"app.kubernetes.io/name": "forwarder", "app.kubernetes.io/instance": RELEASE}
+    variants = [
+        ("default-values.yaml", ()),
+        (
+            "default-values.yaml",
+            ("image.tag=9.9.9", "commonLabels.team=x", "podLabels.a=b", "replicaCount=7"),
+        ),
+        *((s, ()) for s in SCENARIOS),
+    ]
+    for scenario, sets in variants:
+        objects = render(scenario, MAX_KUBE, sets)
+        deployment = only(objects, "Deployment")
+        assert deployment["spec"]["selector"] == {"matchLabels": expected}
+        assert expected.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+        assert only(objects, "Service")["spec"]["selector"] == expected
+        for obj in objects:
+            if obj["kind"] in ("PodDisruptionBudget", "ServiceMonitor", "NetworkPolicy"):
+                key = "podSelector" if obj["kind"] == "NetworkPolicy" else "selector"
+                assert obj["spec"][key] == {"matchLabels": expected}
+        # The helm test pod must not be one of the Service's endpoints.
+        assert not expected.items() <= only(objects, "Pod")["metadata"]["labels"].items()
+
+
+def test_checksum_annotations_roll_pods_on_config_and_secret_changes() -> None:
+    """checksum/config and checksum/secret follow settings and credentials (not existingSecret)."""
+
+    def annotations(scenario: str, *sets: str) -> dict[str, str]:
+        template = only(render(scenario, MAX_KUBE, sets), "Deployment")["spec"]["template"]
+        found: dict[str, str] = template["metadata"]["annotations"]
+        return found
+
+    base = annotations("default-values.yaml")
+    changed_config = annotations("default-values.yaml", "config.FORWARDER_LOG_LEVEL=DEBUG")
+    changed_secret = annotations("default-values.yaml", "secrets.webhookSecrets=rotated")
+    assert changed_config["checksum/config"] != base["checksum/config"]
+    assert changed_config["checksum/secret"] == base["checksum/secret"]
+    assert changed_secret["checksum/secret"] != base["checksum/secret"]
+    assert "checksum/secret" not in annotations("existing-secret-values.yaml")
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_credentials_appear_only_in_secrets(scenario: str) -> None:
+    """No credential from the values reaches a ConfigMap, an env literal or any other object."""
+    for obj in render(scenario):
+        if obj["kind"] == "Secret":
+            continue
+        text = yaml.safe_dump(obj)
+        for value in SECRET_VALUES:
+            assert value not in text, f"{value} leaked into {obj['kind']}/{obj['metadata']['name']}"
+
+
+def test_existing_secret_replaces_the_chart_secret() -> None:
+    """With existingSecret no Secret is rendered and every secretKeyRef names the given Secret."""
+    objects = render("existing-secret-values.yaml")
+    assert not [o for o in objects if o["kind"] == "Secret"]
+    _, container = workload(objects)
+    refs = {e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"] if "valueFrom" in e}
+    assert refs == {"datagrid-forwarder-credentials"}
+
+
+def test_kafka_tls_files_are_mounted_where_the_settings_point() -> None:
+    """The CA and client certificate are mounted read-only where FORWARDER_KAFKA_SSL_* point."""
+    for scenario in ("all-features-values.yaml", "kafka-sasl-tls-values.yaml"):
+        pod, container = workload(render(scenario))
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        mounts = {m["name"]: m for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        for variable in (
+            "FORWARDER_KAFKA_SSL_CAFILE",
+            "FORWARDER_KAFKA_SSL_CERTFILE",
+            "FORWARDER_KAFKA_SSL_KEYFILE",
+        ):
+            if variable not in env:
+                continue
+            path = Path(env[variable])
+            (mount,) = [m for m in mounts.values() if Path(m["mountPath"]) == path.parent]
+            assert mount["readOnly"] is True
+            source = volumes[mount["name"]].get("secret") or volumes[mount["name"]]["configMap"]
+            assert path.name in [item["path"] for item in source["items"]]
+
+
+def test_keda_scales_on_the_workers_consumer_lag() -> None:
+    """The KEDA trigger watches the jobs topic and group the pods use, authenticated like them."""
+    for scenario in ("all-features-values.yaml", "kafka-sasl-tls-values.yaml"):
+        objects = render(scenario)
+        config = configmap_data(objects)
+        scaled = only(objects, "ScaledObject")
+        assert (
+            scaled["spec"]["scaleTargetRef"]["name"]
+            == only(objects, "Deployment")["metadata"]["name"]
+        )
+        assert scaled["spec"]["minReplicaCount"] >= 1, (
+            "the pods receive webhooks: never scale to zero"
+        )
+        (trigger,) = scaled["spec"]["triggers"]
+        meta = trigger["metadata"]
+        assert trigger["type"] == "kafka"
+        assert meta["bootstrapServers"] == config["FORWARDER_KAFKA_BOOTSTRAP_SERVERS"]
+        assert meta["consumerGroup"] == config["FORWARDER_CONSUMER_GROUP"]
+        assert meta["topic"] == config["FORWARDER_JOBS_TOPIC"]
+        assert int(meta["lagThreshold"]) >= 1
+        assert meta["sasl"] == KEDA_SASL[config["FORWARDER_KAFKA_SASL_MECHANISM"]]
+        assert meta["tls"] == "enable"
+        auth = only(objects, "TriggerAuthentication")
+        assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
+        params = {r["parameter"]: r for refs in auth["spec"].values() for r in refs}
+        assert params["password"]["key"] == "FORWARDER_KAFKA_SASL_PASSWORD"
+        assert params["username"]["key"] == "FORWARDER_KAFKA_SASL_USERNAME"
+        assert "ca" in params
+        assert "replicas" not in only(objects, "Deployment")["spec"], "the autoscaler owns replicas"
+
+
+def test_keda_defaults_match_the_service() -> None:
+    """With the default topic and group the trigger names what the service uses by default."""
+    objects = render("default-values.yaml", MAX_KUBE, ("keda.enabled=true",))
+    meta = only(objects, "ScaledObject")["spec"]["triggers"][0]["metadata"]
+    assert meta["topic"] == settings_default("FORWARDER_JOBS_TOPIC")
+    assert meta["consumerGroup"] == settings_default("FORWARDER_CONSUMER_GROUP")
+    assert not [o for o in objects if o["kind"] == "TriggerAuthentication"], (
+        "PLAINTEXT needs no credentials"
+    )
+
+
+# --- one source of truth for the dashboard and the rules -----------------------------------------
+
+
+@pytest.mark.parametrize(("source", "copy"), sorted(SHIPPED_FILES.items()))
+def test_chart_files_are_byte_identical_to_deploy(source: str, copy: str) -> None:
+    """The chart's copies of the dashboard and the alert rules equal deploy/ byte for byte."""
+    original = REPO / source
+    assert original.is_file(), f"{source} is missing"
+    assert (CHART / copy).read_bytes() == original.read_bytes(), (
+        f"helm/forwarder/{copy} differs from {source}: run  cp {source} helm/forwarder/{copy}"
+    )
+
+
+def test_prometheus_rule_carries_the_deploy_rules() -> None:
+    """The PrometheusRule holds deploy/prometheus's groups, with only runbook URLs made absolute."""
+    rules = yaml.safe_load((REPO / "deploy/prometheus/forwarder-rules.yaml").read_text())
+    rendered = only(render("all-features-values.yaml"), "PrometheusRule")["spec"]
+    base = yaml.safe_load((CHART / "ci/all-features-values.yaml").read_text())["prometheusRule"][
+        "runbookBaseUrl"
+    ]
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            if url := rule.get("annotations", {}).get("runbook_url"):
+                rule["annotations"]["runbook_url"] = f"{base}/{url}"
+    assert rendered == {"groups": rules["groups"]}
+    plain = only(
+        render("default-values.yaml", MAX_KUBE, ("prometheusRule.enabled=true",)), "PrometheusRule"
+    )
+    assert plain["spec"] == yaml.safe_load(
+        (REPO / "deploy/prometheus/forwarder-rules.yaml").read_text()
+    )
+
+
+def test_dashboard_configmap_carries_the_deploy_dashboard() -> None:
+    """The dashboard ConfigMap holds deploy/grafana's JSON unchanged, with a configurable label."""
+    dashboard = (REPO / "deploy/grafana/forwarder-dashboard.json").read_text()
+    default = only(
+        render("default-values.yaml", MAX_KUBE, ("grafanaDashboard.enabled=true",)),
+        "ConfigMap",
+        "-dashboard",
+    )
+    assert default["data"] == {"forwarder-dashboard.json": dashboard}
+    assert default["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert default["metadata"]["namespace"] == NAMESPACE
+    custom = only(
+        render(
+            "all-features-values.yaml",
+            MAX_KUBE,
+            (
+                "grafanaDashboard.labels.grafana_dashboard=null",
+                "grafanaDashboard.labels.dashboards=forwarder",
+            ),
+        ),
+        "ConfigMap",
+        "-dashboard",
+    )
+    assert "grafana_dashboard" not in custom["metadata"]["labels"]
+    assert custom["metadata"]["labels"]["dashboards"] == "forwarder"
+    assert custom["metadata"]["namespace"] == "monitoring"
+
+
+def test_servicemonitor_job_matches_the_alert_rules() -> None:
+    """The ServiceMonitor names the scrape job "forwarder", which the rules' up{} alerts select."""
+    monitor = only(render("all-features-values.yaml"), "ServiceMonitor")
+    relabel = monitor["spec"]["endpoints"][0]["relabelings"][0]
+    assert relabel == {"action": "replace", "targetLabel": "job", "replacement": "forwarder"}
+    assert 'up{job="forwarder"}' in (REPO / "deploy/prometheus/forwarder-rules.yaml").read_text()
+
+
+# --- packaging and documentation ----------------------------------------------------------------
+
+
+def test_helm_package_ships_the_files(tmp_path: Path) -> None:
+    """`helm package` ships the dashboard, the rules, the schema and the README, and not ci/."""
+    helm("package", str(CHART), "--destination", str(tmp_path), tmp=tmp_path)
+    (archive,) = tmp_path.glob("forwarder-*.tgz")
+    with tarfile.open(archive) as tar:
+        names = set(tar.getnames())
+    assert {f"forwarder/{copy}" for copy in SHIPPED_FILES.values()} <= names
+    assert {
+        "forwarder/values.schema.json",
+        "forwarder/README.md",
+        "forwarder/templates/NOTES.txt",
+    } <= names
+    assert not [n for n in names if n.startswith("forwarder/ci/")]
+
+
+def test_chart_app_version_is_the_project_version() -> None:
+    """Chart.yaml's appVersion (the default image tag) is pyproject.toml's version."""
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert chart["appVersion"] == project["version"]
+
+
+def test_images_are_pinned() -> None:
+    """The helm test image has an explicit, non-latest tag."""
+    image = yaml.safe_load((CHART / "values.yaml").read_text())["helmTest"]["image"]
+    tag = image.rpartition(":")[2]
+    assert re.fullmatch(r"\d+\.\d+\.\d+", tag), image
+
+
+#: values.yaml maps documented as one row (they are passed through whole with toYaml).
+PASSED_WHOLE = {
+    "config",
+    "resources",
+    "podSecurityContext",
+    "securityContext",
+    "labels",
+    "updateStrategy",
+    "startup",
+    "liveness",
+    "readiness",
+}
+
+
+def _leaf_keys(values: dict[str, Any], prefix: str = "") -> Iterator[str]:
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value and key not in PASSED_WHOLE:
+            yield from _leaf_keys(value, f"{path}.")
+        else:
+            yield path
+
+
+def test_readme_documents_every_value() -> None:
+    """The chart README's values table has a row for every key of values.yaml."""
+    table = (CHART / "README.md").read_text().partition("\n## Values\n")[2]
+    documented = set(re.findall(r"^\| `([^`]+)` \|", table, re.M))
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert set(_leaf_keys(values)) - documented == set()
+    assert documented - set(_leaf_keys(values)) == set(), (
+        "README documents values that do not exist"
+    )
+
+
+def test_values_schema_covers_every_value() -> None:
+    """values.schema.json declares every top-level value and refuses unknown ones (typos fail)."""
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert schema["additionalProperties"] is False
+    assert set(values) <= set(schema["properties"])
+    assert "replicas" in render_fails("replicas=3")
