@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Make a fresh machine ready: system packages (when missing), uv, the project venv from the lock file,
-# Kafka's jars and the pinned delivery tools. Idempotent and cached under .cache/.
+# Make a fresh machine ready: system packages (when missing), uv, the project venv from the lock file
+# and Kafka's jars. Idempotent and cached under .cache/. (helm and kubeconform, needed by the tests
+# only, come from deploy/tools/install.sh: `make tools`, run by scripts/test.sh.)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -34,4 +35,3 @@ fi
 $UV sync --frozen --quiet
 
 .venv/bin/python deploy/kafka/rig.py fetch >&2
-deploy/tools/install.sh

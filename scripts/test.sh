@@ -3,6 +3,10 @@
 # names one), pytest, then the broker is stopped. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# helm and kubeconform build from source (minutes when cold): start that first, in parallel.
+mkdir -p .cache
+deploy/tools/install.sh > .cache/tools-install.log 2>&1 &
+tools_pid=$!
 scripts/bootstrap.sh
 export PATH="$PWD/.cache/tools/bin:$PATH"
 if [[ -z "${FORWARDER_KAFKA_BOOTSTRAP_SERVERS:-}" ]]; then
@@ -12,5 +16,10 @@ if [[ -z "${FORWARDER_KAFKA_BOOTSTRAP_SERVERS:-}" ]]; then
     FORWARDER_KAFKA_BOOTSTRAP_SERVERS=$(.venv/bin/python deploy/kafka/rig.py start --port "$port" --data-dir "$data")
     export FORWARDER_KAFKA_BOOTSTRAP_SERVERS
     trap '.venv/bin/python deploy/kafka/rig.py stop --data-dir "$data" >&2' EXIT
+fi
+if ! wait "$tools_pid"; then
+    cat .cache/tools-install.log >&2
+    echo "test.sh: installing helm/kubeconform failed" >&2
+    exit 1
 fi
 .venv/bin/python -m pytest "$@"
