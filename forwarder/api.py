@@ -197,8 +197,10 @@ async def readyz(state: State) -> Response[Any]:
 @get("/metrics", summary="Prometheus metrics", include_in_schema=False)
 async def metrics(state: State) -> Response[bytes]:
     """Prometheus text exposition of the service's registry."""
-    registry = state.services.metrics.registry
-    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    services = state.services
+    # Readiness is exported even when nothing probes /readyz.
+    services.metrics.ready.set(1 if all(services.readiness().values()) else 0)
+    return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 ROUTES = [queue_batch, batch_state, healthz, readyz, metrics]

@@ -119,6 +119,10 @@ class StateStore:
         self._settings = settings
         self._states: dict[str, BatchState] = {}
         self._consumer: AIOKafkaConsumer | None = None
+        # End offsets come from a second client: on the follower's own connection a ListOffsets
+        # request queues behind its idle fetch (a long poll of fetch_max_wait_ms, 500 ms), which
+        # made every sync(), so every job, wait half a second.
+        self._end_reader: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
         self._partitions: list[TopicPartition] = []
         self._progress = asyncio.Condition()
@@ -146,8 +150,15 @@ class StateStore:
             auto_offset_reset="earliest",
         )
         self._consumer = consumer
+        self._end_reader = AIOKafkaConsumer(
+            **connection_options(self._settings),
+            group_id=None,
+            enable_auto_commit=False,
+            isolation_level="read_committed",  # its end offsets are the follower's (the LSO)
+        )
         try:
             await consumer.start()
+            await self._end_reader.start()
             options = connection_options(self._settings)
             partitions = await topic_partitions(options, self._settings.state_topic)
             if not partitions:
@@ -192,9 +203,9 @@ class StateStore:
 
     async def sync(self, within: float = 30.0) -> None:
         """Wait until everything written to the state topic before this call has been read."""
-        assert self._consumer is not None
+        assert self._consumer is not None and self._end_reader is not None
         try:
-            ends = await self._consumer.end_offsets(self._partitions)
+            ends = await self._end_reader.end_offsets(self._partitions)
         except AIOKafkaError as exc:
             raise translate(exc, "reading state topic offsets") from exc
 
@@ -222,6 +233,9 @@ class StateStore:
         if self._consumer is not None:
             await self._consumer.stop()
             self._consumer = None
+        if self._end_reader is not None:
+            await self._end_reader.stop()
+            self._end_reader = None
 
 
 class _PartitionOffsets:
@@ -340,6 +354,8 @@ class Worker(ConsumerRebalanceListener):  # type: ignore[misc]
                 await asyncio.wait(late)
         for tp in revoked_set:
             self._offsets.pop(tp, None)
+            with contextlib.suppress(KeyError):  # its new owner reports its lag now
+                self._metrics.jobs_lag.remove(str(tp.partition))
             self._partition_locks.pop(tp, None)
             producer = self._txn_producers.pop(tp, None)
             if producer is not None:

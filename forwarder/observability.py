@@ -149,6 +149,19 @@ class Metrics:
             registry=r,
         )
 
+        # Closed label sets start at 0: dashboards show 0 rather than nothing, and increase()
+        # sees the first failure after a restart.
+        for status in LINE_STATUSES:
+            self.lines_forwarded.labels(status=status)
+        for reason in DEAD_LETTER_REASONS:
+            self.dead_letters.labels(reason=reason)
+        for outcome in ("forwarded", "failed", "duplicate", "invalid"):
+            self.batches.labels(outcome=outcome)
+        for outcome in ("accepted", "ignored", "duplicate", "bad_signature", "invalid"):
+            self.webhooks.labels(outcome=outcome)
+        for reason in ("stream_broken", "upstream_unavailable", "kafka_error"):
+            self.retries.labels(reason=reason)
+
     def on_upstream_response(self, code: str, seconds: float) -> None:
         """Hook for the Datagrid client: count the response and time it."""
         self.upstream_requests.labels(code=code).inc()

@@ -53,7 +53,8 @@ def test_dashboard_queries_and_rules_against_live_service(
         prometheus.wait_for(
             "sum(forwarder_batches_total)", until=lambda r: bool(r) and float(r[0]["value"][1]) == 4
         )
-        prometheus.wait_for_scrape(scrapes=3)
+        prometheus.wait_for_fresh_scrape()
+        prometheus.wait_for_fresh_scrape()
 
         empty = {}
         for title, expr in dashboard_queries().items():
