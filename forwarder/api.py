@@ -92,6 +92,10 @@ def problem_response(request: Request[Any, Any, Any], exc: Exception) -> Respons
             413: "payload_too_large",
         }.get(status, "http_error")
         detail = exc.detail if status < 500 else "internal error"
+        if status == 413:
+            # The body was refused unread: close the connection rather than let the server
+            # read (and discard) the rest of it, however long the client keeps sending.
+            headers["Connection"] = "close"
     else:
         status, code, detail = 500, "internal_error", "internal error"
         log.exception("request_crashed", path=request.url.path)

@@ -24,8 +24,9 @@ from forwarder.errors import ConfigError
 
 ENV_PREFIX = "FORWARDER_"
 
-#: Batch ids go into URL paths; only these characters ever reach a URL.
-BATCH_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+#: Batch ids go into URL paths; only these characters ever reach a URL.  (``\Z``, not ``$``:
+#: ``$`` also matches before a final newline, which would let "bpred_1\n" through.)
+BATCH_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,128}\Z")
 
 
 class Delivery(StrEnum):

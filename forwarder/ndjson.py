@@ -40,13 +40,14 @@ class LineSplitter:
     did not end with a newline.  Lines are ``bytes``, or :class:`Oversized` past ``max_line_bytes``.
     """
 
-    __slots__ = ("_max", "_overflow", "_parts", "_size")
+    __slots__ = ("_cr", "_max", "_overflow", "_parts", "_size")
 
     def __init__(self, max_line_bytes: int) -> None:
         self._max = max_line_bytes
         self._parts: list[bytes] = []  # pieces of the unfinished line
         self._size = 0  # bytes seen of the unfinished line (including those not kept)
         self._overflow = False
+        self._cr = False  # the last byte seen of the unfinished line is "\r" (kept or not)
 
     def feed(self, chunk: bytes) -> list[bytes | Oversized]:
         """Add a chunk; return the lines it completes, in order."""
@@ -92,6 +93,7 @@ class LineSplitter:
         if not piece:
             return
         self._size += len(piece)
+        self._cr = piece[-1:] == _CR
         if self._overflow:
             return
         kept = self._size - len(piece)
@@ -104,9 +106,14 @@ class LineSplitter:
 
     def _take(self) -> bytes | Oversized:
         data = b"".join(self._parts)
-        size, overflow = self._size, self._overflow
-        self._parts, self._size, self._overflow = [], 0, False
+        size, overflow, cr = self._size, self._overflow, self._cr
+        self._parts, self._size, self._overflow, self._cr = [], 0, False, False
         if overflow:
+            if cr:
+                # A final "\r" is the terminator's (past the cap, so never kept), not content.
+                size -= 1
+                if size == self._max:
+                    return data + _CR  # exactly the cap after all: a line (callers drop the \r)
             return Oversized(data, size)
         return data
 
@@ -124,7 +131,10 @@ class LineHead(msgspec.Struct):
     batch_id: object = msgspec.UNSET
 
 
-_decode_head = msgspec.json.Decoder(LineHead).decode
+# float_hook=float: a number too large for a double (1e400) is still JSON (inf), as in Python,
+# rather than a ValidationError that would read as "not an object".
+_decode_head = msgspec.json.Decoder(LineHead, float_hook=float).decode
+_decode_any = msgspec.json.Decoder(float_hook=float).decode
 
 
 def classify(line: bytes, batch_id: str) -> tuple[str, str] | LineHead:
@@ -132,9 +142,22 @@ def classify(line: bytes, batch_id: str) -> tuple[str, str] | LineHead:
     try:
         head = _decode_head(line)
     except msgspec.ValidationError:
+        # The typed decoder stops at the first token that is not "{", so "[1,2" or "[" * 100_000
+        # land here too: only a full parse (on this error path alone) tells them from real JSON.
+        try:
+            _decode_any(line)
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, ValueError) as exc:
+            return "invalid_json", _short(str(exc))
         return "not_an_object", "line is JSON but not an object"
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, ValueError) as exc:
         return "invalid_json", _short(str(exc))
+    if not line.isascii():
+        # msgspec skips the fields it does not decode without checking their UTF-8; JSON must be
+        # UTF-8 (RFC 8259), and consumers will decode the whole value. isascii() keeps this cheap.
+        try:
+            line.decode()
+        except UnicodeDecodeError as exc:
+            return "invalid_json", _short(f"line is not valid UTF-8: {exc}")
     custom_id = head.custom_id
     if type(custom_id) is not str or not custom_id:
         return "missing_custom_id", "custom_id is missing, empty or not a string"

@@ -578,7 +578,7 @@ def _count_line_statuses(lines: list[bytes]) -> dict[str, int]:
     for line in lines:
         try:
             status = json.loads(line).get("status")
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):
             status = None
         counts[status if status in counts else "errored"] += 1
     return counts
