@@ -7,6 +7,7 @@ into :class:`forwarder.errors.KafkaError` with aiokafka's own ``retriable`` flag
 from __future__ import annotations
 
 import ssl
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,38 @@ def translate(exc: BaseException, what: str) -> KafkaError:
     """An aiokafka error as our :class:`KafkaError`, keeping its ``retriable`` flag."""
     retriable = bool(getattr(exc, "retriable", True))
     return KafkaError(f"{what}: {type(exc).__name__}: {exc}", retriable=retriable)
+
+
+def murmur2(data: bytes) -> int:
+    """Kafka's murmur2 (Java ``Utils.murmur2``) as an unsigned 32-bit integer.
+
+    Same result as ``aiokafka.partitioner.murmur2``, about twice as fast: one ``struct.unpack_from``
+    for all 4-byte words instead of four indexings each (it runs once per result line).
+    """
+    length = len(data)
+    m = 0x5BD1E995
+    h = 0x9747B28C ^ length
+    words = length >> 2
+    if words:
+        for k in struct.unpack_from(f"<{words}I", data):
+            k = (k * m) & 0xFFFFFFFF
+            h = ((h * m) ^ ((k ^ (k >> 24)) * m)) & 0xFFFFFFFF
+    tail = words << 2
+    rest = length - tail
+    if rest:
+        if rest == 3:
+            h ^= data[tail + 2] << 16
+        if rest >= 2:
+            h ^= data[tail + 1] << 8
+        h = ((h ^ data[tail]) * m) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * m) & 0xFFFFFFFF
+    return h ^ (h >> 15)
+
+
+def partition_for(key: bytes, partitions: int) -> int:
+    """Kafka's default partitioner for a keyed record: ``toPositive(murmur2(key)) % partitions``."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
 def connection_options(settings: Settings) -> dict[str, Any]:

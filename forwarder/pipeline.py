@@ -13,6 +13,7 @@ Kafka already acknowledged (checking that the upstream replays the same lines in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections import Counter, deque
@@ -30,7 +31,7 @@ from aiokafka.errors import ProducerFenced
 from forwarder.config import Settings
 from forwarder.datagrid import TERMINAL_STATUSES, DatagridClient, check_batch_id, terminal_time
 from forwarder.errors import BatchNotReady, ForwarderError, KafkaError, UpstreamUnavailable
-from forwarder.kafka import RECORD_OVERHEAD_BYTES, TopicLimits, translate
+from forwarder.kafka import RECORD_OVERHEAD_BYTES, TopicLimits, partition_for, translate
 from forwarder.ndjson import LineSplitter, Oversized, classify, is_blank
 from forwarder.observability import Metrics, line_status_label
 
@@ -78,13 +79,16 @@ class _StreamDiverged(UpstreamUnavailable):
 
 
 @dataclass(slots=True)
-class _Entry:
-    future: asyncio.Future[Any]
-    line_no: int
-    line: bytes
-    size: int
-    label: str  # line status for results records, reason for dead letters
-    dead_letter: bool
+class _Unit:
+    """Records acknowledged together: one record batch of one partition, or one dead letter."""
+
+    first_line: int  # the smallest line number in the unit
+    before_first: bytes  # bytes of line first_line - 1: the re-stream boundary if this unit fails
+    builder: Any = None  # aiokafka BatchBuilder while the unit is open
+    future: asyncio.Future[Any] | None = None
+    size: int = 0
+    labels: Counter[str] = field(default_factory=Counter)
+    dead: bool = False
 
 
 @dataclass
@@ -136,7 +140,7 @@ class Pipeline:
         self._sleep = sleep
         # The largest line worth holding: anything longer is too_large for both topics anyway.
         self._max_line = max(limits.results, limits.dead_letters)
-        self._status_bytes: dict[object, bytes] = {}
+        self._statuses: dict[str, tuple[bytes, str]] = {}
 
     async def forward(
         self,
@@ -337,7 +341,12 @@ class Pipeline:
             state.stream_restarts += 1
             self._metrics.stream_restarts.inc()
             logger.info("stream_restart", attempt=attempt, skip_lines=progress.acked_through)
-        run = _Run(self, producer, batch_id, event_id, progress)
+        # Read once per attempt: partitions added mid-batch take effect at the next attempt.
+        try:
+            partitions = len(await producer.partitions_for(self._settings.results_topic))
+        except AIOKafkaError as exc:
+            raise translate(exc, "reading the results topic's partitions") from exc
+        run = _Run(self, producer, batch_id, event_id, progress, partitions)
         try:
             async with self._datagrid.stream_results(batch_id) as chunks:
                 splitter = LineSplitter(self._max_line)
@@ -374,18 +383,25 @@ class Pipeline:
         else:
             state.error = {"code": "internal_error", "detail": f"{type(exc).__name__}: {exc}"}
 
-    def status_header(self, status: object) -> bytes:
-        """``datagrid-status`` header value for a line's ``status`` (cached per distinct value)."""
-        value = self._status_bytes.get(status)
-        if value is None:
-            value = str(status).encode() if isinstance(status, str) else b""
-            if len(self._status_bytes) < 64:
-                self._status_bytes[status] = value
-        return value
+    def status_of(self, status: object) -> tuple[bytes, str]:
+        """``datagrid-status`` header value and metric label of a line's ``status`` (cached)."""
+        known = self._statuses.get(status) if isinstance(status, str) else None
+        if known is None:
+            known = (status.encode() if isinstance(status, str) else b"", line_status_label(status))
+            if isinstance(status, str) and len(self._statuses) < 64:
+                self._statuses[status] = known
+        return known
 
 
 class _Run:
-    """One stream of one batch: numbering, classification, produce calls and acknowledgements."""
+    """One stream of one batch: numbering, classification and per-partition record batches.
+
+    Each valid line is appended to its partition's open aiokafka record batch (partition from
+    Kafka's murmur2, as Java's default partitioner); a full batch is handed to the producer whole.
+    One future per batch instead of one per line is what makes this path fast.  Dead letters are
+    rare and go through ``send()``.  Acknowledgements are awaited oldest first, when more than
+    ``max_in_flight_bytes`` are outstanding (reading waits for Kafka) and eagerly when done.
+    """
 
     def __init__(
         self,
@@ -394,19 +410,24 @@ class _Run:
         batch_id: str,
         event_id: str | None,
         progress: _Progress,
+        partitions: int,
     ) -> None:
         self.p = pipeline
         self.producer = producer
         self.batch_id = batch_id
         self.key_batch = batch_id.encode()
         self.progress = progress
+        self.partitions = partitions
         self.line_no = 0
-        # The last line fully handled (handed to Kafka, dead-lettered or blank) and its bytes.
+        # The last line fully handled (in a unit, dead-lettered, blank or skipped) and its bytes.
         self.processed_through = 0
-        self.last_line = b""
-        self.in_flight: deque[_Entry] = deque()
+        self.last_line = progress.boundary
+        self.open: list[_Unit | None] = [None] * partitions
+        self.in_flight: deque[_Unit] = deque()
         self.in_flight_bytes = 0
-        self.failed: BaseException | None = None
+        self.failed_from: int | None = None  # first line of the earliest unit Kafka refused
+        self.failed_boundary = b""
+        self.failure: BaseException | None = None
         prefix = [("datagrid-batch-id", self.key_batch), CONTENT_TYPE]
         if event_id:
             prefix.append(("datagrid-event-id", event_id.encode()))
@@ -419,19 +440,26 @@ class _Run:
         self.max_in_flight = settings.max_in_flight_bytes
 
     async def publish(self, lines: Sequence[bytes | Oversized]) -> None:
-        """Number, classify and hand lines to the producer; wait while too much is in flight."""
+        """Number, classify and batch lines; wait while too much is unacknowledged."""
         progress = self.progress
         skip_through = progress.acked_through
-        send = self.producer.send
+        open_units = self.open
+        partitions = self.partitions
+        limit = self.limit
+        prefix = self.result_headers
+        status_of = self.p.status_of
+        n = self.line_no
         for line in lines:
-            self.line_no += 1
-            n = self.line_no
+            n += 1
+            self.line_no = n
             if n <= skip_through:
                 if n == skip_through and _raw(line) != progress.boundary:
                     progress.acked_through = 0
                     raise _StreamDiverged(
                         f"re-stream of {self.batch_id} differs at line {n}; re-publishing all lines"
                     )
+                self.processed_through = n
+                self.last_line = _raw(line)
                 continue
             if isinstance(line, Oversized):
                 await self._dead_letter(
@@ -443,11 +471,10 @@ class _Run:
             else:
                 head = classify(line, self.batch_id)
                 if isinstance(head, tuple):
-                    reason, detail = head
-                    await self._dead_letter(n, line, reason, detail)
+                    await self._dead_letter(n, line, *head)
                 else:
                     key = cast(str, head.custom_id).encode()
-                    if len(line) + len(key) > self.limit:
+                    if len(line) + len(key) > limit:
                         await self._dead_letter(
                             n,
                             line,
@@ -456,24 +483,61 @@ class _Run:
                             f"max.message.bytes ({self.p._limits.results})",
                         )
                     else:
+                        status_bytes, label = status_of(head.status)
                         headers = [
-                            *self.result_headers,
-                            ("datagrid-status", self.p.status_header(head.status)),
-                            ("datagrid-line", str(n).encode()),
+                            *prefix,
+                            ("datagrid-status", status_bytes),
+                            ("datagrid-line", b"%d" % n),
                         ]
-                        try:
-                            future = await send(self.results_topic, line, key, headers=headers)
-                        except AIOKafkaError as exc:
-                            raise translate(exc, f"producing line {n}") from exc
-                        self._track(future, n, line, line_status_label(head.status), False)
+                        partition = partition_for(key, partitions)
+                        unit = open_units[partition]
+                        if unit is None:
+                            unit = self._open(partition, n)
+                        if (
+                            unit.builder.append(
+                                key=key, value=line, timestamp=None, headers=headers
+                            )
+                            is None
+                        ):
+                            # Full: hand it over and start the next one with this line.
+                            await self._submit(partition)
+                            unit = self._open(partition, n)
+                            unit.builder.append(
+                                key=key, value=line, timestamp=None, headers=headers
+                            )  # an empty batch takes any record that passed the size check
+                        unit.size += len(line)
+                        unit.labels[label] += 1
             self.processed_through = n
             self.last_line = _raw(line)
             if n > progress.high_water:
                 progress.high_water = n
-            while self.in_flight_bytes > self.max_in_flight:
-                await self._ack_oldest()
-        if self.failed is not None:
-            raise self.failed
+        # Release what Kafka already acknowledged (memory stays flat), then respect the bound.
+        in_flight = self.in_flight
+        while in_flight and in_flight[0].future is not None and in_flight[0].future.done():
+            await self._ack_oldest()
+        while self.in_flight_bytes > self.max_in_flight:
+            await self._ack_oldest()
+        if self.failure is not None:
+            raise self.failure
+
+    def _open(self, partition: int, n: int) -> _Unit:
+        unit = _Unit(n, self.last_line, self.producer.create_batch())
+        self.open[partition] = unit
+        return unit
+
+    async def _submit(self, partition: int) -> None:
+        unit = self.open[partition]
+        assert unit is not None
+        self.open[partition] = None
+        try:
+            unit.future = await self.producer.send_batch(
+                unit.builder, self.results_topic, partition=partition
+            )
+        except AIOKafkaError as exc:
+            self._failed(unit, exc)
+            raise translate(exc, f"producing lines from {unit.first_line}") from exc
+        unit.builder = None
+        self._track(unit)
 
     async def _dead_letter(self, n: int, line: bytes, reason: str, detail: str) -> None:
         value = line
@@ -486,54 +550,70 @@ class _Run:
             ("forwarder-error", reason.encode()),
             ("forwarder-error-detail", detail.encode("utf-8", "replace")[:1024]),
         ]
+        unit = _Unit(n, self.last_line, size=len(value), dead=True)
+        unit.labels[reason] += 1
         try:
-            future = await self.producer.send(
+            unit.future = await self.producer.send(
                 self.dlq_topic, value, self.key_batch, headers=headers
             )
         except AIOKafkaError as exc:
+            self._failed(unit, exc)
             raise translate(exc, f"dead-lettering line {n}") from exc
-        self._track(future, n, line, reason, True)
+        self._track(unit)
 
-    def _track(self, future: Any, n: int, line: bytes, label: str, dead: bool) -> None:
-        size = len(line)
-        self.in_flight.append(_Entry(future, n, line, size, label, dead))
-        self.in_flight_bytes += size
-        if n & 0x3FF == 0:
-            # Sample produce latency on one line in 1024: enough for a histogram, cheap.
-            sent = time.perf_counter()
-            future.add_done_callback(
-                lambda _f: self.p._metrics.produce_latency.observe(time.perf_counter() - sent)
-            )
+    def _track(self, unit: _Unit) -> None:
+        self.in_flight.append(unit)
+        self.in_flight_bytes += unit.size
+        sent = time.perf_counter()
+        metrics = self.p._metrics
+        assert unit.future is not None
+        unit.future.add_done_callback(
+            lambda _f: metrics.produce_latency.observe(time.perf_counter() - sent)
+        )
+
+    def _failed(self, unit: _Unit, exc: BaseException) -> None:
+        """Kafka refused (or never got) ``unit``: lines from its first on are not acknowledged."""
+        if self.failed_from is None or unit.first_line < self.failed_from:
+            self.failed_from = unit.first_line
+            self.failed_boundary = unit.before_first
+        if self.failure is None:
+            self.failure = translate(exc, f"lines from {unit.first_line} not acknowledged")
 
     async def _ack_oldest(self) -> None:
-        entry = self.in_flight.popleft()
-        self.in_flight_bytes -= entry.size
+        unit = self.in_flight.popleft()
+        self.in_flight_bytes -= unit.size
+        assert unit.future is not None
         try:
-            await entry.future
+            await unit.future
         except AIOKafkaError as exc:
-            if self.failed is None:
-                self.failed = translate(exc, f"line {entry.line_no} not acknowledged")
+            self._failed(unit, exc)
             return
-        if self.failed is not None:
-            return  # acknowledged, but after a gap: it will be sent again (at-least-once)
-        progress = self.progress
-        progress.acked_through = entry.line_no
-        progress.boundary = entry.line
-        if entry.dead_letter:
-            progress.dead_letters[entry.label] += 1
+        # Acknowledged records are in Kafka, so they count (even past a gap that a re-stream
+        # will fill: then they are in Kafka twice, and the counts say so).
+        if unit.dead:
+            self.progress.dead_letters.update(unit.labels)
         else:
-            progress.lines[entry.label] += 1
+            self.progress.lines.update(unit.labels)
 
     async def drain(self) -> None:
-        """Wait for every record handed to Kafka; the acknowledged prefix then covers them."""
+        """Hand over the open batches, wait for every acknowledgement, settle the prefix."""
+        for partition, unit in enumerate(self.open):
+            if unit is not None:
+                with contextlib.suppress(KafkaError):  # recorded by _failed; others still go
+                    await self._submit(partition)
         while self.in_flight:
             await self._ack_oldest()
-        if self.failed is None and self.processed_through > self.progress.acked_through:
-            # Everything handled in this stream is in Kafka (blank lines included).
-            self.progress.acked_through = self.processed_through
-            self.progress.boundary = self.last_line
-        if self.failed is not None:
-            raise self.failed
+        progress = self.progress
+        if self.failed_from is not None:
+            # Everything before the earliest refused line is in Kafka (or blank).
+            if self.failed_from - 1 > progress.acked_through:
+                progress.acked_through = self.failed_from - 1
+                progress.boundary = self.failed_boundary
+        elif self.processed_through > progress.acked_through:
+            progress.acked_through = self.processed_through
+            progress.boundary = self.last_line
+        if self.failure is not None:
+            raise self.failure
 
 
 def _raw(line: bytes | Oversized) -> bytes:
