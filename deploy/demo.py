@@ -1,10 +1,10 @@
 """The README's demo: a broker, the fake Datagrid and ``forwarder serve``; one signed webhook.
 
-Run from the repository root with ``make demo`` (or ``.venv/bin/python deploy/demo.py``).  It starts
-a local Kafka broker (``deploy/kafka/rig.py``, reused if one already answers on the port), the fake
-Datagrid API with a sample batch, and ``forwarder serve``; sends a correctly signed
-``batch_prediction.completed`` webhook; waits until the batch is forwarded; prints the Kafka messages
-and the batch state; and stops what it started.
+Run from the repository root with ``make demo`` (or ``.venv/bin/python deploy/demo.py``).  It
+starts a local Kafka broker (``deploy/kafka/rig.py``, reused if one already answers on the port),
+the fake Datagrid API with a sample batch, and ``forwarder serve``; sends a correctly signed
+``batch_prediction.completed`` webhook; waits until the batch is forwarded; prints the Kafka
+messages and the batch state; and stops what it started.
 """
 
 from __future__ import annotations
@@ -30,10 +30,21 @@ from tests.service_helpers import API_TOKEN, Forwarder, event_body, wait_until  
 BATCH = "bpred_demo_1"
 API_KEY = "dg_demo_key"
 LINES = [
-    {"custom_id": "invoice-1", "status": "succeeded", "output": {"invoice_no": "A-100", "total": 12.5}},
-    {"custom_id": "invoice-2", "status": "errored", "output": None,
-     "error": {"type": "https://api.datagrid.com/errors/file_not_found", "title": "File Not Found",
-               "status": 404}},
+    {
+        "custom_id": "invoice-1",
+        "status": "succeeded",
+        "output": {"invoice_no": "A-100", "total": 12.5},
+    },
+    {
+        "custom_id": "invoice-2",
+        "status": "errored",
+        "output": None,
+        "error": {
+            "type": "https://api.datagrid.com/errors/file_not_found",
+            "title": "File Not Found",
+            "status": 404,
+        },
+    },
     {"custom_id": "invoice-3", "status": "succeeded", "output": {"invoice_no": "B-7", "total": 99}},
 ]
 
@@ -46,9 +57,18 @@ def main() -> int:
         print(f"starting Kafka on 127.0.0.1:{port} ...")
         broker.start()
     fake = start_fake_datagrid(API_KEY)
-    lines = [json.dumps({"object": "batch_prediction.result", "batch_id": BATCH, **line,
-                         **({"error": None} if "error" not in line else {})},
-                        separators=(",", ":")) for line in LINES]
+    lines = [
+        json.dumps(
+            {
+                "object": "batch_prediction.result",
+                "batch_id": BATCH,
+                **line,
+                **({"error": None} if "error" not in line else {}),
+            },
+            separators=(",", ":"),
+        )
+        for line in LINES
+    ]
     lines.insert(2, "this line is not JSON")  # shows the dead-letter topic
     fake.configure(BATCH, lines=lines)
     suffix = str(int(time.time()))
@@ -71,16 +91,23 @@ def main() -> int:
     try:
         fwd.wait_ready(60)
         print(f"forwarder serve is ready on {fwd.url} (log: {fwd.log_path})")
-        response = fwd.webhook(event_body(BATCH, "evt_demo_1"), secret="whsec_demo")
+        response = fwd.webhook(event_body(BATCH, "evt_demo_1"), secret="whsec_demo")  # noqa: S106 - demo secret
         print(f"POST /webhooks/datagrid (signed) -> {response.status_code} {response.text}")
-        wait_until(lambda: (fwd.state(BATCH) or {}).get("status") in ("forwarded", "failed"),
-                   60, "the batch to be forwarded")
-        for title, topic in (("results", settings.results_topic),
-                             ("dead letters", settings.dead_letter_topic)):
+        wait_until(
+            lambda: (fwd.state(BATCH) or {}).get("status") in ("forwarded", "failed"),
+            60,
+            "the batch to be forwarded",
+        )
+        for title, topic in (
+            ("results", settings.results_topic),
+            ("dead letters", settings.dead_letter_topic),
+        ):
             records = asyncio.run(read_topic(broker.bootstrap, topic))
             print(f"\n== {title} topic {topic}: {len(records)} message(s)")
             for r in records:
-                headers = ", ".join(f"{k}={v.decode(errors='replace')}" for k, v in r.headers.items())
+                headers = ", ".join(
+                    f"{k}={v.decode(errors='replace')}" for k, v in r.headers.items()
+                )
                 print(f"partition {r.partition} offset {r.offset} key={(r.key or b'').decode()}")
                 print(f"  headers: {headers}")
                 print(f"  value:   {(r.value or b'').decode(errors='replace')}")

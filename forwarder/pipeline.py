@@ -17,7 +17,7 @@ import contextlib
 import random
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -140,6 +140,7 @@ class Pipeline:
         self._sleep = sleep
         # The largest line worth holding: anything longer is too_large for both topics anyway.
         self._max_line = max(limits.results, limits.dead_letters)
+        self._linger = settings.kafka_linger_ms / 1000
         self._statuses: dict[str, tuple[bytes, str]] = {}
 
     async def forward(
@@ -350,7 +351,7 @@ class Pipeline:
         try:
             async with self._datagrid.stream_results(batch_id) as chunks:
                 splitter = LineSplitter(self._max_line)
-                async for chunk in chunks:
+                async for chunk in _lingering(chunks, self._linger, run):
                     lines = splitter.feed(chunk)
                     if lines:
                         await run.publish(lines)
@@ -520,6 +521,17 @@ class _Run:
         if self.failure is not None:
             raise self.failure
 
+    @property
+    def lingering(self) -> bool:
+        """Lines wait in a record batch that is not full yet."""
+        return any(unit is not None for unit in self.open)
+
+    async def flush(self) -> None:
+        """Hand every open record batch to the producer now (the stream paused: don't wait)."""
+        for partition, unit in enumerate(self.open):
+            if unit is not None:
+                await self._submit(partition)
+
     def _open(self, partition: int, n: int) -> _Unit:
         unit = _Unit(n, self.last_line, self.producer.create_batch())
         self.open[partition] = unit
@@ -614,6 +626,28 @@ class _Run:
             progress.boundary = self.last_line
         if self.failure is not None:
             raise self.failure
+
+
+async def _lingering(
+    chunks: AsyncIterator[bytes], linger: float, run: _Run
+) -> AsyncIterator[bytes]:
+    """``chunks``, flushing ``run``'s open record batches whenever the next chunk takes longer
+    than ``linger`` seconds: the producer's linger, applied to batches we build ourselves."""
+    iterator = aiter(chunks)
+    while True:
+        pending = asyncio.ensure_future(anext(iterator))
+        try:
+            if run.lingering:
+                done, _ = await asyncio.wait({pending}, timeout=linger)
+                if not done:
+                    await run.flush()
+            chunk = await pending
+        except StopAsyncIteration:
+            return
+        except BaseException:
+            pending.cancel()
+            raise
+        yield chunk
 
 
 def _raw(line: bytes | Oversized) -> bytes:

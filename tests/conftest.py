@@ -7,6 +7,7 @@ neither works the tests fail: integration tests never skip.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import uuid
@@ -19,6 +20,7 @@ from pydantic import SecretStr
 
 from forwarder.config import Settings
 from tests.fake_datagrid import FakeDatagrid, start_fake_datagrid
+from tests.service_helpers import API_TOKEN, WEBHOOK_SECRET
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "deploy" / "kafka"))
@@ -57,32 +59,33 @@ def fake_datagrid() -> Iterator[FakeDatagrid]:
         yield fake
 
 
+def settings_for(kafka_bootstrap: str, fake: FakeDatagrid, **overrides: Any) -> Settings:
+    """Settings pointing at the broker and the fake, with topics (and group) of their own."""
+    suffix = uuid.uuid4().hex[:10]
+    values: dict[str, Any] = {
+        "kafka_bootstrap_servers": kafka_bootstrap,
+        "datagrid_base_url": fake.base_url,
+        "datagrid_api_key": SecretStr(API_KEY),
+        "results_topic": f"results-{suffix}",
+        "jobs_topic": f"jobs-{suffix}",
+        "dead_letter_topic": f"dlq-{suffix}",
+        "state_topic": f"state-{suffix}",
+        "consumer_group": f"group-{suffix}",
+        "kafka_topic_partitions": 3,
+        "retry_base_seconds": 0.05,
+        "retry_max_seconds": 2.0,
+        "datagrid_read_timeout": 5.0,
+        "webhook_secrets": [SecretStr(WEBHOOK_SECRET)],
+        "api_tokens": [SecretStr(API_TOKEN)],
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
 @pytest.fixture
 def make_settings(kafka_bootstrap: str, fake_datagrid: FakeDatagrid) -> Callable[..., Settings]:
-    """Settings pointing at the broker and the fake, with topics unique to this test."""
-    suffix = uuid.uuid4().hex[:10]
-
-    def make(**overrides: Any) -> Settings:
-        values: dict[str, Any] = {
-            "kafka_bootstrap_servers": kafka_bootstrap,
-            "datagrid_base_url": fake_datagrid.base_url,
-            "datagrid_api_key": SecretStr(API_KEY),
-            "results_topic": f"results-{suffix}",
-            "jobs_topic": f"jobs-{suffix}",
-            "dead_letter_topic": f"dlq-{suffix}",
-            "state_topic": f"state-{suffix}",
-            "consumer_group": f"group-{suffix}",
-            "kafka_topic_partitions": 3,
-            "retry_base_seconds": 0.05,
-            "retry_max_seconds": 2.0,
-            "datagrid_read_timeout": 5.0,
-            "webhook_secrets": [SecretStr("whsec_test_fake_secret_123")],
-            "api_tokens": [SecretStr("api-token-1")],
-        }
-        values.update(overrides)
-        return Settings(**values)
-
-    return make
+    """Settings for this test (unique topics); keyword arguments override fields."""
+    return functools.partial(settings_for, kafka_bootstrap, fake_datagrid)
 
 
 @pytest.fixture

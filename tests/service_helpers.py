@@ -48,6 +48,28 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+def forwarder_env(settings: Settings) -> dict[str, str]:
+    """This process's environment without FORWARDER_* variables, plus ``settings``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FORWARDER_")}
+    env.pop("DATAGRID_API_KEY", None)
+    env.update(settings_env(settings))
+    return env
+
+
+def run_forwarder(
+    env: dict[str, str], *args: str, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run the real ``forwarder`` command (``python -m forwarder.cli ARGS``) to completion."""
+    return subprocess.run(
+        [sys.executable, "-m", "forwarder.cli", *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.1) -> Any:
     """Poll ``predicate`` until it returns something truthy; fail with ``what`` at the deadline."""
     deadline = time.monotonic() + timeout
@@ -67,9 +89,7 @@ class Forwarder:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_dir / f"{name}-{self.port}.log"
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("FORWARDER_")}
-        self.env.pop("DATAGRID_API_KEY", None)
-        self.env.update(settings_env(settings))
+        self.env = forwarder_env(settings)
         self.env.update({"FORWARDER_HTTP_PORT": str(self.port), "FORWARDER_HTTP_HOST": "127.0.0.1"})
         self.env.update(env)
         self.process: subprocess.Popen[bytes] | None = None
@@ -96,6 +116,7 @@ class Forwarder:
 
     def wait_ready(self, timeout: float = 60) -> Forwarder:
         """Block until ready; fail with the log tail if the process died or took too long."""
+
         def check() -> bool:
             if self.process is not None and self.process.poll() is not None:
                 raise AssertionError(f"forwarder exited {self.process.returncode}:\n{self.tail()}")
@@ -146,8 +167,14 @@ class Forwarder:
         """Log records whose ``event`` is ``name``."""
         return [r for r in self.logs() if r.get("event") == name]
 
-    def webhook(self, body: bytes, *, secret: str = WEBHOOK_SECRET, timestamp: int | None = None,
-                header: str | None = None) -> httpx.Response:
+    def webhook(
+        self,
+        body: bytes,
+        *,
+        secret: str = WEBHOOK_SECRET,
+        timestamp: int | None = None,
+        header: str | None = None,
+    ) -> httpx.Response:
         """POST a webhook signed like Datagrid does (or with an explicit header)."""
         t = int(time.time()) if timestamp is None else timestamp
         if header is None:
@@ -174,10 +201,20 @@ class Forwarder:
         return response.json() if response.status_code == 200 else None
 
 
-def event_body(batch_id: str, event_id: str, event_type: str = "batch_prediction.completed") -> bytes:
+def event_body(
+    batch_id: str, event_id: str, event_type: str = "batch_prediction.completed"
+) -> bytes:
     """A compact webhook envelope like Datagrid's."""
     return json.dumps(
-        {"id": event_id, "event_type": event_type, "timestamp": int(time.time()),
-         "data": {"object": "batch_prediction", "id": batch_id, "status": event_type.split(".")[-1]}},
+        {
+            "id": event_id,
+            "event_type": event_type,
+            "timestamp": int(time.time()),
+            "data": {
+                "object": "batch_prediction",
+                "id": batch_id,
+                "status": event_type.split(".")[-1],
+            },
+        },
         separators=(",", ":"),
     ).encode()

@@ -26,7 +26,6 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from pydantic import SecretStr
 
 from forwarder.api import PROBLEM_BASE
 from forwarder.app import open_core
@@ -35,12 +34,11 @@ from forwarder.kafka import topic_partitions
 from forwarder.ndjson import LineHead, LineSplitter, Oversized, classify
 from forwarder.observability import Metrics
 from forwarder.webhooks import SignatureError, sign, verify_signature
-from tests.conftest import API_KEY, REPO
+from tests.conftest import API_KEY, REPO, settings_for
 from tests.fake_datagrid import FakeDatagrid
 from tests.kafka_helpers import Record, read_topic
 from tests.service_helpers import (
     API_TOKEN,
-    WEBHOOK_SECRET,
     Forwarder,
     event_body,
     wait_until,
@@ -69,29 +67,6 @@ BAD_IDS: dict[str, str] = {
     "crlf": "bpred_1\r\nX-Injected: 1",
     "tab": "bpred\t1",
 }
-
-
-def settings_for(kafka_bootstrap: str, fake: FakeDatagrid, **overrides: Any) -> Settings:
-    """Settings like ``make_settings``, but usable from module-scoped fixtures."""
-    suffix = uuid.uuid4().hex[:10]
-    values: dict[str, Any] = {
-        "kafka_bootstrap_servers": kafka_bootstrap,
-        "datagrid_base_url": fake.base_url,
-        "datagrid_api_key": SecretStr(API_KEY),
-        "results_topic": f"results-{suffix}",
-        "jobs_topic": f"jobs-{suffix}",
-        "dead_letter_topic": f"dlq-{suffix}",
-        "state_topic": f"state-{suffix}",
-        "consumer_group": f"group-{suffix}",
-        "kafka_topic_partitions": 3,
-        "retry_base_seconds": 0.05,
-        "retry_max_seconds": 2.0,
-        "datagrid_read_timeout": 5.0,
-        "webhook_secrets": [SecretStr(WEBHOOK_SECRET)],
-        "api_tokens": [SecretStr(API_TOKEN)],
-    }
-    values.update(overrides)
-    return Settings(**values)
 
 
 def new_batch_id() -> str:

@@ -23,12 +23,15 @@ MakeSettings = Callable[..., Settings]
 
 async def read_uncommitted_count(bootstrap: str, topic: str) -> int:
     """Data records a read_uncommitted consumer sees (aborted ones included)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_uncommitted",
-                                enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, isolation_level="read_uncommitted", enable_auto_commit=False
+    )
     await consumer.start()
     try:
-        tps = [TopicPartition(topic, p)
-               for p in await topic_partitions({"bootstrap_servers": bootstrap}, topic)]
+        tps = [
+            TopicPartition(topic, p)
+            for p in await topic_partitions({"bootstrap_servers": bootstrap}, topic)
+        ]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         ends = await consumer.end_offsets(tps)
@@ -47,8 +50,12 @@ async def test_aborted_attempt_is_invisible_to_read_committed(
     """A drop after 400 lines aborts the transaction; the retry commits all 1,000 lines once."""
     settings = make_settings(delivery=Delivery.EXACTLY_ONCE)
     spec = {"count": 1000, "distinct_ids": 1000}
-    fake_datagrid.configure(batch_id, generate=spec, chunk_size=4096,
-                            faults=[{"kind": "drop", "after_lines": 400, "mid_line": True}])
+    fake_datagrid.configure(
+        batch_id,
+        generate=spec,
+        chunk_size=4096,
+        faults=[{"kind": "drop", "after_lines": 400, "mid_line": True}],
+    )
     metrics = Metrics(process=False)
     async with open_core(settings, metrics) as core:
         producer = make_producer(settings, core.limits, transactional_id=f"t-{uuid.uuid4().hex}")
@@ -64,8 +71,12 @@ async def test_aborted_attempt_is_invisible_to_read_committed(
     # The aborted attempt's records exist in the log, but only read_uncommitted sees them.
     raw = await read_uncommitted_count(settings.kafka_bootstrap_servers, settings.results_topic)
     assert raw >= 1000 + 300
-    assert metrics.registry.get_sample_value(
-        "forwarder_lines_forwarded_total", {"status": "succeeded"}) == 1000
+    assert (
+        metrics.registry.get_sample_value(
+            "forwarder_lines_forwarded_total", {"status": "succeeded"}
+        )
+        == 1000
+    )
     states = await read_topic(settings.kafka_bootstrap_servers, settings.state_topic)
     assert [BatchState.decode(r.value or b"").status for r in states] == ["forwarded"]
 
@@ -89,13 +100,17 @@ def test_service_commits_offsets_in_the_transaction(
     assert len(records) == 200
 
     async def committed() -> int:
-        consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers,
-                                    group_id=settings.consumer_group, enable_auto_commit=False)
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=settings.kafka_bootstrap_servers,
+            group_id=settings.consumer_group,
+            enable_auto_commit=False,
+        )
         await consumer.start()
         try:
             total = 0
-            for p in await topic_partitions({"bootstrap_servers": settings.kafka_bootstrap_servers},
-                                            settings.jobs_topic):
+            for p in await topic_partitions(
+                {"bootstrap_servers": settings.kafka_bootstrap_servers}, settings.jobs_topic
+            ):
                 total += await consumer.committed(TopicPartition(settings.jobs_topic, p)) or 0
             return total
         finally:

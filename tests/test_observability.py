@@ -36,8 +36,12 @@ async def test_canonical_batch_line(
     settings = make_settings()
     fake_datagrid.configure(
         batch_id,
-        lines=['{"custom_id":"a","status":"succeeded"}', "", "not json",
-               '{"custom_id":"b","status":"errored"}'],
+        lines=[
+            '{"custom_id":"a","status":"succeeded"}',
+            "",
+            "not json",
+            '{"custom_id":"b","status":"errored"}',
+        ],
     )
     async with open_core(settings, Metrics(process=False)) as core:
         with capture_logs() as logs:
@@ -55,7 +59,8 @@ async def test_canonical_batch_line(
 
 
 def test_every_logger_renders_one_json_object_per_line(restore_logging: None) -> None:
-    """structlog and stdlib loggers (uvicorn, aiokafka) share the JSON renderer; noise is clamped."""
+    """structlog and stdlib loggers (uvicorn, aiokafka) share the JSON renderer; noise is
+    clamped."""
     out = io.StringIO()
     configure_logging("json", "INFO", stream=out)
     import structlog
@@ -86,8 +91,7 @@ def test_request_id_is_bound_and_echoed(
         response = fwd.http.post(
             "/webhooks/datagrid",
             content=(body := event_body(batch_id, "evt_rid")),
-            headers={"X-Request-Id": "req-123",
-                     "Datagrid-Signature": _signature(body)},
+            headers={"X-Request-Id": "req-123", "Datagrid-Signature": _signature(body)},
         )
         assert response.status_code == 202
         assert response.headers["x-request-id"] == "req-123"

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -15,9 +13,9 @@ from forwarder.app import open_core
 from forwarder.config import Settings
 from forwarder.observability import Metrics
 from forwarder.pipeline import BatchState
-from tests.conftest import API_KEY, REPO
 from tests.fake_datagrid import FakeDatagrid, generate_lines
 from tests.kafka_helpers import java_partition, read_topic
+from tests.service_helpers import forwarder_env, run_forwarder
 
 MakeSettings = Callable[..., Settings]
 
@@ -51,7 +49,8 @@ def metric(metrics: Metrics, name: str, **labels: str) -> float:
 async def test_values_keys_headers_and_partitions(
     make_settings: MakeSettings, fake_datagrid: FakeDatagrid, batch_id: str
 ) -> None:
-    """Values are the upstream bytes minus the terminator; keys, headers and partitions are right."""
+    """Values are the upstream bytes minus the terminator; keys, headers and partitions are
+    right."""
     settings = make_settings()
     lines = [
         line(batch_id, "inv-1"),
@@ -163,8 +162,13 @@ async def test_every_dead_letter_reason(
     assert sorted(r.key for r in results) == [b"ok-1", b"ok-2"]
     dead = await read_topic(settings.kafka_bootstrap_servers, settings.dead_letter_topic)
     by_line = {int(r.headers["datagrid-line"]): r for r in dead}
-    expected = {2: "invalid_json", 3: "invalid_json", 4: "not_an_object",
-                5: "missing_custom_id", 6: "batch_id_mismatch"}
+    expected = {
+        2: "invalid_json",
+        3: "invalid_json",
+        4: "not_an_object",
+        5: "missing_custom_id",
+        6: "batch_id_mismatch",
+    }
     assert {n: r.headers["forwarder-error"].decode() for n, r in by_line.items()} == expected
     for n, record in by_line.items():
         raw = bad[n - 1]
@@ -178,7 +182,8 @@ async def test_every_dead_letter_reason(
 async def test_retries_then_drop_midway_forwards_each_line_once(
     make_settings: MakeSettings, fake_datagrid: FakeDatagrid, batch_id: str
 ) -> None:
-    """503, then 429 Retry-After 1, then a drop mid-line after 400 lines, then success: once each."""
+    """503, then 429 Retry-After 1, then a drop mid-line after 400 lines, then success: once
+    each."""
     settings = make_settings()
     spec = {"count": 1000, "line_bytes": 300, "distinct_ids": 1000}
     fake_datagrid.configure(
@@ -200,9 +205,7 @@ async def test_retries_then_drop_midway_forwards_each_line_once(
     assert len(records) == 1000  # exactly once: no line re-published after the drop
     assert sorted(r.value for r in records) == sorted(expected)
     assert sorted(int(r.headers["datagrid-line"]) for r in records) == list(range(1, 1001))
-    results_requests = [
-        r for r in fake_datagrid.requests() if r["path"].endswith("/results")
-    ]
+    results_requests = [r for r in fake_datagrid.requests() if r["path"].endswith("/results")]
     assert [r["status"] for r in results_requests] == [503, 429, 200, 200]
     assert metric(metrics, "forwarder_upstream_requests_total", code="503") == 1
     assert metric(metrics, "forwarder_upstream_requests_total", code="429") == 1
@@ -210,28 +213,8 @@ async def test_retries_then_drop_midway_forwards_each_line_once(
 
 
 def run_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run the real ``forwarder`` command with settings passed through the environment."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FORWARDER_")}
-    env.update(
-        {
-            "FORWARDER_KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
-            "FORWARDER_DATAGRID_BASE_URL": settings.datagrid_base_url,
-            "DATAGRID_API_KEY": API_KEY,
-            "FORWARDER_RESULTS_TOPIC": settings.results_topic,
-            "FORWARDER_DEAD_LETTER_TOPIC": settings.dead_letter_topic,
-            "FORWARDER_STATE_TOPIC": settings.state_topic,
-            "FORWARDER_JOBS_TOPIC": settings.jobs_topic,
-            "FORWARDER_RETRY_BASE_SECONDS": "0.05",
-        }
-    )
-    return subprocess.run(
-        [sys.executable, "-m", "forwarder.cli", *args],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    """Run the real ``forwarder`` command with ``settings`` passed through the environment."""
+    return run_forwarder(forwarder_env(settings), *args)
 
 
 @pytest.mark.parametrize(
@@ -239,7 +222,10 @@ def run_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     [(404, "HTTP 404"), (410, "HTTP 410"), (401, "HTTP 401")],
 )
 def test_permanent_errors_fail_fast(
-    make_settings: MakeSettings, fake_datagrid: FakeDatagrid, batch_id: str, code: int,
+    make_settings: MakeSettings,
+    fake_datagrid: FakeDatagrid,
+    batch_id: str,
+    code: int,
     expect: str,
 ) -> None:
     """404, 410 and 401 fail at once with a clear message, exit 1, and publish no line."""
@@ -285,7 +271,7 @@ async def test_big_batch_with_large_line_and_too_large(
     lines.insert(2500, big)
     lines.insert(4000, huge)
     fake_datagrid.configure(batch_id, lines=lines)
-    state, metrics = await forward(settings, batch_id)
+    state, _metrics = await forward(settings, batch_id)
     assert state.status == "forwarded"
     assert sum(state.lines.values()) == 4999 and state.dead_letters == {"too_large": 1}
     results = await read_topic(settings.kafka_bootstrap_servers, settings.results_topic)

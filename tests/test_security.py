@@ -11,8 +11,6 @@ import asyncio
 import base64
 import select
 import socket
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -25,10 +23,10 @@ import pytest
 from pydantic import SecretStr
 
 from forwarder.config import Settings
-from tests.conftest import REPO
+from tests.conftest import settings_for
 from tests.fake_datagrid import FakeDatagrid
 from tests.kafka_helpers import read_topic
-from tests.service_helpers import Forwarder, event_body, wait_until
+from tests.service_helpers import Forwarder, event_body, run_forwarder, wait_until
 
 MARKER = "LEAKCHECK"
 SECRETS = {
@@ -46,29 +44,19 @@ MAX_BODY = 65_536
 def secure_settings(kafka_bootstrap: str, fake: FakeDatagrid, **overrides: Any) -> Settings:
     """Settings full of distinctive secrets. The API key is not the fake's, so every upstream
     call is a 401; SASL settings are set but ignored under PLAINTEXT."""
-    suffix = uuid.uuid4().hex[:10]
     values: dict[str, Any] = {
-        "kafka_bootstrap_servers": kafka_bootstrap,
-        "datagrid_base_url": fake.base_url,
         "datagrid_api_key": SecretStr(SECRETS["api_key"]),
         "kafka_sasl_mechanism": "PLAIN",
         "kafka_sasl_username": "svc-forwarder",
         "kafka_sasl_password": SecretStr(SECRETS["sasl_password"]),
-        "results_topic": f"results-{suffix}",
-        "jobs_topic": f"jobs-{suffix}",
-        "dead_letter_topic": f"dlq-{suffix}",
-        "state_topic": f"state-{suffix}",
-        "consumer_group": f"group-{suffix}",
         "kafka_topic_partitions": 2,
-        "retry_base_seconds": 0.05,
         "max_attempts": 2,
         "webhook_secrets": [SecretStr(SECRETS["webhook_old"]), SecretStr(SECRETS["webhook_new"])],
         "api_tokens": [SecretStr(ADMIN), SecretStr(SECRETS["token_ci"])],
         "webhook_max_body_bytes": MAX_BODY,
         "log_level": "DEBUG",
     }
-    values.update(overrides)
-    return Settings(**values)
+    return settings_for(kafka_bootstrap, fake, **{**values, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -300,17 +288,6 @@ def transcript(response: httpx.Response) -> str:
     return f"{response.status_code}\n{headers}\n\n{response.text}"
 
 
-def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "forwarder.cli", *args],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
 def test_secrets_never_appear_in_logs_metrics_responses_help_or_errors(
     service: Forwarder, fake_datagrid: FakeDatagrid
 ) -> None:
@@ -376,11 +353,11 @@ def test_secrets_never_appear_in_logs_metrics_responses_help_or_errors(
     # The command line, with every secret in its environment.
     env = dict(service.env)  # the service's own environment: every secret is in it
     for args in (["--help"], ["serve", "--help"], ["forward", "--help"], ["enqueue", "--help"]):
-        done = run_cli(env, *args)
+        done = run_forwarder(env, *args, timeout=60)
         assert done.returncode == 0
         outputs[f"forwarder {' '.join(args)}"] = done.stdout + done.stderr
     assert "FORWARDER_KAFKA_SASL_PASSWORD" in outputs["forwarder --help"]
-    done = run_cli(env, "forward", batches[0])
+    done = run_forwarder(env, "forward", batches[0], timeout=60)
     assert done.returncode == 1 and "401" in done.stdout, done.stdout + done.stderr
     outputs["forwarder forward (401)"] = done.stdout + done.stderr
     config_errors = {
@@ -392,7 +369,7 @@ def test_secrets_never_appear_in_logs_metrics_responses_help_or_errors(
         "tolerance": {"FORWARDER_WEBHOOK_TOLERANCE_SECONDS": SECRETS["webhook_old"]},
     }
     for label, bad in config_errors.items():
-        done = run_cli({**env, **bad}, "serve")
+        done = run_forwarder({**env, **bad}, "serve", timeout=60)
         assert done.returncode == 2, (label, done.stderr)
         assert "configuration error" in done.stderr
         outputs[f"config error: {label}"] = done.stdout + done.stderr

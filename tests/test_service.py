@@ -51,12 +51,15 @@ def count(settings: Settings, topic: str) -> int:
 
 
 def results(settings: Settings) -> list[bytes | None]:
-    return [r.key for r in asyncio.run(read_topic(settings.kafka_bootstrap_servers,
-                                                  settings.results_topic))]
+    return [
+        r.key
+        for r in asyncio.run(read_topic(settings.kafka_bootstrap_servers, settings.results_topic))
+    ]
 
 
 def metric_value(fwd: Forwarder, sample: str) -> float:
-    """A sample's value from /metrics (0 if absent), e.g. 'forwarder_batches_total{outcome="duplicate"}'."""
+    """A sample's value from /metrics (0 if absent), e.g.
+    'forwarder_batches_total{outcome="duplicate"}'."""
     for text in fwd.http.get("/metrics").text.splitlines():
         if text.startswith(sample + " "):
             return float(text.split()[-1])
@@ -64,7 +67,9 @@ def metric_value(fwd: Forwarder, sample: str) -> float:
 
 
 def test_signature_matrix(
-    make_settings: MakeSettings, fake_datagrid: FakeDatagrid, forwarders: list[Forwarder],
+    make_settings: MakeSettings,
+    fake_datagrid: FakeDatagrid,
+    forwarders: list[Forwarder],
     tmp_path: Path,
 ) -> None:
     """Good (each rotated secret), bad, stale, future, missing, malformed, altered: right codes."""
@@ -79,8 +84,11 @@ def test_signature_matrix(
     body = event_body("bpred_sig_a", "evt_sig_1")
     cases = [
         ("good, current secret", dict(body=body), 202),
-        ("good, previous secret", dict(body=event_body("bpred_sig_b", "evt_sig_2"),
-                                        secret="whsec_old"), 202),
+        (
+            "good, previous secret",
+            dict(body=event_body("bpred_sig_b", "evt_sig_2"), secret="whsec_old"),
+            202,
+        ),
         ("wrong secret", dict(body=body, secret="whsec_wrong"), 401),
         ("stale", dict(body=body, timestamp=now - 301), 401),
         ("future", dict(body=body, timestamp=now + 301), 401),
@@ -108,7 +116,9 @@ def test_signature_matrix(
     other = event_body("bpred_sig_a", "evt_k", "knowledge.processing.completed")
     assert fwd.webhook(other).status_code == 200
     assert fwd.webhook(b"{not json").status_code == 400
-    assert fwd.webhook(b'{"id":"evt_x","event_type":"batch_prediction.completed"}').status_code == 400
+    assert (
+        fwd.webhook(b'{"id":"evt_x","event_type":"batch_prediction.completed"}').status_code == 400
+    )
     assert fwd.webhook(event_body("../etc", "evt_y")).status_code == 400
     too_big = fwd.webhook(b"{" + b" " * 5000 + b"}")
     assert too_big.status_code == 413
@@ -120,8 +130,11 @@ def test_signature_matrix(
 
 
 def test_duplicates_forward_once_and_replay_forwards_again(
-    make_settings: MakeSettings, fake_datagrid: FakeDatagrid, forwarders: list[Forwarder],
-    tmp_path: Path, batch_id: str,
+    make_settings: MakeSettings,
+    fake_datagrid: FakeDatagrid,
+    forwarders: list[Forwarder],
+    tmp_path: Path,
+    batch_id: str,
 ) -> None:
     """5 identical webhooks, an API job and a bare-id job forward the lines once; replay again."""
     settings = make_settings()
@@ -158,15 +171,18 @@ def test_duplicates_forward_once_and_replay_forwards_again(
 
 
 def test_two_processes_share_twenty_batches(
-    make_settings: MakeSettings, fake_datagrid: FakeDatagrid, forwarders: list[Forwarder],
+    make_settings: MakeSettings,
+    fake_datagrid: FakeDatagrid,
+    forwarders: list[Forwarder],
     tmp_path: Path,
 ) -> None:
     """Two serve processes in one group forward 20 batches: each exactly once, work shared."""
     settings = make_settings(concurrency=2)
     batches = [f"bpred_share_{i:02d}_{tmp_path.name[-6:]}" for i in range(20)]
     for b in batches:
-        fake_datagrid.configure(b, generate={"count": 40, "distinct_ids": 40}, drip_delay=0.01,
-                                chunk_size=2048)
+        fake_datagrid.configure(
+            b, generate={"count": 40, "distinct_ids": 40}, drip_delay=0.01, chunk_size=2048
+        )
     a = start(forwarders, settings, tmp_path).wait_ready()
     b_ = start(forwarders, settings, tmp_path).wait_ready()
     wait_until(a.ready, 30, "first forwarder ready after the rebalance")
@@ -184,14 +200,19 @@ def test_two_processes_share_twenty_batches(
 
 
 def test_sigterm_mid_batch_then_restart_loses_nothing(
-    make_settings: MakeSettings, fake_datagrid: FakeDatagrid, forwarders: list[Forwarder],
-    tmp_path: Path, batch_id: str,
+    make_settings: MakeSettings,
+    fake_datagrid: FakeDatagrid,
+    forwarders: list[Forwarder],
+    tmp_path: Path,
+    batch_id: str,
 ) -> None:
     """SIGTERM while a batch streams: readiness drops, the job stays uncommitted, a restart
     forwards every line."""
     settings = make_settings(drain_timeout_seconds=2.0, datagrid_read_timeout=30.0)
     fake_datagrid.configure(
-        batch_id, generate={"count": 1000, "distinct_ids": 1000}, chunk_size=4096,
+        batch_id,
+        generate={"count": 1000, "distinct_ids": 1000},
+        chunk_size=4096,
         faults=[{"kind": "stall", "after_lines": 300, "seconds": 20}],
     )
     fwd = start(forwarders, settings, tmp_path).wait_ready()
@@ -214,14 +235,17 @@ def test_sigterm_mid_batch_then_restart_loses_nothing(
 
 
 def test_not_terminal_batch_waits_without_blocking_others(
-    make_settings: MakeSettings, fake_datagrid: FakeDatagrid, forwarders: list[Forwarder],
-    tmp_path: Path, batch_id: str,
+    make_settings: MakeSettings,
+    fake_datagrid: FakeDatagrid,
+    forwarders: list[Forwarder],
+    tmp_path: Path,
+    batch_id: str,
 ) -> None:
     """A batch queued in_progress is forwarded once completed; a later batch goes first."""
-    settings = make_settings(not_ready_poll_seconds=0.5, concurrency=1,
-                             kafka_topic_partitions=1)
+    settings = make_settings(not_ready_poll_seconds=0.5, concurrency=1, kafka_topic_partitions=1)
     fake_datagrid.configure(
-        batch_id, generate={"count": 10, "distinct_ids": 10},
+        batch_id,
+        generate={"count": 10, "distinct_ids": 10},
         status_sequence=["in_progress"] * 4 + ["completed"],
     )
     later = batch_id + "_later"
@@ -238,7 +262,9 @@ def test_not_terminal_batch_waits_without_blocking_others(
 
 
 def test_readyz_false_until_kafka_answers(
-    make_settings: MakeSettings, fake_datagrid: FakeDatagrid, forwarders: list[Forwarder],
+    make_settings: MakeSettings,
+    fake_datagrid: FakeDatagrid,
+    forwarders: list[Forwarder],
     tmp_path: Path,
 ) -> None:
     """With no broker yet, /healthz is 200 and /readyz 503; once the broker is up, ready."""
@@ -266,15 +292,22 @@ def _get(fwd: Forwarder, path: str) -> int:
 
 
 def test_missing_topic_or_bad_setting_stops_startup(make_settings: MakeSettings) -> None:
-    """A missing topic with creation disabled, a bad variable, and no webhook secret stop start-up."""
+    """A missing topic with creation disabled, a bad variable, and no webhook secret stop
+    start-up."""
     settings = make_settings(kafka_create_topics=False)
 
     def serve(**overrides: str) -> subprocess.CompletedProcess[str]:
         env = {k: v for k, v in settings_env(settings).items()}
         env.update(overrides)
         env["PATH"] = "/usr/bin:/bin"
-        return subprocess.run([sys.executable, "-m", "forwarder.cli", "serve"], env=env,
-                              cwd=REPO, capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [sys.executable, "-m", "forwarder.cli", "serve"],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     done = serve(FORWARDER_HTTP_PORT="0")
     assert done.returncode == 2 and "FORWARDER_HTTP_PORT" in done.stderr
