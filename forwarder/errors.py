@@ -10,7 +10,8 @@
     │   ├── BatchNotReady        batch not terminal yet (409 or its status) (retriable, later)
     │   └── UpstreamRejected     401, 403, 404, 410, 422, other 4xx        (permanent)
     └── KafkaError               the broker refused or could not be reached (retriable per cause)
-        └── TopicMissing         a topic does not exist and may not be created
+        ├── TopicMissing         a topic does not exist and may not be created
+        └── Fenced               another process took over our transactional id (exactly-once)
 
 Third-party exceptions (httpx, aiokafka) are translated where they are caught, with ``from exc``.
 """
@@ -97,6 +98,15 @@ class TopicMissing(KafkaError):
     """A topic does not exist and ``FORWARDER_KAFKA_CREATE_TOPICS=false`` forbids creating it."""
 
     code = "topic_missing"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retriable=False)
+
+
+class Fenced(KafkaError):
+    """Another process took over this transactional id: stop, commit nothing, let it do the work."""
+
+    code = "fenced"
 
     def __init__(self, message: str) -> None:
         super().__init__(message, retriable=False)

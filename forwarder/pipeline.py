@@ -1,11 +1,11 @@
 """One batch, end to end: where a result line becomes a Kafka message.
 
 ``Pipeline.forward`` fetches the batch, streams its NDJSON results, and publishes one record per
-line
-to the results topic (or the dead-letter topic with a reason), then records the batch's state.
+line to the results topic (or the dead-letter topic with a reason), then records the batch's state.
+Records are appended to per-partition record batches that we build ourselves (see ``_Run``).
 
-Memory is bounded: lines are handed to the producer as they are read, and reading waits for Kafka's
-acknowledgements once ``max_in_flight_bytes`` are outstanding.  Retries follow the error tree's
+Memory is bounded: lines are handed to the producer as they are read, and reading waits for
+Kafka's acknowledgements once ``max_in_flight_bytes`` are outstanding.  Retries follow the error tree's
 ``retriable`` flag.  After a stream breaks midway, at-least-once mode re-streams and skips the lines
 Kafka already acknowledged (checking that the upstream replays the same lines in the same order).
 """
@@ -30,7 +30,13 @@ from aiokafka.errors import ProducerFenced
 
 from forwarder.config import Settings
 from forwarder.datagrid import TERMINAL_STATUSES, DatagridClient, check_batch_id, terminal_time
-from forwarder.errors import BatchNotReady, ForwarderError, KafkaError, UpstreamUnavailable
+from forwarder.errors import (
+    BatchNotReady,
+    Fenced,
+    ForwarderError,
+    KafkaError,
+    UpstreamUnavailable,
+)
 from forwarder.kafka import RECORD_OVERHEAD_BYTES, TopicLimits, partition_for, translate
 from forwarder.ndjson import LineSplitter, Oversized, classify, is_blank
 from forwarder.observability import Metrics, line_status_label
@@ -110,13 +116,6 @@ class Transaction:
     producer: AIOKafkaProducer
     offsets: dict[TopicPartition, int] | None = None
     group_id: str | None = None
-
-
-class Fenced(KafkaError):
-    """Another process took over this transactional id: stop, commit nothing, let it do the work."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, retriable=False)
 
 
 class Pipeline:
