@@ -5,9 +5,10 @@ line to the results topic (or the dead-letter topic with a reason), then records
 Records are appended to per-partition record batches that we build ourselves (see ``_Run``).
 
 Memory is bounded: lines are handed to the producer as they are read, and reading waits for
-Kafka's acknowledgements once ``max_in_flight_bytes`` are outstanding.  Retries follow the error tree's
-``retriable`` flag.  After a stream breaks midway, at-least-once mode re-streams and skips the lines
-Kafka already acknowledged (checking that the upstream replays the same lines in the same order).
+Kafka's acknowledgements once ``max_in_flight_bytes`` are outstanding.  Retries follow the error
+tree's ``retriable`` flag.  After a stream breaks midway, at-least-once mode re-streams and skips
+the lines Kafka already acknowledged (checking that the upstream replays the same lines in the same
+order); exactly-once mode aborts the attempt's transaction and starts again from line 1.
 """
 
 from __future__ import annotations
