@@ -95,6 +95,7 @@ def test_probe_metadata_parses_a_metadata_v4_response() -> None:
 
 # --- against a real broker ---------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[rig.Broker]:
     b = rig.Broker.on_free_ports(tmp_path_factory.mktemp("kafka"))
