@@ -55,6 +55,13 @@ image: ## Build the container image (needs Docker)
 compose-up: ## Kafka, fake Datagrid, forwarder, Prometheus and Grafana with Docker Compose
 	docker compose -f deploy/compose.yaml up --build
 
+.PHONY: reliability
+reliability: install ## Run the fault, bad-input and security suites; regenerate docs/reliability.md
+	scripts/test.sh tests/test_faults.py
+	scripts/test.sh tests/test_bad_input.py --junitxml=.cache/reliability/bad-input.xml
+	scripts/test.sh tests/test_security.py --junitxml=.cache/reliability/security.xml
+	$(PY) -m tests.reliability_report
+
 .PHONY: clean
 clean: ## Remove caches and build output (keeps downloaded jars and tools)
 	rm -rf dist build .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -28,14 +28,13 @@ import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError as AIOKafkaError
-from aiokafka.partitioner import murmur2
 
 from forwarder.config import Settings
 from forwarder.datagrid import check_batch_id
-from forwarder.errors import BatchNotReady, ForwarderError, InvalidBatchId, KafkaError
-from forwarder.kafka import connection_options, topic_partitions, translate
+from forwarder.errors import BatchNotReady, Fenced, ForwarderError, InvalidBatchId, KafkaError
+from forwarder.kafka import connection_options, partition_for, topic_partitions, translate
 from forwarder.observability import Metrics
-from forwarder.pipeline import BatchState, Fenced, Pipeline, Transaction, utcnow
+from forwarder.pipeline import BatchState, Pipeline, Transaction, utcnow
 
 log = structlog.get_logger("forwarder.jobs")
 
@@ -288,6 +287,7 @@ class Worker(ConsumerRebalanceListener):  # type: ignore[misc]
         self._make_txn_producer = transactional_producer
         self._txn_producers: dict[TopicPartition, AIOKafkaProducer] = {}
         self._partition_locks: dict[TopicPartition, asyncio.Lock] = {}
+        self._producer_start = asyncio.Lock()
         self._consumer: AIOKafkaConsumer | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._tasks: dict[asyncio.Task[None], tuple[TopicPartition, int, float]] = {}
@@ -351,6 +351,12 @@ class Worker(ConsumerRebalanceListener):  # type: ignore[misc]
             for task in late:
                 task.cancel()
             if late:
+                # Uncommitted: the partition's next owner redoes them (at-least-once: duplicates).
+                log.warning(
+                    "rebalance_abandoned",
+                    batches=len(late),
+                    timeout_s=self._settings.drain_timeout_seconds,
+                )
                 await asyncio.wait(late)
         for tp in revoked_set:
             self._offsets.pop(tp, None)
@@ -370,18 +376,9 @@ class Worker(ConsumerRebalanceListener):  # type: ignore[misc]
         """Track the new partitions and adopt the waiting batches they own."""
         for tp in assigned:
             self._offsets.setdefault(tp, _PartitionOffsets())
-            if self._make_txn_producer is not None and tp not in self._txn_producers:
-                transactional_id = f"{self._settings.consumer_group}-{tp.topic}-{tp.partition}"
-                producer = self._make_txn_producer(transactional_id)
-                try:
-                    await producer.start()  # init_transactions: fences a previous owner
-                except AIOKafkaError as exc:
-                    await producer.stop()
-                    log.error(
-                        "transactional_producer_failed", partition=tp.partition, error=str(exc)
-                    )
-                    continue
-                self._txn_producers[tp] = producer
+            if self._make_txn_producer is not None:
+                with contextlib.suppress(KafkaError):  # logged; run_job tries again
+                    await self._transactional_producer(tp)
         assigned_set = set(assigned)
         for state in self._store.waiting():
             if state.batch_id not in self._waiters and self._jobs_partition(state.batch_id) in (
@@ -400,15 +397,22 @@ class Worker(ConsumerRebalanceListener):  # type: ignore[misc]
         consumer = self._consumer
         assert consumer is not None
         while not self._stopping.is_set():
-            free = self._settings.concurrency - sum(1 for t in self._tasks if not t.done())
+            running = [t for t in self._tasks if not t.done()]
+            free = self._settings.concurrency - len(running)
             assignment = list(consumer.assignment())
             # Keep polling even when full, so the group does not think we died; just take nothing.
+            # When full, wait for a job to finish rather than in the poll: a poll of paused
+            # partitions always lasts its whole timeout, which capped a process at `concurrency`
+            # jobs per 500 ms however short the jobs were.
+            timeout_ms = 500
             if free <= 0:
                 consumer.pause(*assignment)
+                await asyncio.wait(running, timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
+                timeout_ms = 0
             else:
                 consumer.resume(*assignment)
             try:
-                batches = await consumer.getmany(timeout_ms=500, max_records=max(free, 1))
+                batches = await consumer.getmany(timeout_ms=timeout_ms, max_records=max(free, 1))
             except AIOKafkaError as exc:
                 log.warning("jobs_poll_failed", error=str(exc))
                 await asyncio.sleep(1)
@@ -464,9 +468,9 @@ class Worker(ConsumerRebalanceListener):  # type: ignore[misc]
         txn = None
         if self._make_txn_producer is not None:
             tp = tp or self._jobs_partition(job.batch_id)
-            producer = self._txn_producers.get(tp) if tp is not None else None
-            if tp is None or producer is None:
-                raise KafkaError(f"no transactional producer for {tp}: partition not owned")
+            if tp is None or self._consumer is None or tp not in self._consumer.assignment():
+                raise KafkaError(f"jobs partition {tp} is not owned by this process")
+            producer = await self._transactional_producer(tp)
             offsets = {tp: offset + 1} if offset is not None else None
             txn = Transaction(producer, offsets, self._settings.consumer_group)
             lock = self._partition_locks.setdefault(tp, asyncio.Lock())
@@ -578,6 +582,32 @@ class Worker(ConsumerRebalanceListener):  # type: ignore[misc]
         self._waiters[job.batch_id] = asyncio.create_task(wake(), name=f"wait-{job.batch_id}")
         self._update_waiting_gauge()
 
+    async def _transactional_producer(self, tp: TopicPartition) -> AIOKafkaProducer:
+        """The partition's transactional producer, started on first use.
+
+        Its id is derived from the partition, so starting it (init_transactions) fences whichever
+        process owned the partition before (a zombie's late commit then fails).
+        """
+        producer = self._txn_producers.get(tp)
+        if producer is not None:
+            return producer
+        assert self._make_txn_producer is not None
+        async with self._producer_start:  # starts are rare: one at a time is fine
+            producer = self._txn_producers.get(tp)
+            if producer is None:
+                transactional_id = f"{self._settings.consumer_group}-{tp.topic}-{tp.partition}"
+                producer = self._make_txn_producer(transactional_id)
+                try:
+                    await producer.start()
+                except AIOKafkaError as exc:
+                    await producer.stop()
+                    log.error(
+                        "transactional_producer_failed", partition=tp.partition, error=str(exc)
+                    )
+                    raise translate(exc, f"starting the producer of {tp}") from exc
+                self._txn_producers[tp] = producer
+        return producer
+
     async def _commit(self, tp: TopicPartition, offset: int) -> None:
         offsets = self._offsets.get(tp)
         if offsets is None or self._consumer is None:
@@ -597,7 +627,7 @@ class Worker(ConsumerRebalanceListener):  # type: ignore[misc]
         partitions = self._consumer.partitions_for_topic(self._settings.jobs_topic)
         if not partitions:
             return None
-        index = (murmur2(batch_id.encode()) & 0x7FFFFFFF) % len(partitions)
+        index = partition_for(batch_id.encode(), len(partitions))
         return TopicPartition(self._settings.jobs_topic, index)
 
     def _update_waiting_gauge(self) -> None:
