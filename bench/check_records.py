@@ -5,7 +5,8 @@
 Forwards one small batch with each contender (fresh topics), reads every topic back and compares,
 per line number, the partition, key, value and headers with what ``forwarder forward`` wrote.
 (kcat is compared on partition, key and value only: it cannot send per-line headers.)  Also checks
-``bench._common.murmur2`` against aiokafka's on random keys.  Exit 1 on any difference.
+``forwarder.kafka.murmur2`` (the service's partitioner, which the baselines and the harness borrow
+through ``bench._common``) against aiokafka's on random keys.  Exit 1 on any difference.
 """
 
 from __future__ import annotations
@@ -21,20 +22,11 @@ from pathlib import Path
 from aiokafka.partitioner import murmur2 as aiokafka_murmur2
 
 from bench._common import murmur2
-from bench.run import (
-    API_KEY,
-    PY,
-    BenchFailure,
-    Rig,
-    Workload,
-    forwarder_command,
-    kcat_pipeline,
-    log,
-    measure,
-)
+from bench.run import BenchFailure, Rig, Workload, contender_command, log, measure
 from tests.kafka_helpers import read_topic
 
-CONTENDERS = ("service", "proto", "proto-send", "send-loop", "batch-api", "kcat")
+#: The service first: it is the reference the others are compared with.
+CONTENDERS = ("service", "send-loop", "batch-api", "kcat")
 
 
 def check_murmur2(samples: int = 20_000) -> None:
@@ -76,32 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         reference = None
         for contender in CONTENDERS:
             names = rig_.names(contender)
-            service = contender in ("service", "proto", "proto-send")
+            service = contender == "service"
             topics = rig_.create(names, service=service)
             rig_.configure(names["batch"], work)
-            assert rig_.fake is not None
-            base = [
-                "--base-url",
-                rig_.fake.base_url,
-                "--api-key",
-                API_KEY,
-                "--batch-id",
-                names["batch"],
-                "--bootstrap",
-                rig_.bootstrap,
-                "--topic",
-                names["results"],
-            ]
-            command = {
-                "service": [[*forwarder_command(), "forward", names["batch"]]],
-                "proto": [[PY, "-m", "bench.proto_fastpath", "--mode", "batch", names["batch"]]],
-                "proto-send": [
-                    [PY, "-m", "bench.proto_fastpath", "--mode", "send", names["batch"]]
-                ],
-                "send-loop": [[PY, "-m", "bench.baseline_send", *base]],
-                "batch-api": [[PY, "-m", "bench.baseline_batch", *base]],
-            }.get(contender) or kcat_pipeline(rig_, names)
-            done = measure(command, rig_.service_env(names), scratch)
+            command, env = contender_command(rig_, contender, names)
+            done = measure(command, env, scratch)
             if done.code:
                 raise BenchFailure(f"{contender} exited {done.code}: {done.stderr[-2000:]}")
             rig_.verify(names, work, service=service)

@@ -1,12 +1,14 @@
 """Profile one contender on a big batch and say where its CPU time goes.
 
-    python -m bench.profile [--lines 1000000] [--contender service|proto] [--native]
+    python -m bench.profile [--lines 1000000] [--contender service|batch-api|send-loop] [--native]
 
 Uses ``py-spy record`` (PyPI; ``uv tool install py-spy``, found on PATH or in ~/.local/bin) in raw
 (collapsed-stack) mode, idle samples excluded, so the percentages are of on-CPU samples; falls back
-to cProfile when py-spy is missing.  Prints the hottest functions by self time, by inclusive time,
-and by area (ours, aiokafka's produce path, asyncio, httpx, ...), and keeps the raw profile
-(collapsed stacks: speedscope or flamegraph.pl read it) and the report in ``bench/out/``.
+to cProfile when py-spy is missing.  One unprofiled 2,000-line run first writes the ``.pyc`` files,
+as the suite's warm-up does.  Prints CPU by stage of the path (inclusive: murmur2, record append,
+sender, ...), by area (innermost known frame: ours, aiokafka's produce path, asyncio, httpx, ...),
+and the hottest functions by self and inclusive time; keeps the raw profile (collapsed stacks:
+speedscope or flamegraph.pl read it) and the report in ``bench/out/``.
 """
 
 from __future__ import annotations
@@ -22,13 +24,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.run import OUT, PY, Rig, Workload, forwarder_command, log
+from bench.run import OUT, PY, Rig, Workload, contender_command, log
 
 #: Areas, first match wins; matched against "function (file:line)" frames.
 AREAS: list[tuple[str, str]] = [
     ("forwarder/pipeline.py: _Run.publish & co (our per-line loop)", r"forwarder/pipeline\.py"),
     ("forwarder/ndjson.py (split, classify)", r"forwarder/ndjson\.py"),
-    ("bench/proto_fastpath.py (prototype loop)", r"bench/proto_fastpath\.py|bench/_common\.py"),
+    ("forwarder/kafka.py: murmur2 / partition_for (pure Python)", r"forwarder/kafka\.py"),
+    ("bench baseline scripts (their per-line loop)", r"bench/"),
     ("aiokafka partitioner (murmur2, pure Python)", r"aiokafka/partitioner\.py"),
     (
         "aiokafka producer.send + accumulator (per-line)",
@@ -43,6 +46,47 @@ AREAS: list[tuple[str, str]] = [
     ("asyncio event loop, futures, tasks", r"asyncio/|_asyncio|uvloop"),
     ("interpreter start-up and imports", r"<frozen importlib|_bootstrap"),
 ]
+
+
+#: Stages of the path, first match wins; a sample belongs to a stage when any frame of its stack
+#: matches (inclusive), so a syscall or a C helper is charged to the stage that called it.
+STAGES: list[tuple[str, str]] = [
+    # Decided in stage_of: no event loop on the stack (start-up, the final GC at exit) or an import.
+    ("start-up, imports, exit (outside the event loop)", r"^$"),
+    ("cyclic GC (inside the event loop)", r"^gc_collect"),
+    ("murmur2 + partition_for", r"^(murmur2|partition_for) "),
+    ("record append (BatchBuilder.append, C encoding)", r"^BatchBuilder\.append "),
+    (
+        "producer sender: produce requests, crc32c, socket send, responses",
+        r"aiokafka/(producer/sender|conn|client)\.py",
+    ),
+    (
+        "upstream HTTP stream (httpx, httpcore, h11, recv)",
+        r"^(Response\.aiter_bytes|_chunks) |httpcore/|anyio/",
+    ),
+    ("line decode (classify, msgspec)", r"^classify |msgspec"),
+    (
+        "line split (LineSplitter.feed, stream_lines)",
+        r"^(LineSplitter\.feed|stream_lines\.<locals>)",
+    ),
+    ("_lingering (a task and a wait per chunk)", r"^_lingering "),
+    (
+        "per-line loop: self time, small helpers, send_batch, acks",
+        r"^(_Run\.|run \(bench|stream_lines \(bench|Pipeline\.status_of|is_blank|_raw )",
+    ),
+    ("event loop, other", r""),
+]
+
+
+def stage_of(frames: list[str]) -> str:
+    if not any(f.startswith("BaseEventLoop.run_forever") for f in frames) or any(
+        "importlib" in f for f in frames
+    ):
+        return STAGES[0][0]
+    for name, pattern in STAGES[1:]:
+        if any(re.search(pattern, f) for f in frames):
+            return name
+    return STAGES[-1][0]
 
 
 def find_pyspy() -> str | None:
@@ -67,10 +111,11 @@ def _function(frame: str) -> str:
 
 
 def summarize_raw(path: Path, top: int = 25) -> str:
-    """Self, inclusive and per-area tables of a py-spy raw (collapsed) profile."""
+    """Stage, area, self and inclusive tables of a py-spy raw (collapsed) profile."""
     self_time: collections.Counter[str] = collections.Counter()
     inclusive: collections.Counter[str] = collections.Counter()
     areas: collections.Counter[str] = collections.Counter()
+    stages: collections.Counter[str] = collections.Counter()
     total = 0
     for line in path.read_text().splitlines():
         stack, _, count_text = line.rpartition(" ")
@@ -95,18 +140,21 @@ def summarize_raw(path: Path, top: int = 25) -> str:
                 area = a
                 break
         areas[area] += count
+        stages[stage_of(frames)] += count
     if not total:
         return "no samples\n"
 
-    def table(title: str, counter: collections.Counter[str], n: int) -> str:
-        rows = [f"### {title}\n", "| % of CPU samples | function |", "|--:|---|"]
+    def table(title: str, counter: collections.Counter[str], n: int, what: str = "function") -> str:
+        rows = [f"### {title}\n", f"| % of CPU samples | {what} |", "|--:|---|"]
         for name, count in counter.most_common(n):
             rows.append(f"| {100 * count / total:5.1f} | `{name}` |")
         return "\n".join(rows) + "\n"
 
     return (
         f"{total} on-CPU samples\n\n"
-        + table("By area (innermost known frame)", areas, len(AREAS) + 1)
+        + table("By stage (inclusive, first match)", stages, len(STAGES), "stage")
+        + "\n"
+        + table("By area (innermost known frame)", areas, len(AREAS) + 1, "area")
         + "\n"
         + table("Self time (leaf frame)", self_time, top)
         + "\n"
@@ -117,7 +165,12 @@ def summarize_raw(path: Path, top: int = 25) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.split("\n")[0])
     p.add_argument("--lines", type=int, default=1_000_000)
-    p.add_argument("--contender", choices=("service", "proto"), default="service")
+    p.add_argument(
+        "--contender",
+        choices=("service", "batch-api", "send-loop"),
+        default="service",
+        help="what to profile: the service (default) or a Python baseline, for comparison",
+    )
     p.add_argument("--native", action="store_true", help="py-spy --native (C frames too)")
     p.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     p.add_argument("--partitions", type=int, default=6)
@@ -130,15 +183,21 @@ def main(argv: list[str] | None = None) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     try:
         rig_.start()
+        service = args.contender == "service"
+        warm = Workload(2_000)
+        names = rig_.names(args.contender)
+        topics = rig_.create(names, service=service)
+        rig_.configure(names["batch"], warm)
+        commands, env = contender_command(rig_, args.contender, names)
+        subprocess.run(commands[0], env=env, cwd=scratch, check=True, capture_output=True)
+        rig_.verify(names, warm, service=service)
+        rig_.delete(topics)
         work = Workload(args.lines)
         names = rig_.names(args.contender)
-        topics = rig_.create(names, service=True)
+        topics = rig_.create(names, service=service)
         rig_.configure(names["batch"], work)
-        env = rig_.service_env(names)
-        if args.contender == "service":
-            target = [*forwarder_command(), "forward", names["batch"]]
-        else:
-            target = [PY, "-m", "bench.proto_fastpath", names["batch"]]
+        commands, env = contender_command(rig_, args.contender, names)
+        (target,) = commands
         pyspy = find_pyspy()
         if pyspy:
             raw = OUT / f"profile-{args.contender}-{stamp}.txt"
@@ -147,19 +206,17 @@ def main(argv: list[str] | None = None) -> int:
                 command.append("--native")
             log(f"profiling with {' '.join(command)} -- {' '.join(target)}")
             subprocess.run([*command, "--", *target], env=env, cwd=scratch, check=True)
-            rig_.verify(names, work, service=True)
+            rig_.verify(names, work, service=service)
             report = summarize_raw(raw)
         else:
             log("py-spy not found (uv tool install py-spy); falling back to cProfile")
             stats = OUT / f"profile-{args.contender}-{stamp}.pstats"
-            if args.contender == "service":
-                module = ["-m", "forwarder.cli", "forward", names["batch"]]
-            else:
-                module = ["-m", "bench.proto_fastpath", names["batch"]]
+            # cProfile runs a module (``-m x``) or a script (the ``forwarder`` console script).
+            program = target[1:] if target[0] == PY else target
             subprocess.run(
-                [PY, "-m", "cProfile", "-o", str(stats), *module], env=env, cwd=scratch, check=True
+                [PY, "-m", "cProfile", "-o", str(stats), *program], env=env, cwd=scratch, check=True
             )
-            rig_.verify(names, work, service=True)
+            rig_.verify(names, work, service=service)
             import pstats
 
             with tempfile.TemporaryFile("w+") as out:

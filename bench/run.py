@@ -19,11 +19,11 @@
 5. prints a Markdown table (medians) and the service's ratios to each baseline, and writes the raw
    numbers to ``bench/out/results-*.json``.
 
-Contenders: ``service`` (``forwarder forward BATCH_ID``), ``proto`` and ``proto-send``
-(``bench/proto_fastpath.py``, the proposed hot path and a smaller step), ``send-loop``
+Contenders: ``service`` (``forwarder forward BATCH_ID``), ``send-loop``
 (``bench/baseline_send.py``), ``batch-api`` (``bench/baseline_batch.py``), ``kcat``
 (``curl | mawk | kcat -P``) and ``serve`` (8 batches of 5,000 lines through ``POST /v1/batches``,
-the jobs topic and the workers of one ``forwarder serve``).
+the jobs topic and the workers of one ``forwarder serve``); ``service-mem`` is ``service`` on a
+small batch, for the memory comparison.
 """
 
 from __future__ import annotations
@@ -67,9 +67,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 PY = sys.executable
 OUT = REPO / "bench" / "out"
 
-ALL = ("service", "proto", "proto-send", "send-loop", "batch-api", "kcat", "serve")
-#: What ``python -m bench`` runs unless told otherwise (``proto-send`` is opt-in: ``--only``).
-DEFAULT = ("service", "proto", "send-loop", "batch-api", "kcat", "serve")
+ALL = ("service", "send-loop", "batch-api", "kcat", "serve")
 BASELINES = ("send-loop", "batch-api", "kcat")
 
 
@@ -403,6 +401,15 @@ class Rig:
         env.update(extra)
         return env
 
+    def baseline_env(self, names: dict[str, str]) -> dict[str, str]:
+        """The baselines' environment: the work tree's ``forwarder.kafka`` even under ``--ref``.
+
+        They only borrow its partitioner (``bench._common``), which commits before a4beb8e lack.
+        """
+        env = self.service_env(names)
+        env["PYTHONPATH"] = str(REPO)
+        return env
+
 
 def log(message: str) -> None:
     print(f"bench: {message}", file=sys.stderr, flush=True)
@@ -417,15 +424,16 @@ def forwarder_command() -> list[str]:
 # --- contenders ------------------------------------------------------------------------------
 
 
-def run_process_contender(
-    rig_: Rig, contender: str, work: Workload, warmup: bool, label: str | None = None
-) -> Run:
-    """One run of a contender that is a process (or pipeline) forwarding one batch."""
-    service = contender in ("service", "proto", "proto-send")
-    names = rig_.names(contender)
-    topics = rig_.create(names, service=service)
-    rig_.configure(names["batch"], work)
+def contender_command(
+    rig_: Rig, contender: str, names: dict[str, str]
+) -> tuple[list[list[str]], dict[str, str]]:
+    """The command line(s) and environment of a contender that forwards one batch and exits."""
+    if contender == "service":
+        return [[*forwarder_command(), "forward", names["batch"]]], rig_.service_env(names)
+    if contender == "kcat":
+        return kcat_pipeline(rig_, names), rig_.baseline_env(names)
     assert rig_.fake is not None
+    script = {"send-loop": "bench.baseline_send", "batch-api": "bench.baseline_batch"}[contender]
     base = [
         "--base-url",
         rig_.fake.base_url,
@@ -438,22 +446,18 @@ def run_process_contender(
         "--topic",
         names["results"],
     ]
-    env = rig_.service_env(names)
-    commands: list[list[str]]
-    if contender == "service":
-        commands = [[*forwarder_command(), "forward", names["batch"]]]
-    elif contender == "proto":
-        commands = [[PY, "-m", "bench.proto_fastpath", "--mode", "batch", names["batch"]]]
-    elif contender == "proto-send":
-        commands = [[PY, "-m", "bench.proto_fastpath", "--mode", "send", names["batch"]]]
-    elif contender == "send-loop":
-        commands = [[PY, "-m", "bench.baseline_send", *base]]
-    elif contender == "batch-api":
-        commands = [[PY, "-m", "bench.baseline_batch", *base]]
-    elif contender == "kcat":
-        commands = kcat_pipeline(rig_, names)
-    else:
-        raise ValueError(contender)
+    return [[PY, "-m", script, *base]], rig_.baseline_env(names)
+
+
+def run_process_contender(
+    rig_: Rig, contender: str, work: Workload, warmup: bool, label: str | None = None
+) -> Run:
+    """One run of a contender that is a process (or pipeline) forwarding one batch."""
+    service = contender == "service"
+    names = rig_.names(contender)
+    topics = rig_.create(names, service=service)
+    rig_.configure(names["batch"], work)
+    commands, env = contender_command(rig_, contender, names)
     fake0, broker0 = proc_cpu(rig_.fake_pid), proc_cpu(rig_.broker_pid)
     done = measure(commands, env, rig_.scratch)
     fake1, broker1 = proc_cpu(rig_.fake_pid), proc_cpu(rig_.broker_pid)
@@ -703,14 +707,11 @@ async def _wait_for_records(
 
 LABELS = {
     "service": "service: `forwarder forward` (1 batch)",
-    "proto": "prototype: batch API (`proto_fastpath --mode batch`)",
-    "proto-send": "prototype: lean `send()` (`proto_fastpath --mode send`)",
     "send-loop": "baseline: aiokafka `send()` loop",
     "batch-api": "baseline: aiokafka batch API + murmur2",
     "kcat": "baseline: `curl | mawk | kcat -P`",
     "serve": "service: `forwarder serve`, jobs topic",
     "service-mem": "service: `forwarder forward` (small batch)",
-    "proto-mem": "prototype: batch API (small batch)",
 }
 
 
@@ -778,16 +779,14 @@ def render(rows: list[Row]) -> str:
 def render_ratios(rows: list[Row], lines: int) -> str:
     by = {r.contender: r for r in rows if r.lines == lines}
     out = []
-    for subject in ("service", "proto", "proto-send"):
-        if subject not in by:
-            continue
-        s = by[subject]
-        for base in BASELINES + (("service",) if subject != "service" else ()):
+    if "service" in by:
+        s = by["service"]
+        for base in BASELINES:
             if base not in by:
                 continue
             b = by[base]
             out.append(
-                f"| {subject} / {base} | {s.lines_per_s / b.lines_per_s:.2f} "
+                f"| service / {base} | {s.lines_per_s / b.lines_per_s:.2f} "
                 f"| {s.best_lines_per_s / b.best_lines_per_s:.2f} "
                 f"| {s.cpu_per_m / b.cpu_per_m:.2f} | {s.rss_mb / b.rss_mb:.2f} |"
             )
@@ -815,7 +814,10 @@ def machine() -> dict[str, Any]:
             versions[module] = __import__(module).__version__
     kcat = ""
     with contextlib.suppress(Exception):
-        kcat = subprocess.run(["kcat", "-V"], capture_output=True, text=True).stdout.splitlines()[1]
+        version = subprocess.run(["kcat", "-V"], capture_output=True, text=True).stdout
+        # "Version 1.7.1 (JSON, ..., librdkafka 2.0.2 builtin.features=...)"
+        kcat = next(line for line in version.splitlines() if line.startswith("Version "))
+        kcat = kcat.split(" builtin.features", 1)[0]
     revision = ""
     with contextlib.suppress(Exception):
         revision = subprocess.run(
@@ -857,8 +859,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="warm-up runs per contender")
     p.add_argument(
         "--only",
-        default=",".join(DEFAULT),
-        help=f"comma-separated subset of {ALL} (default: {','.join(DEFAULT)})",
+        default=",".join(ALL),
+        help=f"comma-separated subset of {','.join(ALL)} (default: all)",
     )
     p.add_argument(
         "--partitions",
@@ -888,7 +890,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help="extra environment for service, prototypes and serve (repeatable), "
+        help="extra environment for service and serve (repeatable), "
         "e.g. FORWARDER_KAFKA_LINGER_MS=0",
     )
     p.add_argument(
@@ -940,12 +942,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 schedule.append((contender, serve))
             else:
                 schedule.append((contender, partial(run_process_contender, rig_, contender, big)))
-        if args.memory_lines:
-            for contender in ("service", "proto"):
-                if contender in args.only:
-                    label = f"{contender}-mem"
-                    mem = partial(run_process_contender, rig_, contender, small, label=label)
-                    schedule.append((label, mem))
+        if args.memory_lines and "service" in args.only:
+            mem = partial(run_process_contender, rig_, "service", small, label="service-mem")
+            schedule.append(("service-mem", mem))
         total_rounds = args.warmup + args.runs
         for round_no in range(total_rounds):
             warm = round_no < args.warmup
