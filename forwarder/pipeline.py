@@ -18,7 +18,7 @@ import contextlib
 import random
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -351,10 +351,11 @@ class Pipeline:
         try:
             async with self._datagrid.stream_results(batch_id) as chunks:
                 splitter = LineSplitter(self._max_line)
-                async for chunk in _lingering(chunks, self._linger, run):
+                async for chunk in chunks:
                     lines = splitter.feed(chunk)
                     if lines:
                         await run.publish(lines)
+                        run.linger(self._linger)
                 tail = splitter.close()
                 if tail:
                     await run.publish(tail)
@@ -429,6 +430,8 @@ class _Run:
         self.failed_from: int | None = None  # first line of the earliest unit Kafka refused
         self.failed_boundary = b""
         self.failure: BaseException | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._flushing: asyncio.Future[None] | None = None
         prefix = [("datagrid-batch-id", self.key_batch), CONTENT_TYPE]
         if event_id:
             prefix.append(("datagrid-event-id", event_id.encode()))
@@ -521,16 +524,30 @@ class _Run:
         if self.failure is not None:
             raise self.failure
 
-    @property
-    def lingering(self) -> bool:
-        """Lines wait in a record batch that is not full yet."""
-        return any(unit is not None for unit in self.open)
+    def linger(self, seconds: float) -> None:
+        """After a chunk: if lines wait in record batches that are not full, hand them over once
+        the upstream has been quiet for ``seconds`` (the producer's linger, for batches we build).
 
-    async def flush(self) -> None:
-        """Hand every open record batch to the producer now (the stream paused: don't wait)."""
+        A timer re-armed per chunk, not a task per chunk: a flowing stream only pays for the
+        re-arm, and a paused one still gets its lines into Kafka.
+        """
+        if self._timer is not None:
+            self._timer.cancel()
+        if any(unit is not None for unit in self.open):
+            self._timer = asyncio.get_running_loop().call_later(seconds, self._linger_expired)
+
+    def _linger_expired(self) -> None:
+        self._timer = None
+        if self._flushing is None or self._flushing.done():
+            self._flushing = asyncio.ensure_future(self._flush())
+
+    async def _flush(self) -> None:
+        # Runs beside the stream read; publish() may run meanwhile: _submit() takes a unit out of
+        # self.open before it awaits, so the two never hand over the same record batch.
         for partition, unit in enumerate(self.open):
             if unit is not None:
-                await self._submit(partition)
+                with contextlib.suppress(KafkaError):  # recorded by _failed; publish raises it
+                    await self._submit(partition)
 
     def _open(self, partition: int, n: int) -> _Unit:
         unit = _Unit(n, self.last_line, self.producer.create_batch())
@@ -609,6 +626,11 @@ class _Run:
 
     async def drain(self) -> None:
         """Hand over the open batches, wait for every acknowledgement, settle the prefix."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._flushing is not None:
+            await asyncio.wait({self._flushing})
         for partition, unit in enumerate(self.open):
             if unit is not None:
                 with contextlib.suppress(KafkaError):  # recorded by _failed; others still go
@@ -626,28 +648,6 @@ class _Run:
             progress.boundary = self.last_line
         if self.failure is not None:
             raise self.failure
-
-
-async def _lingering(
-    chunks: AsyncIterator[bytes], linger: float, run: _Run
-) -> AsyncIterator[bytes]:
-    """``chunks``, flushing ``run``'s open record batches whenever the next chunk takes longer
-    than ``linger`` seconds: the producer's linger, applied to batches we build ourselves."""
-    iterator = aiter(chunks)
-    while True:
-        pending = asyncio.ensure_future(anext(iterator))
-        try:
-            if run.lingering:
-                done, _ = await asyncio.wait({pending}, timeout=linger)
-                if not done:
-                    await run.flush()
-            chunk = await pending
-        except StopAsyncIteration:
-            return
-        except BaseException:
-            pending.cancel()
-            raise
-        yield chunk
 
 
 def _raw(line: bytes | Oversized) -> bytes:
