@@ -20,12 +20,23 @@ class Record:
     key: bytes | None
     value: bytes | None
     headers: dict[str, bytes]
+    timestamp: int  # create time, ms
 
 
-async def read_topic(bootstrap: str, topic: str, *, timeout: float = 20.0) -> list[Record]:
-    """Every committed record of ``topic`` (all partitions), in partition/offset order."""
+async def read_topic(
+    bootstrap: str,
+    topic: str,
+    *,
+    timeout: float = 20.0,
+    isolation_level: str = "read_committed",
+) -> list[Record]:
+    """Every committed record of ``topic`` (all partitions), in partition/offset order.
+
+    With ``isolation_level="read_uncommitted"``: every data record in the log, those of open and
+    aborted transactions too.
+    """
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, isolation_level="read_committed"
+        bootstrap_servers=bootstrap, enable_auto_commit=False, isolation_level=isolation_level
     )
     await consumer.start()
     try:
@@ -43,7 +54,15 @@ async def read_topic(bootstrap: str, topic: str, *, timeout: float = 20.0) -> li
             batches = await consumer.getmany(timeout_ms=200)
             for tp, records in batches.items():
                 out.extend(
-                    Record(tp.topic, tp.partition, r.offset, r.key, r.value, dict(r.headers))
+                    Record(
+                        tp.topic,
+                        tp.partition,
+                        r.offset,
+                        r.key,
+                        r.value,
+                        dict(r.headers),
+                        r.timestamp,
+                    )
                     for r in records
                     if r.offset < ends[tp]
                 )

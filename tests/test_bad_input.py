@@ -8,7 +8,6 @@ through the real pipeline: the real broker, the fake Datagrid over HTTP, and one
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import os
 import random
@@ -31,7 +30,7 @@ from forwarder.api import PROBLEM_BASE
 from forwarder.app import open_core
 from forwarder.config import Settings
 from forwarder.kafka import topic_partitions
-from forwarder.ndjson import LineHead, LineSplitter, Oversized, classify
+from forwarder.ndjson import LineHead, Oversized, classify
 from forwarder.observability import Metrics
 from forwarder.webhooks import SignatureError, sign, verify_signature
 from tests.conftest import API_KEY, REPO, settings_for
@@ -43,6 +42,7 @@ from tests.service_helpers import (
     event_body,
     wait_until,
 )
+from tests.test_ndjson import chunked, split_all
 
 TOLERANCE = 300
 MAX_BODY = 8192  # FORWARDER_WEBHOOK_MAX_BODY_BYTES of this module's service
@@ -76,20 +76,6 @@ def new_batch_id() -> str:
 # ------------------------------------------------------------------------------------------------
 # Framing: any chunking gives the same lines, also past the size cap (pure)
 # ------------------------------------------------------------------------------------------------
-
-
-def split_all(chunks: list[bytes], max_line: int) -> list[bytes | Oversized]:
-    splitter = LineSplitter(max_line)
-    out: list[bytes | Oversized] = []
-    for chunk in chunks:
-        out.extend(splitter.feed(chunk))
-    out.extend(splitter.close())
-    return out
-
-
-def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
-    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
-    return [data[a:b] for a, b in itertools.pairwise(points)]
 
 
 def expected_lines(contents: list[bytes], max_line: int) -> list[bytes | Oversized]:

@@ -23,10 +23,8 @@ from typing import Any
 
 import httpx
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from forwarder.config import Delivery, Settings
-from forwarder.kafka import topic_partitions
 from forwarder.pipeline import BatchState
 from forwarder.webhooks import sign
 from tests.fake_datagrid import FakeDatagrid, generate_lines
@@ -110,43 +108,28 @@ def tally(settings: Settings, expected: Expected) -> tuple[Tally, int]:
     return Tally.of(mine, expected), len(dead)
 
 
-async def _in_log(bootstrap: str, topic: str) -> list[tuple[str, float]]:
-    """(``datagrid-batch-id``, create time in s) of every data record in ``topic`` as
+def _in_log(settings: Settings) -> list[tuple[str, float]]:
+    """(``datagrid-batch-id``, create time in s) of every data record in the results topic as
     read_uncommitted sees them (open and aborted transactions too)."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, isolation_level="read_uncommitted", enable_auto_commit=False
+    records = asyncio.run(
+        read_topic(
+            settings.kafka_bootstrap_servers,
+            settings.results_topic,
+            isolation_level="read_uncommitted",
+        )
     )
-    await consumer.start()
-    try:
-        tps = [
-            TopicPartition(topic, p)
-            for p in await topic_partitions({"bootstrap_servers": bootstrap}, topic)
-        ]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        ends = await consumer.end_offsets(tps)
-        seen: list[tuple[str, float]] = []
-        while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
-            for tp, records in (await consumer.getmany(timeout_ms=200)).items():
-                seen.extend(
-                    (dict(r.headers).get("datagrid-batch-id", b"").decode(), r.timestamp / 1000)
-                    for r in records
-                    if r.offset < ends[tp]
-                )
-        return seen
-    finally:
-        await consumer.stop()
+    return [(r.headers.get("datagrid-batch-id", b"").decode(), r.timestamp / 1000) for r in records]
 
 
 def log_counts(settings: Settings) -> Counter[str]:
     """Records written to the results topic so far per batch, committed or not."""
-    records = asyncio.run(_in_log(settings.kafka_bootstrap_servers, settings.results_topic))
+    records = _in_log(settings)
     return Counter(batch for batch, _ in records)
 
 
 def written_between(settings: Settings, start: float, end: float = float("inf")) -> int:
     """Records written to the results topic (committed or not) created in [start, end)."""
-    records = asyncio.run(_in_log(settings.kafka_bootstrap_servers, settings.results_topic))
+    records = _in_log(settings)
     return sum(1 for _, created in records if start <= created < end)
 
 
