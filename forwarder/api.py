@@ -24,32 +24,13 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from forwarder.datagrid import check_batch_id
-from forwarder.errors import ForwarderError, InvalidBatchId, KafkaError
+from forwarder.errors import BadRequest, ForwarderError, NotFound, Unauthorized
 from forwarder.jobs import Job
-from forwarder.webhooks import InvalidWebhook, SignatureError
 
 log = structlog.get_logger("forwarder.api")
 
 PROBLEM_JSON = "application/problem+json"
 PROBLEM_BASE = "https://datagrid-forwarder.dev/problems/"
-
-
-class Unauthorized(ForwarderError):
-    """Missing or wrong bearer token (401)."""
-
-    code = "unauthorized"
-
-
-class NotFound(ForwarderError):
-    """No such resource (404)."""
-
-    code = "not_found"
-
-
-class BadRequest(ForwarderError):
-    """Malformed request body (400)."""
-
-    code = "bad_request"
 
 
 class BatchRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -59,23 +40,11 @@ class BatchRequest(msgspec.Struct, forbid_unknown_fields=True):
     replay: bool = False
 
 
-def _status_of(exc: ForwarderError) -> int:
-    if isinstance(exc, (Unauthorized, SignatureError)):
-        return 401
-    if isinstance(exc, NotFound):
-        return 404
-    if isinstance(exc, (BadRequest, InvalidWebhook, InvalidBatchId)):
-        return 400
-    if isinstance(exc, KafkaError):
-        return 503
-    return 500
-
-
 def problem_response(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     """Every error as RFC 9457 problem details; internal details never leak."""
     headers: dict[str, str] = {}
     if isinstance(exc, ForwarderError):
-        status = _status_of(exc)
+        status = exc.http_status
         code, detail = exc.code, str(exc)
         if status == 401:
             headers["WWW-Authenticate"] = "Bearer" if isinstance(exc, Unauthorized) else "Signature"

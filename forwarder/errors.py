@@ -4,16 +4,22 @@
 
     ForwarderError
     ├── ConfigError              bad setting; start-up stops
-    ├── InvalidBatchId           refused before any URL is built
+    ├── InvalidBatchId           refused before any URL is built                           (400)
+    ├── BadRequest               malformed API request body                                 (400)
+    ├── InvalidWebhook           a correctly signed body that is not a usable event         (400)
+    ├── Unauthorized             missing or wrong bearer token                              (401)
+    ├── SignatureError           missing, malformed, wrong or stale webhook signature       (401)
+    ├── NotFound                 no such resource                                           (404)
     ├── UpstreamError            Datagrid answered badly or not at all
     │   ├── UpstreamUnavailable  429, 408, 5xx, timeouts, broken streams   (retriable)
     │   ├── BatchNotReady        batch not terminal yet (409 or its status) (retriable, later)
     │   └── UpstreamRejected     401, 403, 404, 410, 422, other 4xx        (permanent)
-    └── KafkaError               the broker refused or could not be reached (retriable per cause)
+    └── KafkaError               broker refused or unreachable (retriable per cause)        (503)
         ├── TopicMissing         a topic does not exist and may not be created
         └── Fenced               another process took over our transactional id (exactly-once)
 
 Third-party exceptions (httpx, aiokafka) are translated where they are caught, with ``from exc``.
+``http_status`` is what the HTTP layer answers for each (``api.problem_response``).
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ class ForwarderError(Exception):
     retriable: bool = False
     #: Short machine-readable code, used in problem details and the batch state record.
     code: str = "forwarder_error"
+    #: HTTP status of the problem+json answer when this error ends a request.
+    http_status: int = 500
 
 
 class ConfigError(ForwarderError):
@@ -39,6 +47,42 @@ class InvalidBatchId(ForwarderError):
     """A batch id with characters or a length that may not reach a URL."""
 
     code = "invalid_batch_id"
+    http_status = 400
+
+
+class BadRequest(ForwarderError):
+    """Malformed request body."""
+
+    code = "bad_request"
+    http_status = 400
+
+
+class InvalidWebhook(ForwarderError):
+    """A correctly signed webhook body that is not a usable event."""
+
+    code = "invalid_webhook"
+    http_status = 400
+
+
+class Unauthorized(ForwarderError):
+    """Missing or wrong bearer token."""
+
+    code = "unauthorized"
+    http_status = 401
+
+
+class SignatureError(ForwarderError):
+    """Missing, malformed, wrong or stale webhook signature."""
+
+    code = "bad_signature"
+    http_status = 401
+
+
+class NotFound(ForwarderError):
+    """No such resource."""
+
+    code = "not_found"
+    http_status = 404
 
 
 class UpstreamError(ForwarderError):
@@ -88,6 +132,7 @@ class KafkaError(ForwarderError):
     """Kafka could not take a record or answer a request."""
 
     code = "kafka_error"
+    http_status = 503
 
     def __init__(self, message: str, *, retriable: bool = True) -> None:
         super().__init__(message)

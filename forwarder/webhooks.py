@@ -25,7 +25,7 @@ from litestar.datastructures import State
 from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED
 
 from forwarder.datagrid import TERMINAL_STATUSES, check_batch_id
-from forwarder.errors import ForwarderError, InvalidBatchId
+from forwarder.errors import InvalidBatchId, InvalidWebhook, SignatureError
 from forwarder.jobs import Job
 
 log = structlog.get_logger("forwarder.webhooks")
@@ -33,18 +33,6 @@ log = structlog.get_logger("forwarder.webhooks")
 SIGNATURE_HEADER = "datagrid-signature"
 TERMINAL_EVENTS = frozenset(f"batch_prediction.{status}" for status in TERMINAL_STATUSES)
 _MAX_HEADER = 4096
-
-
-class SignatureError(ForwarderError):
-    """Missing, malformed, wrong or stale signature (401)."""
-
-    code = "bad_signature"
-
-
-class InvalidWebhook(ForwarderError):
-    """A correctly signed body that is not a usable event (400)."""
-
-    code = "invalid_webhook"
 
 
 def sign(secret: bytes, timestamp: int, body: bytes) -> str:

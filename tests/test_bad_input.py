@@ -29,10 +29,11 @@ from hypothesis import strategies as st
 from forwarder.api import PROBLEM_BASE
 from forwarder.app import open_core
 from forwarder.config import Settings
+from forwarder.errors import SignatureError
 from forwarder.kafka import topic_partitions
 from forwarder.ndjson import LineHead, Oversized, classify
 from forwarder.observability import Metrics
-from forwarder.webhooks import SignatureError, sign, verify_signature
+from forwarder.webhooks import sign, verify_signature
 from tests.conftest import API_KEY, REPO, settings_for
 from tests.fake_datagrid import FakeDatagrid
 from tests.kafka_helpers import Record, read_topic
