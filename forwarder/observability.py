@@ -1,6 +1,6 @@
 """Metrics and logs, configured in one place.
 
-Metric names in the first block are fixed by the product contract (DESIGN.md).  Collectors are
+Metric names in the first block are fixed by the product contract (docs/reference.md).  Collectors are
 created on an injected :class:`CollectorRegistry`; label values come from closed sets only.
 """
 

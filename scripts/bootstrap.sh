@@ -21,7 +21,8 @@ if ((${#missing[@]})); then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
         $(printf '%s\n' "${missing[@]}" | sort -u) >/dev/null
 fi
-for tool in java mvn go python3; do
+# Go is not needed here: only deploy/tools/install.sh (test tools) uses it, and checks for it.
+for tool in java mvn python3; do
     command -v "$tool" >/dev/null 2>&1 || { log "$tool is required"; exit 1; }
 done
 

@@ -8,7 +8,9 @@ mkdir -p .cache
 deploy/tools/install.sh > .cache/tools-install.log 2>&1 &
 tools_pid=$!
 scripts/bootstrap.sh
-export PATH="$PWD/.cache/tools/bin:$PATH"
+# The project's own tools come first: tests find them by path, and anything a test runs by name
+# (a subprocess calling `uv` or `helm`) gets the pinned one, never one installed by hand.
+export PATH="$PWD/.venv/bin:$PWD/.cache/uv/bin:$PWD/.cache/tools/bin:$PATH"
 if [[ -z "${FORWARDER_KAFKA_BOOTSTRAP_SERVERS:-}" ]]; then
     port=${TEST_KAFKA_PORT:-19092}
     data=".cache/kafka/test-data"

@@ -4,14 +4,15 @@ Tools are never skipped for: a missing one fails the test that needs it, with th
 ``helm`` and ``kubeconform`` come from ``deploy/tools/install.sh``, which :func:`tool` runs once per
 session (idempotent: about 20 ms when the pinned versions are already in ``.cache/tools/bin``,
 a few minutes of ``go install`` when they are not). ``hadolint`` and ``kubernetes-validate`` are
-Python packages of the dev group, found next to the running interpreter.
+Python packages of the dev group, found next to the running interpreter. ``uv`` is the one
+``scripts/bootstrap.sh`` pins in ``.cache/uv``. No tool is looked up on ``PATH``: a tool that is only
+there because someone installed it by hand would pass here and fail on a fresh machine.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -24,6 +25,7 @@ from forwarder.config import ENV_PREFIX, Settings
 REPO = Path(__file__).resolve().parent.parent
 INSTALL_SCRIPT = REPO / "deploy" / "tools" / "install.sh"
 GO_TOOLS = ("helm", "kubeconform")
+UV = REPO / ".cache" / "uv" / "bin" / "uv"
 
 
 def run(
@@ -64,14 +66,15 @@ def tool(name: str) -> str:
     """Absolute path of a delivery tool; fails (never skips) when it cannot be had."""
     if name in GO_TOOLS:
         path = _go_tools_bin() / name
+    elif name == "uv":
+        path = UV
     else:
         # Console scripts of the dev group live beside the interpreter running the tests.
         path = Path(sys.executable).parent / name
-        if not path.exists() and (found := shutil.which(name)):
-            path = Path(found)
     if not path.exists():
         raise AssertionError(
-            f"{name} not found at {path}: run `uv sync` (Python tools) or {INSTALL_SCRIPT}"
+            f"{name} not found at {path}: run scripts/bootstrap.sh (uv and the Python tools) "
+            f"or {INSTALL_SCRIPT} (helm, kubeconform)"
         )
     return str(path)
 

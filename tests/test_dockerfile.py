@@ -147,8 +147,7 @@ def test_dockerignore_admits_exactly_the_build_inputs() -> None:
 
 def test_build_stage_installs_from_the_lock_and_the_venv_runs(tmp_path: Path) -> None:
     """The build stage's own `uv` steps, run on the admitted context, give a working `forwarder`."""
-    uv = shutil.which("uv")
-    assert uv, "uv is required (https://docs.astral.sh/uv/)"
+    uv = tool("uv")
     context = tmp_path / "context"
     context.mkdir()
     for name in dockerignore_admits():
