@@ -1,5 +1,6 @@
 """datagrid-forwarder: Datagrid batch-prediction results into Kafka, once per batch."""
 
+import os
 from importlib.metadata import PackageNotFoundError, version
 
 try:
@@ -7,4 +8,7 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
     __version__ = "0.0.0"
 
-__all__ = ["__version__"]
+#: The source revision, stamped by the image build (``forwarder_build_info``).
+__revision__ = os.environ.get("DATAGRID_FORWARDER_REVISION", "unknown")
+
+__all__ = ["__revision__", "__version__"]

@@ -1,36 +1,73 @@
-"""Internal API, health and metrics routes, and the one mapping of errors to problem+json.
+"""Internal API, health and metrics routes, the HTTP middleware, and the one mapping of errors to
+problem+json.
 
 ``POST /v1/batches`` queues a batch; ``GET /v1/batches/{batch_id}`` returns its forwarding state.
-Both
-need a bearer token from ``FORWARDER_API_TOKENS`` (compared in constant time).
+Both need a bearer token from ``FORWARDER_API_TOKENS`` (compared in constant time).  Handlers reach
+the service through :class:`Backend`, a typed dependency that the composition root provides.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import re
+import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import msgspec
 import structlog
 from litestar import Request, Response, get, post
-from litestar.datastructures import State
 from litestar.enums import ScopeType
 from litestar.exceptions import HTTPException
 from litestar.params import FromPath
 from litestar.status_codes import HTTP_202_ACCEPTED
-from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from litestar.types import ASGIApp, Message, Receive, ReceiveMessage, Scope, Send
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from forwarder.config import Settings
 from forwarder.datagrid import check_batch_id
 from forwarder.errors import BadRequest, ForwarderError, NotFound, Unauthorized
 from forwarder.jobs import Job
+from forwarder.observability import Metrics
+from forwarder.state import BatchState
 
 log = structlog.get_logger("forwarder.api")
 
 PROBLEM_JSON = "application/problem+json"
 PROBLEM_BASE = "https://datagrid-forwarder.dev/problems/"
+
+
+class RequestTimeout(ForwarderError):
+    """The client did not send its request in time."""
+
+    code = "request_timeout"
+    http_status = 408
+
+
+class Backend(Protocol):
+    """What the HTTP handlers need of the service."""
+
+    settings: Settings
+    metrics: Metrics
+    webhook_secrets: list[bytes]
+    api_tokens: list[bytes]
+
+    def readiness(self) -> dict[str, bool]:
+        """Named readiness checks; ready only when all hold."""
+
+    async def enqueue(self, job: Job) -> None:
+        """Queue a job durably (or raise a retriable KafkaError)."""
+
+    def state_of(self, batch_id: str) -> BatchState | None:
+        """The batch's latest known state."""
+
+    def seen_event(self, event_id: str) -> bool:
+        """True when this process queued the webhook event recently."""
+
+    def remember_event(self, event_id: str) -> None:
+        """Note a webhook event as queued."""
 
 
 class BatchRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -61,10 +98,10 @@ def problem_response(request: Request[Any, Any, Any], exc: Exception) -> Respons
             413: "payload_too_large",
         }.get(status, "http_error")
         detail = exc.detail if status < 500 else "internal error"
-        if status == 413:
-            # The body was refused unread: close the connection rather than let the server
-            # read (and discard) the rest of it, however long the client keeps sending.
-            headers["Connection"] = "close"
+    if status in (408, 413):
+        # The body was refused unread: close the connection rather than let the server
+        # read (and discard) the rest of it, however long the client keeps sending.
+        headers["Connection"] = "close"
     else:
         status, code, detail = 500, "internal_error", "internal error"
         log.exception("request_crashed", path=request.url.path)
@@ -105,6 +142,46 @@ def request_id_middleware(app: ASGIApp) -> ASGIApp:
     return middleware
 
 
+def http_middleware(metrics: Metrics, request_timeout: float) -> Callable[[ASGIApp], ASGIApp]:
+    """Count and time every request by route template, and give each request's body
+    ``request_timeout`` seconds from its start to arrive (a slow client gets 408)."""
+
+    def wrap(app: ASGIApp) -> ASGIApp:
+        async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] != ScopeType.HTTP:
+                await app(scope, receive, send)
+                return
+            started = time.perf_counter()
+            deadline = started + request_timeout
+            code = 500
+
+            async def timed_receive() -> ReceiveMessage:
+                remaining = deadline - time.perf_counter()
+                try:
+                    if remaining <= 0:
+                        raise TimeoutError
+                    return await asyncio.wait_for(receive(), remaining)
+                except TimeoutError:
+                    raise RequestTimeout("the request body did not arrive in time") from None
+
+            async def counting_send(message: Message) -> None:
+                nonlocal code
+                if message["type"] == "http.response.start":
+                    code = message["status"]
+                await send(message)
+
+            try:
+                await app(scope, timed_receive, counting_send)
+            finally:
+                route = scope.get("path_template") or "other"
+                metrics.http_requests.labels(route=route, method=scope["method"], code=code).inc()
+                metrics.http_duration.labels(route=route).observe(time.perf_counter() - started)
+
+        return middleware
+
+    return wrap
+
+
 def require_token(request: Request[Any, Any, Any], tokens: list[bytes]) -> None:
     """Raise :class:`Unauthorized` unless the request carries one of ``tokens`` as a bearer."""
     header = request.headers.get("authorization", "")
@@ -120,9 +197,8 @@ def require_token(request: Request[Any, Any, Any], tokens: list[bytes]) -> None:
 
 
 @post("/v1/batches", status_code=HTTP_202_ACCEPTED, summary="Queue a batch for forwarding")
-async def queue_batch(request: Request[Any, Any, Any], state: State) -> dict[str, Any]:
+async def queue_batch(request: Request[Any, Any, Any], services: Backend) -> dict[str, Any]:
     """Queue ``batch_id`` (``replay: true`` forwards again even if it was forwarded)."""
-    services = state.services
     require_token(request, services.api_tokens)
     try:
         payload = msgspec.json.decode(await request.body(), type=BatchRequest)
@@ -136,10 +212,9 @@ async def queue_batch(request: Request[Any, Any, Any], state: State) -> dict[str
 
 @get("/v1/batches/{batch_id:str}", summary="A batch's forwarding state")
 async def batch_state(
-    request: Request[Any, Any, Any], state: State, batch_id: FromPath[str]
+    request: Request[Any, Any, Any], services: Backend, batch_id: FromPath[str]
 ) -> Response[Any]:
     """The batch's latest state record (the same JSON as the state topic)."""
-    services = state.services
     require_token(request, services.api_tokens)
     check_batch_id(batch_id)
     known = services.state_of(batch_id)
@@ -155,12 +230,12 @@ async def healthz() -> dict[str, str]:
 
 
 @get("/readyz", summary="Readiness")
-async def readyz(state: State) -> Response[Any]:
+async def readyz(services: Backend) -> Response[Any]:
     """200 when Kafka is reachable, the state topic is loaded, the worker joined its group and the
     process is not draining; 503 with the failing checks otherwise."""
-    checks = state.services.readiness()
+    checks = services.readiness()
     ready = all(checks.values())
-    state.services.metrics.ready.set(1 if ready else 0)
+    services.metrics.ready.set(1 if ready else 0)
     return Response(
         {"status": "ready" if ready else "not_ready", "checks": checks},
         status_code=200 if ready else 503,
@@ -168,9 +243,8 @@ async def readyz(state: State) -> Response[Any]:
 
 
 @get("/metrics", summary="Prometheus metrics", include_in_schema=False)
-async def metrics(state: State) -> Response[bytes]:
+async def metrics(services: Backend) -> Response[bytes]:
     """Prometheus text exposition of the service's registry."""
-    services = state.services
     # Readiness is exported even when nothing probes /readyz.
     services.metrics.ready.set(1 if all(services.readiness().values()) else 0)
     return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -2,7 +2,8 @@
 
 ``open_core`` opens the topics check, the producer and the Datagrid client (``forward`` uses it);
 ``create_app`` adds the state store, the jobs worker and the HTTP routes in one lifespan, opened in
-order and closed in reverse; ``serve`` runs it under uvicorn with a SIGTERM drain.
+order and closed in reverse; ``serve`` runs it under uvicorn with a SIGTERM drain, request
+timeouts and a connection cap.
 """
 
 from __future__ import annotations
@@ -21,26 +22,36 @@ import structlog
 import uvicorn
 from aiokafka import AIOKafkaProducer
 from litestar import Litestar
-from litestar.datastructures import State
+from litestar.di import Provide
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from forwarder import __version__
-from forwarder.api import ROUTES, problem_response, request_id_middleware
+from forwarder import __revision__, __version__
+from forwarder.api import (
+    ROUTES,
+    Backend,
+    http_middleware,
+    problem_response,
+    request_id_middleware,
+)
 from forwarder.config import Delivery, Settings
 from forwarder.datagrid import DatagridClient
-from forwarder.errors import ConfigError, ForwarderError, KafkaError
-from forwarder.jobs import Job, JobQueue, StateStore, Worker
+from forwarder.errors import KAFKA_BACKOFF, ConfigError, ForwarderError, KafkaError
+from forwarder.jobs import Job, JobQueue
 from forwarder.kafka import (
     TopicLimits,
+    kafka_errors,
     make_jobs_consumer,
     make_producer,
     prepare_topics,
-    translate,
 )
 from forwarder.observability import Metrics
-from forwarder.pipeline import BatchState, Pipeline
-from forwarder.webhooks import _RecentEvents, datagrid_webhook
+from forwarder.pipeline import Pipeline
+from forwarder.reconcile import Reconciler
+from forwarder.state import BatchState, StateStore
+from forwarder.webhooks import RecentEvents, datagrid_webhook
+from forwarder.worker import Worker
 
 log = structlog.get_logger("forwarder.app")
 
@@ -53,6 +64,7 @@ class Core:
     metrics: Metrics
     limits: TopicLimits
     producer: AIOKafkaProducer
+    datagrid: DatagridClient
     pipeline: Pipeline
 
 
@@ -64,39 +76,28 @@ async def open_core(
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> AsyncIterator[Core]:
     """Open topics, producer and upstream client; close them in reverse order on exit."""
-    api_key = settings.require_api_key()
+    settings.require_api_key()  # before any connection: a missing key is a setting error
     async with AsyncExitStack() as stack:
         limits = await prepare_topics(settings)
         producer = make_producer(settings, limits)
-        try:
-            await producer.start()
-        except Exception as exc:
-            await producer.stop()
-            raise translate(exc, "starting the producer") from exc
         stack.push_async_callback(producer.stop)
-        datagrid = DatagridClient(
-            settings.datagrid_base_url,
-            api_key,
-            teamspace=settings.datagrid_teamspace,
-            connect_timeout=settings.datagrid_connect_timeout,
-            read_timeout=settings.datagrid_read_timeout,
-            transport=transport,
-            on_response=metrics.on_upstream_response,
-        )
+        with kafka_errors("starting the producer"):
+            await producer.start()
+        datagrid = DatagridClient(settings, metrics, transport=transport)
         stack.push_async_callback(datagrid.aclose)
         pipeline = Pipeline(settings, datagrid, producer, limits, metrics)
-        yield Core(settings, metrics, limits, producer, pipeline)
+        yield Core(settings, metrics, limits, producer, datagrid, pipeline)
 
 
 @dataclass
 class Services:
-    """What the HTTP handlers reach through ``state.services``."""
+    """The running service: what the HTTP handlers reach through their ``Backend`` dependency."""
 
     settings: Settings
     metrics: Metrics
     webhook_secrets: list[bytes]
     api_tokens: list[bytes]
-    recent_events: _RecentEvents = field(default_factory=_RecentEvents)
+    recent_events: RecentEvents = field(default_factory=RecentEvents)
     queue: JobQueue | None = None
     store: StateStore | None = None
     worker: Worker | None = None
@@ -125,15 +126,23 @@ class Services:
         """The batch's latest known state, if the state topic is loaded."""
         return self.store.get(batch_id) if self.store is not None else None
 
+    def seen_event(self, event_id: str) -> bool:
+        """True when this process queued the webhook event recently."""
+        return event_id in self.recent_events
+
+    def remember_event(self, event_id: str) -> None:
+        """Note a webhook event as queued."""
+        self.recent_events.add(event_id)
+
     async def run(self, transport: httpx.AsyncBaseTransport | None = None) -> None:
         """Open every resource in order (retrying while Kafka is unreachable), then hold them
         until cancelled, closing them in reverse order."""
-        delay = 1.0
+        failures = 0
         while True:
             try:
                 async with AsyncExitStack() as stack:
                     await self._open(stack, transport)
-                    delay = 1.0
+                    failures = 0
                     await asyncio.Event().wait()  # hold until cancelled
             except ForwarderError as exc:
                 self.kafka_ok = False
@@ -142,9 +151,10 @@ class Services:
                     self.fatal = exc
                     self.on_fatal(exc)
                     return
-                log.warning("startup_retry", error=str(exc), retry_in=delay)
+                failures += 1
+                delay = KAFKA_BACKOFF.delay(failures)
+                log.warning("startup_retry", error=str(exc), retry_in=round(delay, 3))
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
             finally:
                 self.queue = None
                 self.worker = None
@@ -156,7 +166,7 @@ class Services:
         core = await stack.enter_async_context(open_core(settings, metrics, transport=transport))
         self.queue = JobQueue(core.producer, settings.jobs_topic)
         self.kafka_ok = True
-        store = StateStore(settings)
+        store = StateStore(settings, metrics)
         stack.push_async_callback(store.stop)
         await store.start()
         self.store = store
@@ -178,6 +188,10 @@ class Services:
         stack.push_async_callback(worker.stop)
         await worker.start()
         self.worker = worker
+        if settings.reconcile_interval_seconds > 0:
+            reconciler = Reconciler(settings, core.datagrid, self.queue, store, metrics)
+            task = asyncio.create_task(reconciler.run(worker.leads), name="reconciler")
+            stack.callback(task.cancel)
         probe = asyncio.create_task(_probe_kafka(core.producer, self))
         stack.callback(probe.cancel)
         log.info(
@@ -206,14 +220,17 @@ def create_app(
     *,
     transport: httpx.AsyncBaseTransport | None = None,
     on_fatal: Callable[[BaseException], None] | None = None,
+    expose: Callable[[Services], None] | None = None,
 ) -> Litestar:
-    """The Litestar app with one lifespan owning every resource."""
+    """The Litestar app with one lifespan owning every resource (``expose`` receives the
+    services object, for ``serve``'s drain)."""
     if not settings.webhook_secrets:
         raise ConfigError(
             "FORWARDER_WEBHOOK_SECRETS is empty: webhooks cannot be verified, refusing to start"
         )
     settings.require_api_key()
     metrics = metrics or Metrics()
+    metrics.build_info.labels(version=__version__, revision=__revision__).set(1)
     services = Services(
         settings=settings,
         metrics=metrics,
@@ -222,6 +239,8 @@ def create_app(
     )
     if on_fatal is not None:
         services.on_fatal = on_fatal
+    if expose is not None:
+        expose(services)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -240,17 +259,65 @@ def create_app(
     return Litestar(
         route_handlers=[*ROUTES, datagrid_webhook],
         lifespan=[lifespan],
-        state=State({"services": services}),
+        dependencies={"services": Provide(_provider(services), sync_to_thread=False)},
         exception_handlers={
             ForwarderError: problem_response,
             HTTPException: problem_response,
             Exception: problem_response,
         },
         request_max_body_size=settings.webhook_max_body_bytes,
-        middleware=[request_id_middleware],
+        middleware=[
+            http_middleware(metrics, settings.http_request_timeout_seconds),
+            request_id_middleware,
+        ],
         openapi_config=OpenAPIConfig(title="datagrid-forwarder", version=__version__),
         logging_config=None,
     )
+
+
+def _provider(services: Services) -> Callable[[], Backend]:
+    def provide() -> Backend:
+        return services
+
+    return provide
+
+
+class _Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, plus a deadline for each request's headers: a client that
+    trickles them (or sends nothing) is disconnected instead of holding a connection forever."""
+
+    header_timeout: float = 10.0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def _arm_header_timer(self) -> None:
+        self._header_timer: asyncio.TimerHandle | None = self.loop.call_later(
+            self.header_timeout, self._headers_late
+        )
+
+    def _headers_late(self) -> None:
+        self._header_timer = None
+        if self.cycle is None or self.cycle.response_complete:
+            self.transport.close()
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self.cycle is not None and not self.cycle.response_complete and self._header_timer:
+            self._header_timer.cancel()  # the request line and headers arrived
+            self._header_timer = None
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._arm_header_timer()  # the next request on this connection gets its own
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+        super().connection_lost(exc)
 
 
 async def _probe_kafka(producer: AIOKafkaProducer, services: Services, every: float = 2.0) -> None:
@@ -297,8 +364,12 @@ def serve(settings: Settings) -> int:
         if server is not None:
             server.should_exit = True
 
-    app = create_app(settings, on_fatal=stop_on_fatal)
-    services: Services = app.state.services
+    services_box: list[Services] = []
+    app = create_app(settings, on_fatal=stop_on_fatal, expose=services_box.append)
+    services = services_box[0]
+    protocol = type(
+        "HTTPProtocol", (_Protocol,), {"header_timeout": settings.http_request_timeout_seconds}
+    )
     config = uvicorn.Config(
         app,
         host=settings.http_host,
@@ -308,6 +379,8 @@ def serve(settings: Settings) -> int:
         lifespan="on",
         timeout_graceful_shutdown=5,
         server_header=False,
+        http=protocol,
+        limit_concurrency=settings.http_max_connections,
     )
     server = _DrainingServer(config, services)
     server.run()

@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING
 from forwarder import __version__
 from forwarder.config import Delivery, Settings, describe_variables, load_settings
 from forwarder.datagrid import check_batch_id
-from forwarder.errors import BatchNotReady, ConfigError, ForwarderError, InvalidBatchId
-from forwarder.kafka import make_producer
-from forwarder.observability import Metrics, configure_logging
+from forwarder.errors import Backoff, BatchNotReady, ConfigError, ForwarderError, InvalidBatchId
+from forwarder.kafka import kafka_errors, make_producer
+from forwarder.observability import Metrics, Redactor, configure_logging
 from forwarder.pipeline import Transaction
+from forwarder.state import BatchState, Status
 
 if TYPE_CHECKING:
     from forwarder.app import Core
@@ -87,13 +88,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings()
+        redactor = Redactor.for_settings(settings)
         if args.command == "serve":
             from forwarder.app import serve
 
-            configure_logging(settings.log_format, settings.log_level)
+            configure_logging(settings.log_format, settings.log_level, redactor=redactor)
             return serve(settings)
         # One-shot commands keep stdout for their summary; logs go to stderr.
-        configure_logging(settings.log_format, settings.log_level, stream=sys.stderr)
+        configure_logging(
+            settings.log_format, settings.log_level, stream=sys.stderr, redactor=redactor
+        )
         if args.command == "forward":
             return asyncio.run(_forward(settings, args.batch_ids, args.wait))
         return asyncio.run(_enqueue(settings, args.batch_ids, args.replay))
@@ -118,24 +122,29 @@ async def _forward(settings: Settings, batch_ids: list[str], wait: float) -> int
     ok = True
     async with open_core(settings, Metrics(process=False)) as core, _transaction(core) as txn:
         for batch_id in batch_ids:
-            deadline = asyncio.get_running_loop().time() + wait
-            delay = 1.0
-            while True:
-                try:
-                    state = await core.pipeline.forward(batch_id, source="cli", txn=txn)
-                except BatchNotReady as exc:
-                    remaining = deadline - asyncio.get_running_loop().time()
-                    if remaining <= 0:
-                        print(f"{batch_id}: not forwarded: {exc}")
-                        ok = False
-                        break
-                    await asyncio.sleep(min(delay, remaining))
-                    delay = min(delay * 2, settings.not_ready_poll_seconds)
-                    continue
-                print(summary(state))
-                ok = ok and state.status == "forwarded"
-                break
+            ok = await _forward_one(core, batch_id, txn, wait) and ok
     return EXIT_OK if ok else EXIT_FAILED
+
+
+async def _forward_one(core: Core, batch_id: str, txn: Transaction | None, wait: float) -> bool:
+    """Forward one batch, polling up to ``wait`` s while it is not terminal; print its line."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    backoff = Backoff(base=1.0, cap=core.settings.not_ready_poll_seconds, jitter=0.2)
+    checks = 0
+    while True:
+        try:
+            state = await core.pipeline.forward(batch_id, source="cli", txn=txn)
+        except BatchNotReady as exc:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                print(f"{batch_id}: not forwarded: {exc}")
+                return False
+            checks += 1
+            await asyncio.sleep(min(backoff.delay(checks), remaining))
+            continue
+        print(summary(state))
+        return state.status is Status.FORWARDED
 
 
 @contextlib.asynccontextmanager
@@ -148,23 +157,21 @@ async def _transaction(core: Core) -> AsyncIterator[Transaction | None]:
     transactional_id = f"{core.settings.consumer_group}-cli-{uuid.uuid4().hex}"
     producer = make_producer(core.settings, core.limits, transactional_id=transactional_id)
     try:
-        await producer.start()
+        with kafka_errors("starting the transactional producer"):
+            await producer.start()
         yield Transaction(producer)
     finally:
         await producer.stop()
 
 
-def summary(state: object) -> str:
+def summary(state: BatchState) -> str:
     """One human line per batch: outcome, lines by status, dead letters, attempts."""
-    from forwarder.pipeline import BatchState
-
-    assert isinstance(state, BatchState)
     lines = sum(state.lines.values())
     by_status = ", ".join(f"{k} {v}" for k, v in sorted(state.lines.items())) or "none"
     dead = sum(state.dead_letters.values())
     by_reason = ", ".join(f"{k} {v}" for k, v in sorted(state.dead_letters.items()))
     text = (
-        f"{state.batch_id}: {state.status}: {lines} lines ({by_status}), "
+        f"{state.batch_id}: {state.status.value}: {lines} lines ({by_status}), "
         f"{dead} dead letters"
         + (f" ({by_reason})" if by_reason else "")
         + f", {state.blank_lines} blank, {state.attempts} attempt"

@@ -6,8 +6,12 @@ stops start-up with one line naming the variable (see :func:`load_settings`).
 
 from __future__ import annotations
 
+import difflib
+import os
 import re
+import ssl
 from enum import StrEnum
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -75,6 +79,10 @@ class Settings(BaseSettings):
     datagrid_read_timeout: float = Field(default=60.0, gt=0)
     """Seconds without a byte from Datagrid before a stream counts as stalled and is retried."""
 
+    datagrid_requests_per_minute: float = Field(default=180.0, ge=0)
+    """Most requests per minute to each Datagrid endpoint, shared by all pods of the consumer
+    group (Datagrid allows 200 per teamspace, endpoint and method); 0 turns the limiter off."""
+
     # --- Kafka -----------------------------------------------------------------------------
     kafka_bootstrap_servers: str = "localhost:9092"
     """Comma-separated `host:port` list of Kafka brokers."""
@@ -116,6 +124,18 @@ class Settings(BaseSettings):
     kafka_batch_bytes: int = Field(default=262_144, ge=1024)
     """Producer batch size in bytes (capped at the results topic's message limit)."""
 
+    kafka_transaction_timeout_ms: int = Field(default=900_000, ge=1000)
+    """Exactly-once: how long a batch's transaction may stay open; at most the brokers'
+    `transaction.max.timeout.ms` (15 minutes by default), and longer than the batch timeout."""
+
+    kafka_session_timeout_ms: int = Field(default=45_000, ge=6000, le=1_800_000)
+    """Consumer group session timeout: how long a silent pod keeps its jobs partitions (heartbeats
+    every third of it)."""
+
+    kafka_group_instance_id: str | None = Field(default=None, min_length=1, max_length=249)
+    """Static group membership: a stable id per pod (for example the pod name), so that a restart
+    within the session timeout moves no partition."""
+
     results_topic: str = "datagrid.batch-results"
     """Topic receiving one message per result line (key `custom_id`)."""
 
@@ -156,6 +176,21 @@ class Settings(BaseSettings):
     drain_timeout_seconds: float = Field(default=30.0, ge=0)
     """On SIGTERM, how long in-flight batches may finish before they are abandoned uncommitted."""
 
+    batch_timeout_seconds: float = Field(default=600.0, gt=0)
+    """Deadline of one batch, all its attempts included: past it the batch fails (`batch_timeout`)
+    and frees its slot."""
+
+    reconcile_interval_seconds: float = Field(default=300.0, ge=0)
+    """How often `serve` lists recent batches and queues terminal ones never forwarded (a lost
+    webhook loses no batch); 0 turns the reconciler off."""
+
+    reconcile_lookback_hours: float = Field(default=72.0, gt=0)
+    """How far back the reconciler looks (batches created earlier are left alone)."""
+
+    state_retention_hours: float = Field(default=720.0, gt=0)
+    """How long a finished batch's state is kept (in memory and, for topics the forwarder creates,
+    on the broker); longer than Datagrid keeps results. Waiting batches are always kept."""
+
     # --- HTTP --------------------------------------------------------------------------------
     http_host: str = "0.0.0.0"  # noqa: S104 - a service in a pod listens on all interfaces.
     """Address the HTTP server binds."""
@@ -172,6 +207,13 @@ class Settings(BaseSettings):
 
     webhook_max_body_bytes: int = Field(default=1_048_576, ge=1024)
     """Largest accepted webhook body; larger ones get 413 without being read in full."""
+
+    http_request_timeout_seconds: float = Field(default=10.0, gt=0)
+    """Most seconds a client may take to send a request's headers and body (slow clients are cut
+    off with 408)."""
+
+    http_max_connections: int = Field(default=512, ge=1)
+    """Most HTTP connections and requests served at once; more are refused with 503."""
 
     api_tokens: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     """Comma-separated bearer tokens for `/v1/batches`; without any, those routes refuse all."""
@@ -208,6 +250,83 @@ class Settings(BaseSettings):
                 raise ValueError(f"expected host:port[,host:port...], got {server!r}")
         return value
 
+    @field_validator(
+        "datagrid_api_key", "webhook_secrets", "api_tokens", "kafka_sasl_password", mode="before"
+    )
+    @classmethod
+    def _secret(cls, value: object) -> object:
+        """Surrounding white space is dropped (a Secret made with `echo ... | base64` ends in a
+        newline); what remains must be printable ASCII, since it goes into HTTP headers and
+        Kafka's SASL exchange."""
+        if isinstance(value, list):
+            return [cls._secret(item) for item in value]
+        raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if not isinstance(raw, str):
+            return value
+        stripped = raw.strip()
+        if not stripped and raw:
+            raise ValueError("is only white space")
+        if not all(" " <= char <= "~" for char in stripped):
+            raise ValueError("holds a control or non-ASCII character")
+        return stripped
+
+    @field_validator("kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile")
+    @classmethod
+    def _readable_file(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        path = Path(value)
+        if not path.is_file():
+            raise ValueError(f"{value} does not exist or is not a file")
+        if not os.access(path, os.R_OK):
+            raise ValueError(f"{value} is not readable")
+        return value
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> Settings:
+        """The TLS files parse: a bad one stops start-up rather than every connection."""
+        context = ssl.create_default_context()
+        try:
+            if self.kafka_ssl_cafile:
+                context.load_verify_locations(cafile=self.kafka_ssl_cafile)
+        except (ssl.SSLError, ValueError) as exc:
+            raise ValueError(
+                f"FORWARDER_KAFKA_SSL_CAFILE: {self.kafka_ssl_cafile} is not a PEM CA bundle "
+                f"({exc.__class__.__name__})"
+            ) from None
+        if bool(self.kafka_ssl_certfile) != bool(self.kafka_ssl_keyfile):
+            raise ValueError(
+                "FORWARDER_KAFKA_SSL_CERTFILE and FORWARDER_KAFKA_SSL_KEYFILE go together"
+            )
+        try:
+            if self.kafka_ssl_certfile:
+                context.load_cert_chain(self.kafka_ssl_certfile, self.kafka_ssl_keyfile)
+        except (ssl.SSLError, ValueError) as exc:
+            raise ValueError(
+                "FORWARDER_KAFKA_SSL_CERTFILE/FORWARDER_KAFKA_SSL_KEYFILE: not a matching PEM "
+                f"certificate and private key ({exc.__class__.__name__})"
+            ) from None
+        return self
+
+    @model_validator(mode="after")
+    def _transaction_outlives_batch(self) -> Settings:
+        if (
+            self.delivery is Delivery.EXACTLY_ONCE
+            and self.batch_timeout_seconds * 1000 >= self.kafka_transaction_timeout_ms
+        ):
+            raise ValueError(
+                "FORWARDER_BATCH_TIMEOUT_SECONDS must be shorter than "
+                "FORWARDER_KAFKA_TRANSACTION_TIMEOUT_MS in exactly-once mode, or the broker "
+                "aborts the transaction of a slow batch"
+            )
+        return self
+
+    def secret_values(self) -> list[str]:
+        """Every configured secret, for scrubbing error details."""
+        secrets = [*self.webhook_secrets, *self.api_tokens]
+        secrets += [s for s in (self.datagrid_api_key, self.kafka_sasl_password) if s is not None]
+        return [s.get_secret_value() for s in secrets if s.get_secret_value()]
+
     @model_validator(mode="after")
     def _sasl(self) -> Settings:
         if self.kafka_security_protocol.startswith("SASL") and not (
@@ -231,9 +350,44 @@ def env_name(field: str) -> str:
     return field if field.isupper() else f"{ENV_PREFIX}{field.upper()}"
 
 
+def known_variables() -> frozenset[str]:
+    """Every ``FORWARDER_*`` variable the forwarder reads."""
+    names = {env_name(field) for field in Settings.model_fields}
+    return frozenset(name for name in names if name.startswith(ENV_PREFIX)) | {
+        "FORWARDER_DATAGRID_API_KEY"
+    }
+
+
+def _dotenv_names(path: Path = Path(".env")) -> list[str]:
+    if not path.is_file():
+        return []
+    names = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        name = line.strip().removeprefix("export ").partition("=")[0].strip()
+        if name and not name.startswith("#"):
+            names.append(name)
+    return names
+
+
+def check_unknown_variables(names: list[str]) -> None:
+    """Refuse ``FORWARDER_*`` names that are no setting (a typo would silently keep a default)."""
+    known = known_variables()
+    unknown = sorted(
+        {n for n in names if n.upper().startswith(ENV_PREFIX) and n.upper() not in known}
+    )
+    if unknown:
+        problems = []
+        for name in unknown:
+            close = difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.75)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            problems.append(f"{name}: unknown variable{hint}")
+        raise ConfigError("; ".join(problems))
+
+
 def load_settings(**overrides: object) -> Settings:
-    """Build :class:`Settings` from the environment, turning validation errors into one line
-    each."""
+    """Build :class:`Settings` from the environment (and ``./.env``), turning validation errors
+    into one line each; unknown ``FORWARDER_*`` variables are refused, naming the closest."""
+    check_unknown_variables([*os.environ, *_dotenv_names()])
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
@@ -242,7 +396,8 @@ def load_settings(**overrides: object) -> Settings:
             field = str(error["loc"][0]) if error["loc"] else ""
             name = env_name(field) if field else "configuration"
             # Never echo the input: it may be a secret.
-            problems.append(f"{name}: {error['msg']}")
+            message = str(error["msg"]).removeprefix("Value error, ")
+            problems.append(f"{name}: {message}" if field else message)
         raise ConfigError("; ".join(problems)) from None
 
 

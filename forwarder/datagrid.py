@@ -1,24 +1,27 @@
 """The Datagrid API client: batch metadata and the results stream, errors translated at the edge.
 
-The client takes an ``httpx`` transport (a seam for tests) and reports every response to
-``on_response(code, seconds)`` so metrics live elsewhere.
+The client takes an ``httpx`` transport (a seam for tests), counts every response in the
+metrics, and keeps to Datagrid's rate limit (:class:`RateLimiter`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
+import math
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 import msgspec
-from pydantic import SecretStr
 
 from forwarder import __version__
-from forwarder.config import BATCH_ID_PATTERN
+from forwarder.config import BATCH_ID_PATTERN, Settings
 from forwarder.errors import (
     BatchNotReady,
     InvalidBatchId,
@@ -26,12 +29,30 @@ from forwarder.errors import (
     UpstreamRejected,
     UpstreamUnavailable,
 )
+from forwarder.observability import Metrics
 
 TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled", "expired"})
+#: Most items a batch holds (Datagrid's documented limit): bounds a results stream of unknown size.
+MAX_BATCH_ITEMS = 5_000
 _RETRIABLE_STATUSES = frozenset({408, 429})
 _MAX_ERROR_BODY = 16_384
-
-ResponseHook = Callable[[str, float], None]
+#: Datagrid's rate-limit window; no pause it asks for is honoured beyond it.
+RATE_LIMIT_WINDOW = 60.0
+#: Largest batch object read; a real one is a few KB.
+MAX_METADATA_BYTES = 1_048_576
+#: Media types a results stream may have (NDJSON under its usual names); none at all is accepted
+#: too, as Datagrid's own SDK does. Anything else (a proxy's HTML page) is an upstream error.
+NDJSON_TYPES = frozenset(
+    {
+        "application/x-ndjson",
+        "application/ndjson",
+        "application/jsonl",
+        "application/x-jsonl",
+        "application/jsonlines",
+        "application/x-jsonlines",
+        "application/json",
+    }
+)
 
 
 def check_batch_id(batch_id: str) -> str:
@@ -55,55 +76,128 @@ def terminal_time(batch: dict[str, Any]) -> datetime | None:
         return None
 
 
+def expected_lines(batch: dict[str, Any]) -> int | None:
+    """The batch's ``request_counts.total``: how many result lines its stream must hold."""
+    counts = batch.get("request_counts")
+    total = counts.get("total") if isinstance(counts, dict) else None
+    if type(total) is int and total >= 0:
+        return total
+    return None
+
+
+def _seconds(text: str, scale: float = 1.0) -> float | None:
+    try:
+        value = float(text) / scale
+    except ValueError:
+        return None
+    return max(value, 0.0) if math.isfinite(value) else None
+
+
 def parse_retry_after(headers: httpx.Headers) -> float | None:
-    """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (seconds or HTTP date)."""
-    if (millis := headers.get("retry-after-ms")) is not None:
-        try:
-            return max(float(millis) / 1000, 0.0)
-        except ValueError:
-            pass
+    """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (seconds or HTTP date).
+
+    Always a finite number of seconds, at least 0, or None: ``nan``, ``inf`` and garbage are
+    ignored (the caller's own backoff applies), negative values and dates in the past mean now.
+    """
+    if (millis := headers.get("retry-after-ms")) is not None and (
+        seconds := _seconds(millis, 1000.0)
+    ) is not None:
+        return seconds
     value = headers.get("retry-after")
     if value is None:
         return None
-    try:
-        return max(float(value), 0.0)
-    except ValueError:
-        pass
+    if (seconds := _seconds(value)) is not None:
+        return seconds
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
     return max((when - datetime.now(UTC)).total_seconds(), 0.0)
 
 
+@dataclass(frozen=True, slots=True)
+class ResultsStream:
+    """An open results stream: its byte chunks, and whether only closing the connection ends it
+    (no length, no chunking), so that a cut connection looks like a normal end."""
+
+    chunks: AsyncIterator[bytes]
+    close_delimited: bool
+
+
+class RateLimiter:
+    """At most ``per_minute`` requests to each endpoint in any 60 s, and a pause whenever Datagrid
+    says its window is used up (``X-RateLimit-Remaining: 0`` until ``X-RateLimit-Reset``, or a
+    429's ``Retry-After``).  Datagrid counts per teamspace, so the pause is what keeps N pods
+    together under its limit: each of them sees the shared window run out."""
+
+    def __init__(self, per_minute: float, on_wait: Callable[[float], None]) -> None:
+        self._limit = int(per_minute)
+        self._sent: dict[str, deque[float]] = {}
+        self._paused_until: dict[str, float] = {}
+        self._on_wait = on_wait
+
+    async def acquire(self, endpoint: str) -> None:
+        """Wait until a request to ``endpoint`` may go."""
+        while True:
+            now = time.monotonic()
+            wait = self._paused_until.get(endpoint, 0.0) - now
+            sent = self._sent.setdefault(endpoint, deque())
+            while sent and sent[0] <= now - 60.0:
+                sent.popleft()
+            if self._limit and len(sent) >= self._limit:
+                wait = max(wait, sent[0] + 60.0 - now)
+            if wait <= 0:
+                if self._limit:
+                    sent.append(now)
+                return
+            self._on_wait(wait)
+            await asyncio.sleep(wait)
+
+    def observe(self, endpoint: str, status: int, headers: httpx.Headers) -> None:
+        """Learn from a response's rate-limit headers."""
+        pause = None
+        if status == 429:
+            pause = parse_retry_after(headers) or 1.0
+        elif headers.get("x-ratelimit-remaining", "").strip() == "0":
+            reset = _seconds(headers.get("x-ratelimit-reset", ""))
+            pause = reset - time.time() if reset is not None else None
+        if pause is not None and pause > 0:
+            until = time.monotonic() + min(pause, RATE_LIMIT_WINDOW)
+            self._paused_until[endpoint] = max(self._paused_until.get(endpoint, 0.0), until)
+
+
 class DatagridClient:
-    """Async client for the two endpoints the forwarder needs."""
+    """Async client for the endpoints the forwarder needs."""
 
     def __init__(
         self,
-        base_url: str,
-        api_key: SecretStr,
+        settings: Settings,
+        metrics: Metrics,
         *,
-        teamspace: str | None = None,
-        connect_timeout: float = 5.0,
-        read_timeout: float = 60.0,
         transport: httpx.AsyncBaseTransport | None = None,
-        on_response: ResponseHook | None = None,
     ) -> None:
+        api_key = settings.require_api_key()
         headers = {
             "Authorization": f"Bearer {api_key.get_secret_value()}",
             "User-Agent": f"datagrid-forwarder/{__version__}",
         }
-        if teamspace:
-            headers["Datagrid-Teamspace"] = teamspace
+        if settings.datagrid_teamspace:
+            headers["Datagrid-Teamspace"] = settings.datagrid_teamspace
         self._http = httpx.AsyncClient(
-            base_url=base_url.rstrip("/") + "/",
+            base_url=settings.datagrid_base_url.rstrip("/") + "/",
             headers=headers,
-            timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
+            timeout=httpx.Timeout(
+                settings.datagrid_read_timeout, connect=settings.datagrid_connect_timeout
+            ),
             transport=transport,
             follow_redirects=False,
         )
-        self._on_response = on_response or (lambda code, seconds: None)
+        self._on_response = metrics.on_upstream_response
+        self._limiter = RateLimiter(
+            settings.datagrid_requests_per_minute, metrics.ratelimit_wait.inc
+        )
 
     async def aclose(self) -> None:
         """Close the connection pool (safe to call twice)."""
@@ -111,47 +205,100 @@ class DatagridClient:
 
     async def get_batch(self, batch_id: str) -> dict[str, Any]:
         """The ``batch_prediction`` object."""
-        path = f"batch-predictions/{check_batch_id(batch_id)}"
-        started = time.perf_counter()
+        return await self._get_json(f"batch-predictions/{check_batch_id(batch_id)}")
+
+    async def list_batches(
+        self, after: str | None = None, limit: int = 100
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """One page of ``GET /batch-predictions`` (newest first) and the next page's cursor."""
+        params: dict[str, str | int] = {"limit": limit}
+        if after:
+            params["after"] = after
+        page = await self._get_json("batch-predictions", params)
+        data = page.get("data")
+        cursor = page.get("next_cursor")
+        batches = [b for b in data if isinstance(b, dict)] if isinstance(data, list) else []
+        return batches, cursor if isinstance(cursor, str) and cursor else None
+
+    async def _get_json(
+        self, path: str, params: dict[str, str | int] | None = None
+    ) -> dict[str, Any]:
+        """A JSON object from ``GET path``, read up to :data:`MAX_METADATA_BYTES`."""
+        async with self._open(path, "application/json", params) as response:
+            if response.status_code != 200:
+                body = await _read_bounded(response, _MAX_ERROR_BODY)
+                _raise_for_status(path, response.status_code, response.headers, body)
+            content = await _read_bounded(response, MAX_METADATA_BYTES + 1, strict=path)
+        if len(content) > MAX_METADATA_BYTES:
+            raise UpstreamUnavailable(
+                f"GET {path}: response larger than {MAX_METADATA_BYTES} bytes"
+            )
         try:
-            response = await self._http.get(path, headers={"Accept": "application/json"})
-        except httpx.TransportError as exc:
-            self._on_response("error", time.perf_counter() - started)
-            raise UpstreamUnavailable(f"GET {path}: {type(exc).__name__}: {exc}") from exc
-        self._on_response(str(response.status_code), time.perf_counter() - started)
-        if response.status_code != 200:
-            _raise_for_status(path, response.status_code, response.headers, response.content)
-        try:
-            batch = msgspec.json.decode(response.content)
+            value = msgspec.json.decode(content)
         except msgspec.DecodeError as exc:
             raise UpstreamUnavailable(f"GET {path}: response is not JSON") from exc
-        if not isinstance(batch, dict):
+        if not isinstance(value, dict):
             raise UpstreamUnavailable(f"GET {path}: response is not a JSON object")
-        return batch
+        return value
 
     @asynccontextmanager
-    async def stream_results(self, batch_id: str) -> AsyncIterator[AsyncIterator[bytes]]:
-        """Open the NDJSON results stream; yields an iterator of raw byte chunks.
-
-        Errors while opening or reading are translated: a broken or stalled stream is
-        :class:`UpstreamUnavailable` (retriable); a 409 is :class:`BatchNotReady`.
-        """
-        path = f"batch-predictions/{check_batch_id(batch_id)}/results"
+    async def _open(
+        self, path: str, accept: str, params: dict[str, str | int] | None = None
+    ) -> AsyncIterator[httpx.Response]:
+        """Send ``GET path`` and yield the response with its body unread; errors translated."""
+        endpoint = _endpoint(path)
+        await self._limiter.acquire(endpoint)
         started = time.perf_counter()
-        request = self._http.build_request("GET", path, headers={"Accept": "application/x-ndjson"})
+        # identity: a compressed body would let a small response inflate without bound.
+        headers = {"Accept": accept, "Accept-Encoding": "identity"}
+        request = self._http.build_request("GET", path, headers=headers, params=params)
         try:
             response = await self._http.send(request, stream=True)
+        except httpx.LocalProtocolError as exc:
+            # Our own request is malformed (say, an API key with a control character): trying
+            # again cannot help, and the message may quote the header, so it is not repeated.
+            self._on_response("error", time.perf_counter() - started)
+            raise UpstreamRejected(f"GET {path}: the request could not be sent") from exc
         except httpx.TransportError as exc:
             self._on_response("error", time.perf_counter() - started)
             raise UpstreamUnavailable(f"GET {path}: {type(exc).__name__}: {exc}") from exc
         try:
             self._on_response(str(response.status_code), time.perf_counter() - started)
-            if response.status_code != 200:
-                body = await _read_bounded(response)
-                _raise_for_status(path, response.status_code, response.headers, body)
-            yield _chunks(path, response)
+            self._limiter.observe(endpoint, response.status_code, response.headers)
+            yield response
         finally:
             await response.aclose()
+
+    @asynccontextmanager
+    async def stream_results(self, batch_id: str) -> AsyncIterator[ResultsStream]:
+        """Open the NDJSON results stream.
+
+        Errors while opening or reading are translated: a broken or stalled stream, or a body
+        that is not NDJSON, is :class:`UpstreamUnavailable` (retriable); a 409 is
+        :class:`BatchNotReady`.
+        """
+        path = f"batch-predictions/{check_batch_id(batch_id)}/results"
+        async with self._open(path, "application/x-ndjson") as response:
+            if response.status_code != 200:
+                body = await _read_bounded(response, _MAX_ERROR_BODY)
+                _raise_for_status(path, response.status_code, response.headers, body)
+            media_type = response.headers.get("content-type", "").partition(";")[0].strip().lower()
+            if media_type and media_type not in NDJSON_TYPES:
+                raise UpstreamUnavailable(
+                    f"GET {path}: 200 with Content-Type {media_type[:80]!r}, not NDJSON"
+                )
+            close_delimited = (
+                "content-length" not in response.headers
+                and "chunked" not in response.headers.get("transfer-encoding", "").lower()
+            )
+            yield ResultsStream(_chunks(path, response), close_delimited)
+
+
+def _endpoint(path: str) -> str:
+    """The rate-limit scope of a path: Datagrid counts per endpoint, not per batch."""
+    if path.endswith("/results"):
+        return "results"
+    return "batch" if path.startswith("batch-predictions/") else "list"
 
 
 async def _chunks(path: str, response: httpx.Response) -> AsyncIterator[bytes]:
@@ -165,16 +312,20 @@ async def _chunks(path: str, response: httpx.Response) -> AsyncIterator[bytes]:
         ) from exc
 
 
-async def _read_bounded(response: httpx.Response) -> bytes:
+async def _read_bounded(response: httpx.Response, limit: int, *, strict: str = "") -> bytes:
+    """At most ``limit`` bytes of the body. With ``strict`` (the request, for the message) a body
+    that breaks is an error; without, what arrived is enough (the status already says what
+    matters)."""
     body = bytearray()
     try:
         async for chunk in response.aiter_bytes():
             body += chunk
-            if len(body) >= _MAX_ERROR_BODY:
+            if len(body) >= limit:
                 break
-    except httpx.TransportError:
-        pass  # the status code already says what matters
-    return bytes(body[:_MAX_ERROR_BODY])
+    except httpx.TransportError as exc:
+        if strict:
+            raise UpstreamUnavailable(f"GET {strict}: {type(exc).__name__}: {exc}") from exc
+    return bytes(body[:limit])
 
 
 def _problem(body: bytes) -> dict[str, Any] | None:

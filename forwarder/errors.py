@@ -1,4 +1,7 @@
-"""One error tree for the forwarder; retry policy reads :attr:`ForwarderError.retriable`.
+"""One error tree for the forwarder, and the retry policy as data.
+
+Every error says what to do about it with :attr:`ForwarderError.retry` (a :class:`Retry`); every
+retry loop waits by one :class:`Backoff` value (base, cap, jitter).
 
 ::
 
@@ -24,17 +27,57 @@ Third-party exceptions (httpx, aiokafka) are translated where they are caught, w
 
 from __future__ import annotations
 
+import math
+import random
+from dataclasses import dataclass
+from enum import Enum
 from typing import Any
+
+
+class Retry(Enum):
+    """What a loop does about an error."""
+
+    NEVER = "never"  # permanent: give up now, say why
+    BACKOFF = "backoff"  # transient: try again after a capped, jittered delay
+    LATER = "later"  # not ready yet: park durably and check again on a timer
+    HAND_OFF = "hand_off"  # another process owns the work now: stop, commit nothing
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Capped exponential backoff with jitter: the one shape of every wait between tries."""
+
+    base: float
+    cap: float
+    #: Fraction of each delay taken away at random, so that many waiters do not retry in step.
+    jitter: float = 0.5
+
+    def delay(self, attempt: int, retry_after: float | None = None) -> float:
+        """Seconds to wait before try ``attempt + 1``: the server's hint if it gave a sane one,
+        else ``base * 2**(attempt-1)``; always finite and at most ``cap``."""
+        if retry_after is not None and math.isfinite(retry_after):
+            return min(max(retry_after, 0.0), self.cap)
+        ceiling = min(self.cap, self.base * 2.0 ** min(max(attempt - 1, 0), 60))
+        return ceiling * random.uniform(1.0 - self.jitter, 1.0)  # noqa: S311 - jitter, not crypto
+
+
+#: Waits while Kafka itself is failing (jobs, state store, start-up).
+KAFKA_BACKOFF = Backoff(base=1.0, cap=30.0)
 
 
 class ForwarderError(Exception):
     """Base of every error the forwarder raises on purpose."""
 
-    retriable: bool = False
+    retry: Retry = Retry.NEVER
     #: Short machine-readable code, used in problem details and the batch state record.
     code: str = "forwarder_error"
     #: HTTP status of the problem+json answer when this error ends a request.
     http_status: int = 500
+
+    @property
+    def retriable(self) -> bool:
+        """True when trying again (now or later) may succeed."""
+        return self.retry in (Retry.BACKOFF, Retry.LATER)
 
 
 class ConfigError(ForwarderError):
@@ -107,14 +150,14 @@ class UpstreamError(ForwarderError):
 class UpstreamUnavailable(UpstreamError):
     """A transient upstream failure: worth retrying with backoff."""
 
-    retriable = True
+    retry = Retry.BACKOFF
     code = "upstream_unavailable"
 
 
 class BatchNotReady(UpstreamError):
     """The batch is not terminal yet; poll again until it is or until it expires."""
 
-    retriable = True
+    retry = Retry.LATER
     code = "batch_not_ready"
 
     def __init__(self, message: str, *, batch_status: str | None = None, **kwargs: Any) -> None:
@@ -136,7 +179,7 @@ class KafkaError(ForwarderError):
 
     def __init__(self, message: str, *, retriable: bool = True) -> None:
         super().__init__(message)
-        self.retriable = retriable
+        self.retry = Retry.BACKOFF if retriable else Retry.NEVER
 
 
 class TopicMissing(KafkaError):
@@ -155,3 +198,4 @@ class Fenced(KafkaError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, retriable=False)
+        self.retry = Retry.HAND_OFF

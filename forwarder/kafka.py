@@ -1,24 +1,39 @@
-"""Kafka access in one small module: connection options, topics, producers and the jobs consumer.
+"""Kafka access in one small module: every client is built here, and every aiokafka error is
+translated here.
 
-Everything aiokafka-specific that is not the hot path lives here, and aiokafka errors are translated
-into :class:`forwarder.errors.KafkaError` with aiokafka's own ``retriable`` flag.
+:func:`kafka_errors` is the one translation: aiokafka errors become
+:class:`forwarder.errors.KafkaError` with aiokafka's own ``retriable`` flag (``ProducerFenced``
+becomes :class:`forwarder.errors.Fenced`).  The record batches of the hot path are built in
+``publish.py`` on a producer made here.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ssl
 import struct
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError as AIOKafkaError
+from aiokafka.errors import ProducerFenced
 from aiokafka.helpers import create_ssl_context
 
 from forwarder.config import Settings
-from forwarder.errors import KafkaError, TopicMissing
+from forwarder.errors import Fenced, KafkaError, TopicMissing
+
+_c_murmur2: Callable[[bytes, int], int] | None
+try:  # Kafka's murmur2 in C: the same function, about ten times faster than the one below.
+    from murmurhash2 import murmurhash2 as _c_murmur2
+except ImportError:  # pragma: no cover - a platform without the wheel uses the Python version
+    _c_murmur2 = None
 
 #: Broker default ``message.max.bytes`` (and topic ``max.message.bytes``), used when unreadable.
 DEFAULT_MAX_MESSAGE_BYTES = 1_048_588
@@ -36,15 +51,33 @@ class TopicLimits:
 
 def translate(exc: BaseException, what: str) -> KafkaError:
     """An aiokafka error as our :class:`KafkaError`, keeping its ``retriable`` flag."""
+    if isinstance(exc, KafkaError):
+        return exc
+    if isinstance(exc, ProducerFenced):
+        return Fenced(f"{what}: another process took over this transactional id")
     retriable = bool(getattr(exc, "retriable", True))
     return KafkaError(f"{what}: {type(exc).__name__}: {exc}", retriable=retriable)
 
 
-def murmur2(data: bytes) -> int:
-    """Kafka's murmur2 (Java ``Utils.murmur2``) as an unsigned 32-bit integer.
+@contextmanager
+def kafka_errors(what: str) -> Iterator[None]:
+    """Translate aiokafka errors raised inside the block into our :class:`KafkaError` tree."""
+    try:
+        yield
+    except AIOKafkaError as exc:
+        raise translate(exc, what) from exc
 
-    Same result as ``aiokafka.partitioner.murmur2``, about twice as fast: one ``struct.unpack_from``
-    for all 4-byte words instead of four indexings each (it runs once per result line).
+
+log = structlog.get_logger("forwarder.kafka")
+
+_MURMUR_SEED = 0x9747B28C
+
+
+def py_murmur2(data: bytes) -> int:
+    """Kafka's murmur2 (Java ``Utils.murmur2``) as an unsigned 32-bit integer, in Python.
+
+    The fallback where the ``murmurhash2`` wheel is missing; one ``struct.unpack_from`` for all
+    4-byte words instead of four indexings each.
     """
     length = len(data)
     m = 0x5BD1E995
@@ -65,6 +98,13 @@ def murmur2(data: bytes) -> int:
     h ^= h >> 13
     h = (h * m) & 0xFFFFFFFF
     return h ^ (h >> 15)
+
+
+def murmur2(data: bytes) -> int:
+    """Kafka's murmur2 as an unsigned 32-bit integer (compiled when the wheel is installed)."""
+    if _c_murmur2 is None:  # pragma: no cover
+        return py_murmur2(data)
+    return int(_c_murmur2(data, _MURMUR_SEED))
 
 
 def partition_for(key: bytes, partitions: int) -> int:
@@ -111,7 +151,7 @@ def topic_specs(settings: Settings) -> dict[str, dict[str, str]]:
 
 async def prepare_topics(settings: Settings) -> TopicLimits:
     """Create missing topics (or refuse, naming them) and read the line topics' size limits."""
-    admin = AIOKafkaAdminClient(**connection_options(settings), request_timeout_ms=30_000)
+    admin = make_admin(settings)
     try:
         await admin.start()
         existing = set(await admin.list_topics())
@@ -167,20 +207,42 @@ async def _max_message_bytes(admin: AIOKafkaAdminClient, topic: str) -> int:
     return DEFAULT_MAX_MESSAGE_BYTES
 
 
-async def topic_partitions(options: dict[str, Any], topic: str) -> list[int]:
-    """Partition numbers of ``topic`` (empty if it does not exist)."""
+async def topic_partitions(source: Settings | dict[str, Any], topic: str) -> list[int]:
+    """Partition numbers of ``topic`` (empty if it does not exist); ``source`` is the settings or
+    a client's options."""
+    options = connection_options(source) if isinstance(source, Settings) else source
     admin = AIOKafkaAdminClient(**options)
     try:
-        await admin.start()
-        described = await admin.describe_topics([topic])
-    except AIOKafkaError as exc:
-        raise translate(exc, f"describing {topic}") from exc
+        with kafka_errors(f"describing {topic}"):
+            await admin.start()
+            described = await admin.describe_topics([topic])
     finally:
         await admin.close()
     for entry in described:
         if entry["topic"] == topic and entry["error_code"] == 0:
             return sorted(p["partition"] for p in entry["partitions"])
     return []
+
+
+def make_admin(settings: Settings) -> AIOKafkaAdminClient:
+    """An admin client (topic checks and creation)."""
+    return AIOKafkaAdminClient(**connection_options(settings), request_timeout_ms=30_000)
+
+
+def make_reader(settings: Settings) -> AIOKafkaConsumer:
+    """A group-less ``read_committed`` consumer for assigned partitions (the state store)."""
+    return AIOKafkaConsumer(
+        **connection_options(settings),
+        group_id=None,
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+        auto_offset_reset="earliest",
+    )
+
+
+def make_job_writer(settings: Settings) -> AIOKafkaProducer:
+    """A small idempotent ``acks=all`` producer for jobs (the ``enqueue`` command)."""
+    return AIOKafkaProducer(**connection_options(settings), acks="all", enable_idempotence=True)
 
 
 def make_producer(
@@ -203,6 +265,8 @@ def make_producer(
     }
     if transactional_id:
         options["transactional_id"] = transactional_id
+        # aiokafka's default (60 s) would let the broker abort a slow batch's transaction.
+        options["transaction_timeout_ms"] = settings.kafka_transaction_timeout_ms
     return AIOKafkaProducer(**options)
 
 
@@ -215,6 +279,64 @@ def make_jobs_consumer(settings: Settings, **overrides: Any) -> AIOKafkaConsumer
         "auto_offset_reset": "earliest",
         "isolation_level": "read_committed",
         "max_poll_records": settings.concurrency * 4,
+        "session_timeout_ms": settings.kafka_session_timeout_ms,
+        "heartbeat_interval_ms": max(settings.kafka_session_timeout_ms // 3, 1000),
+        # Static membership: a pod restarted within the session timeout keeps its partitions.
+        "group_instance_id": settings.kafka_group_instance_id,
         **overrides,
     }
     return AIOKafkaConsumer(settings.jobs_topic, **options)
+
+
+class TransactionalProducers:
+    """Exactly-once: one transactional producer per jobs partition, started on first use.
+
+    Its id is derived from the partition, so starting it (``init_transactions``) fences whichever
+    process owned the partition before (a zombie's late commit then fails).  A producer that failed
+    is discarded and replaced, never reused: after a fatal error or a fencing its state is final.
+    """
+
+    def __init__(self, group: str, make: Callable[[str], AIOKafkaProducer]) -> None:
+        self._group = group
+        self._make = make
+        self._producers: dict[TopicPartition, AIOKafkaProducer] = {}
+        self._locks: dict[TopicPartition, asyncio.Lock] = {}
+        self._starting = asyncio.Lock()
+
+    def lock(self, tp: TopicPartition) -> asyncio.Lock:
+        """The partition's lock: one transaction at a time per producer."""
+        return self._locks.setdefault(tp, asyncio.Lock())
+
+    async def get(self, tp: TopicPartition) -> AIOKafkaProducer:
+        """The partition's producer, started if needed."""
+        producer = self._producers.get(tp)
+        if producer is not None:
+            return producer
+        async with self._starting:  # starts are rare: one at a time is fine
+            producer = self._producers.get(tp)
+            if producer is None:
+                producer = self._make(f"{self._group}-{tp.topic}-{tp.partition}")
+                try:
+                    with kafka_errors(f"starting the producer of {tp}"):
+                        await producer.start()
+                except KafkaError as exc:
+                    await producer.stop()
+                    log.error(
+                        "transactional_producer_failed", partition=tp.partition, error=str(exc)
+                    )
+                    raise
+                self._producers[tp] = producer
+        return producer
+
+    async def discard(self, tp: TopicPartition) -> None:
+        """Stop and forget the partition's producer (revoked, failed or fenced)."""
+        self._locks.pop(tp, None)
+        producer = self._producers.pop(tp, None)
+        if producer is not None:
+            with contextlib.suppress(Exception):  # a broken producer may fail to stop cleanly
+                await producer.stop()
+
+    async def close(self) -> None:
+        """Stop every producer."""
+        for tp in list(self._producers):
+            await self.discard(tp)

@@ -1,14 +1,16 @@
 """Metrics and logs, configured in one place.
 
-Metric names in the first block are fixed by the product contract (docs/reference.md).  Collectors are
-created on an injected :class:`CollectorRegistry`; label values come from closed sets only.
+Metric names in the first block are fixed by the product contract (docs/reference.md).
+Collectors are created on an injected :class:`CollectorRegistry`; label values come from closed
+sets only.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from typing import Any, TextIO
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, TextIO
 
 import structlog
 from prometheus_client import (
@@ -20,6 +22,9 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
+
+if TYPE_CHECKING:
+    from forwarder.config import Settings
 
 LINE_STATUSES = ("succeeded", "errored", "canceled", "expired")
 DEAD_LETTER_REASONS = (
@@ -33,6 +38,15 @@ DEAD_LETTER_REASONS = (
 _DELAY_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400)
 _DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+WEBHOOK_OUTCOMES = (
+    "accepted",
+    "ignored",
+    "duplicate",
+    "bad_signature",
+    "invalid",
+    "unavailable",  # refused 503: Kafka unreachable (Datagrid retries; a lost retry loses a batch)
+    "too_large",  # refused 413
+)
 
 
 def line_status_label(status: object) -> str:
@@ -148,6 +162,46 @@ class Metrics:
             "1 when /readyz answers ready.",
             registry=r,
         )
+        self.state_batches = Gauge(
+            "forwarder_state_batches",
+            "Batch states held in memory by this process.",
+            registry=r,
+        )
+        self.http_requests = Counter(
+            "forwarder_http_requests",
+            "HTTP requests served, by route template, method and status code.",
+            ["route", "method", "code"],
+            registry=r,
+        )
+        self.http_duration = Histogram(
+            "forwarder_http_request_duration_seconds",
+            "HTTP request time in seconds, by route template.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.build_info = Gauge(
+            "forwarder_build_info",
+            "Always 1; the labels say which build runs.",
+            ["version", "revision"],
+            registry=r,
+        )
+        self.reconcile_runs = Counter(
+            "forwarder_reconcile_runs",
+            "Reconciler passes over Datagrid's batch list, by outcome (ok, failed).",
+            ["outcome"],
+            registry=r,
+        )
+        self.reconcile_batches = Counter(
+            "forwarder_reconcile_batches",
+            "Terminal batches the reconciler found never forwarded, and queued.",
+            registry=r,
+        )
+        self.ratelimit_wait = Counter(
+            "forwarder_upstream_ratelimit_wait_seconds",
+            "Seconds spent waiting on the client-side Datagrid rate limiter.",
+            registry=r,
+        )
 
         # Closed label sets start at 0: dashboards show 0 rather than nothing, and increase()
         # sees the first failure after a restart.
@@ -157,8 +211,10 @@ class Metrics:
             self.dead_letters.labels(reason=reason)
         for outcome in ("forwarded", "failed", "duplicate", "invalid"):
             self.batches.labels(outcome=outcome)
-        for outcome in ("accepted", "ignored", "duplicate", "bad_signature", "invalid"):
+        for outcome in WEBHOOK_OUTCOMES:
             self.webhooks.labels(outcome=outcome)
+        for outcome in ("ok", "failed"):
+            self.reconcile_runs.labels(outcome=outcome)
         for reason in ("stream_broken", "upstream_unavailable", "kafka_error"):
             self.retries.labels(reason=reason)
 
@@ -168,14 +224,57 @@ class Metrics:
         self.upstream_latency.observe(seconds)
 
 
+class Redactor:
+    """Replaces every configured secret in text (or in the strings of a JSON-like value) with
+    ``[redacted]``: the second line of defence, after secrets are kept out of messages at all."""
+
+    MASK = "[redacted]"
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        # Longest first, so a secret that contains another is replaced whole.
+        self._secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> Redactor:
+        """A redactor of ``settings``' secrets."""
+        return cls(settings.secret_values())
+
+    def __call__(self, text: str) -> str:
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, self.MASK)
+        return text
+
+    def scrub(self, value: Any) -> Any:
+        """``value`` with every secret replaced in its strings (dicts and lists walked)."""
+        if isinstance(value, str):
+            return self(value)
+        if isinstance(value, dict):
+            return {key: self.scrub(item) for key, item in value.items()}
+        if isinstance(value, list | tuple):
+            return [self.scrub(item) for item in value]
+        return value
+
+    def processor(self, _logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+        """structlog processor: scrub every field of a log event."""
+        if not self._secrets:
+            return event
+        return {key: self.scrub(item) for key, item in event.items()}
+
+
 def configure_logging(
-    log_format: str = "json", level: str = "INFO", stream: TextIO | None = None
+    log_format: str = "json",
+    level: str = "INFO",
+    stream: TextIO | None = None,
+    redactor: Redactor | None = None,
 ) -> None:
     """Configure structlog and stdlib logging once: one JSON object per line on stdout.
 
     Third-party loggers (uvicorn, aiokafka, httpx) go through the same renderer; noisy ones are
-    clamped to WARNING.
+    clamped to WARNING.  ``console`` colours only a terminal.  Every configured secret is scrubbed
+    from every event (``redactor``).
     """
+    out = stream or sys.stdout
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
@@ -185,10 +284,13 @@ def configure_logging(
     ]
     renderer: Any
     if log_format == "console":
-        renderer = structlog.dev.ConsoleRenderer()
+        renderer = structlog.dev.ConsoleRenderer(colors=_is_tty(out))
     else:
-        shared.append(structlog.processors.format_exc_info)
         renderer = structlog.processors.JSONRenderer()
+    # Tracebacks become text before the redactor runs, so that they are scrubbed too.
+    shared.append(structlog.processors.format_exc_info)
+    if redactor is not None:
+        shared.append(redactor.processor)
     numeric = logging.getLevelName(level.upper())
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
@@ -200,7 +302,7 @@ def configure_logging(
         foreign_pre_chain=shared,
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
     )
-    handler = logging.StreamHandler(stream or sys.stdout)
+    handler = logging.StreamHandler(out)
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -210,3 +312,10 @@ def configure_logging(
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+
+
+def _is_tty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False

@@ -3,10 +3,8 @@ events.
 
 Signature (``Datagrid-Signature: t=<unix>,v1=<hex>``): ``v1`` is HMAC-SHA256, keyed by the webhook
 secret, of ``"<t>." + raw body``.  Every configured secret is tried (rotation), every ``v1`` value
-in
-the header is accepted, comparisons are constant-time, and ``t`` must be within the tolerance of
-now,
-in either direction.
+in the header is accepted, comparisons are constant-time, and ``t`` must be within the tolerance of
+now, in either direction.
 """
 
 from __future__ import annotations
@@ -21,11 +19,12 @@ from typing import Any
 import msgspec
 import structlog
 from litestar import Request, Response, post
-from litestar.datastructures import State
+from litestar.exceptions import HTTPException
 from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED
 
+from forwarder.api import Backend
 from forwarder.datagrid import TERMINAL_STATUSES, check_batch_id
-from forwarder.errors import InvalidBatchId, InvalidWebhook, SignatureError
+from forwarder.errors import InvalidBatchId, InvalidWebhook, KafkaError, SignatureError
 from forwarder.jobs import Job
 
 log = structlog.get_logger("forwarder.webhooks")
@@ -40,16 +39,8 @@ def sign(secret: bytes, timestamp: int, body: bytes) -> str:
     return hmac.new(secret, str(timestamp).encode() + b"." + body, hashlib.sha256).hexdigest()
 
 
-def verify_signature(
-    header: str | None,
-    body: bytes,
-    secrets: Sequence[bytes],
-    *,
-    now: float,
-    tolerance: float,
-) -> int:
-    """Return the signed timestamp, or raise :class:`SignatureError` saying why (never which
-    secret)."""
+def _parse_header(header: str | None) -> tuple[int, list[bytes]]:
+    """``(t, [v1, ...])`` of a ``Datagrid-Signature`` header, or :class:`SignatureError`."""
     if not header:
         raise SignatureError("missing Datagrid-Signature header")
     if len(header) > _MAX_HEADER:
@@ -61,13 +52,28 @@ def verify_signature(
         if not sep:
             raise SignatureError("malformed Datagrid-Signature header")
         if name == "t":
-            if not value.isdigit() or len(value) > 12:
+            # ASCII digits only: str.isdigit() also accepts "²" and other digits int() refuses.
+            if not (value.isascii() and value.isdigit()) or len(value) > 12:
                 raise SignatureError("malformed Datagrid-Signature timestamp")
             timestamp = int(value)
         elif name == "v1":
             candidates.append(value.strip().lower().encode("ascii", "replace"))
     if timestamp is None or not candidates:
         raise SignatureError("malformed Datagrid-Signature header")
+    return timestamp, candidates
+
+
+def verify_signature(
+    header: str | None,
+    body: bytes,
+    secrets: Sequence[bytes],
+    *,
+    now: float,
+    tolerance: float,
+) -> int:
+    """Return the signed timestamp, or raise :class:`SignatureError` saying why (never which
+    secret)."""
+    timestamp, candidates = _parse_header(header)
     # Compute and compare against every secret and every v1 without an early exit,
     # so timing reveals neither which secret matched nor how much of a signature was right.
     matched = False
@@ -82,7 +88,7 @@ def verify_signature(
     return timestamp
 
 
-class _RecentEvents:
+class RecentEvents:
     """Event ids queued recently by this process (bounded), to answer redeliveries cheaply."""
 
     def __init__(self, size: int = 10_000) -> None:
@@ -118,20 +124,23 @@ def parse_event(body: bytes) -> tuple[str, str, dict[str, Any]]:
 
 
 @post("/webhooks/datagrid", status_code=HTTP_202_ACCEPTED, summary="Datagrid webhook receiver")
-async def datagrid_webhook(request: Request[Any, Any, Any], state: State) -> Response[Any]:
+async def datagrid_webhook(request: Request[Any, Any, Any], services: Backend) -> Response[Any]:
     """Verify the signature; queue terminal ``batch_prediction.*`` events (202), ignore others
     (200)."""
-    services = state.services
-    settings = services.settings
     metrics = services.metrics
-    body = await request.body()  # bounded by request_max_body_size: 413 beyond it
+    try:
+        body = await request.body()  # bounded by request_max_body_size: 413 beyond it
+    except HTTPException as exc:
+        if exc.status_code == 413:
+            metrics.webhooks.labels(outcome="too_large").inc()
+        raise
     try:
         verify_signature(
             request.headers.get(SIGNATURE_HEADER),
             body,
             services.webhook_secrets,
             now=time.time(),
-            tolerance=settings.webhook_tolerance_seconds,
+            tolerance=services.settings.webhook_tolerance_seconds,
         )
     except SignatureError:
         metrics.webhooks.labels(outcome="bad_signature").inc()
@@ -141,7 +150,7 @@ async def datagrid_webhook(request: Request[Any, Any, Any], state: State) -> Res
         structlog.contextvars.bind_contextvars(event_id=event_id)
         if event_type not in TERMINAL_EVENTS:
             metrics.webhooks.labels(outcome="ignored").inc()
-            log.info("webhook_ignored", event_type=event_type)
+            log.info("webhook_ignored", event_type=event_type[:100])
             return Response({"status": "ignored", "event_id": event_id}, status_code=HTTP_200_OK)
         batch_id = data.get("id")
         if not isinstance(batch_id, str):
@@ -151,15 +160,21 @@ async def datagrid_webhook(request: Request[Any, Any, Any], state: State) -> Res
         metrics.webhooks.labels(outcome="invalid").inc()
         raise
     known = services.state_of(batch_id)
-    if event_id in services.recent_events or (known is not None and known.status == "forwarded"):
+    if services.seen_event(event_id) or (known is not None and known.done):
         metrics.webhooks.labels(outcome="duplicate").inc()
         log.info("webhook_duplicate", batch_id=batch_id)
         return Response(
             {"status": "duplicate", "event_id": event_id, "batch_id": batch_id},
             status_code=HTTP_200_OK,
         )
-    await services.enqueue(Job(batch_id=batch_id, source="webhook", event_id=event_id))
-    services.recent_events.add(event_id)
+    try:
+        await services.enqueue(Job(batch_id=batch_id, source="webhook", event_id=event_id))
+    except KafkaError:
+        # Datagrid retries a 503; count it, since a retry that never comes loses the batch
+        # (until the reconciler finds it).
+        metrics.webhooks.labels(outcome="unavailable").inc()
+        raise
+    services.remember_event(event_id)
     metrics.webhooks.labels(outcome="accepted").inc()
     log.info("webhook_accepted", batch_id=batch_id, event_type=event_type)
     return Response(

@@ -5,8 +5,8 @@ Tools are never skipped for: a missing one fails the test that needs it, with th
 session (idempotent: about 20 ms when the pinned versions are already in ``.cache/tools/bin``,
 a few minutes of ``go install`` when they are not). ``hadolint`` and ``kubernetes-validate`` are
 Python packages of the dev group, found next to the running interpreter. ``uv`` is the one
-``scripts/bootstrap.sh`` pins in ``.cache/uv``. No tool is looked up on ``PATH``: a tool that is only
-there because someone installed it by hand would pass here and fail on a fresh machine.
+``scripts/bootstrap.sh`` pins in ``.cache/uv``. No tool is looked up on ``PATH``: a tool that is
+only there because someone installed it by hand would pass here and fail on a fresh machine.
 """
 
 from __future__ import annotations

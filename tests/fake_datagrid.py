@@ -91,6 +91,8 @@ DELETE /_fake/batches        forget every batch and the request log
 GET    /_fake/requests       request log (every non-/_fake request), oldest first
 DELETE /_fake/requests       clear the request log
 GET    /_fake/health         {"ok": true}
+GET    /v1/batch-predictions?limit=N&after=CURSOR   the list endpoint: every batch, newest
+                    (created_at) first, cursor pagination (next_cursor, has_more)
 """
 
 PROBLEM_BASE = "https://api.datagrid.com/errors/"
@@ -573,9 +575,14 @@ def _decode_lines(spec: Mapping[str, Any]) -> list[bytes]:
 
 
 def _count_line_statuses(lines: list[bytes]) -> dict[str, int]:
-    """request_counts for explicit lines; anything unparseable counts as errored."""
+    """request_counts for explicit lines, one item per result line the body holds: blank lines
+    are not items, and a spec line with embedded newlines is several; anything unparseable counts
+    as errored."""
     counts = dict.fromkeys(LINE_STATUSES, 0)
-    for line in lines:
+    physical = [piece for line in lines for piece in line.split(b"\n")]
+    for line in physical:
+        if not line.strip(b" \t\r\n\f\v"):
+            continue
         try:
             status = json.loads(line).get("status")
         except (ValueError, AttributeError, RecursionError):
@@ -772,6 +779,8 @@ class FakeDatagridServer:
         if not record["auth_ok"]:
             detail = "Missing, invalid, expired or revoked API key."
             return await self._problem(writer, request, record, 401, detail)
+        if request.path == "/v1/batch-predictions" and request.method == "GET":
+            return await self._list(writer, request, record)
         match = _BATCH_PATH.fullmatch(request.path)
         if match is None:
             return await self._problem(writer, request, record, 404, "No such endpoint.")
@@ -795,6 +804,37 @@ class FakeDatagridServer:
             headers = self._api_headers(record["request_id"])
             return await self._send(writer, request, 200, body, "application/json", headers)
         return await self._results(writer, request, record, batch, status)
+
+    async def _list(
+        self, writer: asyncio.StreamWriter, request: Request, record: dict[str, Any]
+    ) -> bool:
+        """``GET /v1/batch-predictions?limit=&after=``: newest first, cursor pagination. Listing
+        does not advance a batch's status sequence (it shows the status the next request sees)."""
+        query = dict(pair.partition("=")[::2] for pair in request.query.split("&") if pair)
+        try:
+            limit = int(query.get("limit", "20"))
+            offset = int(query["after"].removeprefix("c")) if query.get("after") else 0
+        except ValueError:
+            return await self._problem(writer, request, record, 400, "Bad limit or cursor.")
+        if not 1 <= limit <= 100:
+            return await self._problem(writer, request, record, 400, "limit must be 1-100.")
+        ordered = sorted(
+            enumerate(self.batches.values()), key=lambda item: (item[1].created_at, item[0])
+        )
+        ordered.reverse()
+        page = [batch.to_json(batch.peek_status()) for _, batch in ordered[offset : offset + limit]]
+        more = offset + limit < len(ordered)
+        body = _compact(
+            {
+                "object": "list",
+                "data": page,
+                "next_cursor": f"c{offset + limit}" if more else None,
+                "has_more": more,
+            }
+        )
+        record["status"], record["outcome"] = 200, "ok"
+        headers = self._api_headers(record["request_id"])
+        return await self._send(writer, request, 200, body, "application/json", headers)
 
     async def _results(
         self,

@@ -13,7 +13,8 @@ from forwarder.app import open_core
 from forwarder.config import Delivery, Settings
 from forwarder.kafka import make_producer, topic_partitions
 from forwarder.observability import Metrics
-from forwarder.pipeline import BatchState, Transaction
+from forwarder.pipeline import Transaction
+from forwarder.state import BatchState
 from tests.fake_datagrid import FakeDatagrid, generate_lines
 from tests.kafka_helpers import read_topic
 from tests.service_helpers import Forwarder, wait_until

@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 from forwarder.config import Delivery, Settings
-from forwarder.pipeline import BatchState
+from forwarder.state import BatchState
 from forwarder.webhooks import sign
 from tests.fake_datagrid import FakeDatagrid, generate_lines
 from tests.kafka_helpers import read_topic

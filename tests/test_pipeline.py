@@ -12,7 +12,7 @@ import pytest
 from forwarder.app import open_core
 from forwarder.config import Settings
 from forwarder.observability import Metrics
-from forwarder.pipeline import BatchState
+from forwarder.state import BatchState
 from tests.fake_datagrid import FakeDatagrid, generate_lines
 from tests.kafka_helpers import java_partition, read_topic
 from tests.service_helpers import forwarder_env, run_forwarder

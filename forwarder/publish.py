@@ -1,0 +1,418 @@
+"""Where a result line becomes a Kafka message: numbering, classification, record batches, acks.
+
+:class:`Publisher` handles one stream attempt of one batch.  Each valid line is appended to its
+partition's open aiokafka record batch (partition from Kafka's murmur2, as Java's default
+partitioner); a full batch is handed to the producer whole, and one future per batch instead of one
+per line is what makes this path fast.  Dead letters are rare and go through ``send()``.
+Acknowledgements are awaited oldest first, when more than ``max_in_flight`` bytes are
+outstanding (reading waits for Kafka) and eagerly when done.  :class:`Progress` is what survives
+from one attempt to the next; :class:`PublishConfig` is everything else, built once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from array import array
+from collections import Counter, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from aiokafka import AIOKafkaProducer
+
+from forwarder.config import Settings
+from forwarder.errors import KafkaError, UpstreamUnavailable
+from forwarder.kafka import RECORD_OVERHEAD_BYTES, TopicLimits, partition_for, translate
+from forwarder.ndjson import LineHead, Oversized, classify, is_blank
+from forwarder.observability import Metrics, line_status_label
+
+CONTENT_TYPE = ("content-type", b"application/json")
+#: Bytes Kafka adds per header besides its key and value (two varint lengths), counted generously.
+_HEADER_OVERHEAD = 10
+_DETAIL_LIMIT = 1024
+
+
+class StreamDiverged(UpstreamUnavailable):
+    """A re-stream did not start with the lines already acknowledged: start over from line 1."""
+
+
+class TooManyLines(UpstreamUnavailable):
+    """The stream holds more lines than the batch can have."""
+
+    code = "too_many_lines"
+
+
+def headers_size(headers: Sequence[tuple[str, bytes]]) -> int:
+    """Bytes the headers take in a record (keys, values and framing)."""
+    return sum(len(key) + len(value) + _HEADER_OVERHEAD for key, value in headers)
+
+
+@dataclass(frozen=True, slots=True)
+class PublishConfig:
+    """What publishing needs that does not change between batches: built once per process."""
+
+    results_topic: str
+    dead_letter_topic: str
+    #: Largest record (key, value and headers) each topic accepts, framing reserve deducted.
+    results_limit: int
+    dead_letter_limit: int
+    max_in_flight: int
+    linger: float
+    metrics: Metrics
+    #: ``datagrid-status`` header value and metric label per line status (a bounded cache).
+    statuses: dict[str, tuple[bytes, str]] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, settings: Settings, limits: TopicLimits, metrics: Metrics) -> PublishConfig:
+        """The configuration for ``settings`` and the topics' size limits."""
+        return cls(
+            results_topic=settings.results_topic,
+            dead_letter_topic=settings.dead_letter_topic,
+            results_limit=limits.results - RECORD_OVERHEAD_BYTES,
+            dead_letter_limit=limits.dead_letters - RECORD_OVERHEAD_BYTES,
+            max_in_flight=settings.max_in_flight_bytes,
+            linger=settings.kafka_linger_ms / 1000,
+            metrics=metrics,
+        )
+
+    @property
+    def max_line(self) -> int:
+        """The largest line worth holding: anything longer is too large for both topics."""
+        return max(self.results_limit, self.dead_letter_limit) + RECORD_OVERHEAD_BYTES
+
+    def status_of(self, status: object) -> tuple[bytes, str]:
+        """``datagrid-status`` header value and metric label of a line's ``status`` (cached)."""
+        known = self.statuses.get(status) if isinstance(status, str) else None
+        if known is None:
+            known = (status.encode() if isinstance(status, str) else b"", line_status_label(status))
+            if isinstance(status, str) and len(self.statuses) < 64 and len(status) < 64:
+                self.statuses[status] = known
+        return known
+
+
+@dataclass
+class Progress:
+    """What survives from one stream attempt to the next within one batch."""
+
+    acked_through: int = 0  # every line up to this number is in Kafka (or blank)
+    boundary: bytes = b""  # the bytes of line ``acked_through``, to check a re-stream against
+    high_water: int = 0  # highest line number processed by any attempt
+    #: Distinct lines in Kafka, by status (results) and by reason (dead letters).
+    lines: Counter[str] = field(default_factory=Counter)
+    dead_letters: Counter[str] = field(default_factory=Counter)
+    blank_lines: int = 0
+
+    @property
+    def result_lines(self) -> int:
+        """Result lines seen so far (blank lines excluded)."""
+        return self.high_water - self.blank_lines
+
+
+@dataclass(slots=True)
+class _Unit:
+    """Records acknowledged together: one record batch of one partition, or one dead letter."""
+
+    first_line: int  # the smallest line number in the unit
+    before_first: bytes  # bytes of line first_line - 1: the re-stream boundary if this unit fails
+    builder: Any = None  # aiokafka BatchBuilder while the unit is open
+    future: asyncio.Future[Any] | None = None
+    size: int = 0
+    dead: bool = False
+    numbers: array[int] = field(default_factory=lambda: array("I"))
+    labels: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """The batch an attempt publishes: its id, its webhook event and its line bound."""
+
+    batch_id: str
+    event_id: str | None
+    #: Most result lines the stream may hold (``request_counts.total``), when Datagrid said.
+    expected_lines: int | None = None
+    #: Most lines of any kind (blank ones too) read before the stream counts as runaway.
+    max_lines: int = 1_000_000_000
+
+
+class Publisher:
+    """One stream attempt of one batch on one producer."""
+
+    def __init__(
+        self,
+        config: PublishConfig,
+        producer: AIOKafkaProducer,
+        batch: Batch,
+        progress: Progress,
+        partitions: int,
+    ) -> None:
+        self.config = config
+        self.producer = producer
+        self.batch = batch
+        self.key_batch = batch.batch_id.encode()
+        self.progress = progress
+        self.partitions = partitions
+        self.line_no = 0
+        # The last line fully handled (in a unit, dead-lettered, blank or skipped) and its bytes.
+        self.processed_through = 0
+        self.last_line = progress.boundary
+        self.open: list[_Unit | None] = [None] * partitions
+        self.in_flight: deque[_Unit] = deque()
+        self.in_flight_bytes = 0
+        self.acked: list[_Unit] = []  # counted at the end, once the re-stream boundary is known
+        self.failed_from: int | None = None  # first line of the earliest unit Kafka refused
+        self.failed_boundary = b""
+        self.failure: KafkaError | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._flushing: asyncio.Future[None] | None = None
+        prefix = [("datagrid-batch-id", self.key_batch), CONTENT_TYPE]
+        if batch.event_id:
+            prefix.append(("datagrid-event-id", batch.event_id.encode()))
+        self.result_headers = prefix
+        # Every result record's fixed headers, plus the two per-line header names.
+        self.fixed_size = headers_size(prefix) + 2 * _HEADER_OVERHEAD + 32
+
+    async def publish(self, lines: Sequence[bytes | Oversized]) -> None:
+        """Number, classify and batch lines; wait while too much is unacknowledged."""
+        progress = self.progress
+        skip_through = progress.acked_through
+        for line in lines:
+            n = self.line_no = self.line_no + 1
+            if n > self.batch.max_lines:
+                raise TooManyLines(f"stream of {self.batch.batch_id} exceeds {n - 1} lines")
+            if n <= skip_through:
+                self._skip(n, line)
+                continue
+            if isinstance(line, Oversized):
+                await self._dead_letter(
+                    n, line.prefix, "too_large", f"line of {line.size} bytes exceeds the limit"
+                )
+            elif is_blank(line):
+                if n > progress.high_water:
+                    progress.blank_lines += 1
+            else:
+                await self._line(n, line)
+            self.processed_through = n
+            self.last_line = _raw(line)
+            if n > progress.high_water:
+                progress.high_water = n
+                self._check_expected()
+        await self._settle_acks()
+
+    def _skip(self, n: int, line: bytes | Oversized) -> None:
+        """A line an earlier attempt already put in Kafka: check the re-stream matches, skip it."""
+        if n == self.progress.acked_through and _raw(line) != self.progress.boundary:
+            self.progress.acked_through = 0
+            raise StreamDiverged(
+                f"re-stream of {self.batch.batch_id} differs at line {n}; re-publishing all lines"
+            )
+        self.processed_through = n
+        self.last_line = _raw(line)
+
+    def _check_expected(self) -> None:
+        expected = self.batch.expected_lines
+        if expected is not None and self.progress.result_lines > expected:
+            raise TooManyLines(
+                f"stream of {self.batch.batch_id} has more than the batch's {expected} lines"
+            )
+
+    async def _line(self, n: int, line: bytes) -> None:
+        """A non-blank line: to its partition's record batch, or to the dead-letter topic."""
+        head = classify(line, self.batch.batch_id)
+        if isinstance(head, tuple):
+            await self._dead_letter(n, line, *head)
+            return
+        key = cast(str, head.custom_id).encode()
+        status_bytes, label = self.config.status_of(head.status)
+        size = len(line) + len(key) + len(status_bytes) + self.fixed_size
+        if size > self.config.results_limit:
+            await self._dead_letter(n, line, "too_large", self._too_large(line, size, head))
+            return
+        headers = [
+            *self.result_headers,
+            ("datagrid-status", status_bytes),
+            ("datagrid-line", b"%d" % n),
+        ]
+        partition = partition_for(key, self.partitions)
+        unit = self.open[partition] or self._open(partition, n)
+        if unit.builder.append(key=key, value=line, timestamp=None, headers=headers) is None:
+            # Full: hand it over and start the next one with this line (an empty batch takes
+            # any record that passed the size check).
+            await self._submit(partition)
+            unit = self._open(partition, n)
+            unit.builder.append(key=key, value=line, timestamp=None, headers=headers)
+        unit.size += len(line)
+        unit.numbers.append(n)
+        unit.labels.append(label)
+
+    def _too_large(self, line: bytes, size: int, head: LineHead) -> str:
+        status = head.status if isinstance(head.status, str) else ""
+        limit = self.config.results_limit + RECORD_OVERHEAD_BYTES
+        return (
+            f"record of {size} bytes (line {len(line)}, status header {len(status.encode())}) "
+            f"exceeds the results topic's max.message.bytes ({limit})"
+        )
+
+    async def _settle_acks(self) -> None:
+        # Release what Kafka already acknowledged (memory stays flat), then respect the bound.
+        in_flight = self.in_flight
+        while in_flight and in_flight[0].future is not None and in_flight[0].future.done():
+            await self._ack_oldest()
+        while self.in_flight_bytes > self.config.max_in_flight:
+            await self._ack_oldest()
+        if self.failure is not None:
+            raise self.failure
+
+    def linger(self) -> None:
+        """After a chunk: if lines wait in record batches that are not full, hand them over once
+        the upstream has been quiet for the linger (the producer's linger, for batches we build).
+
+        A timer re-armed per chunk, not a task per chunk: a flowing stream only pays for the
+        re-arm, and a paused one still gets its lines into Kafka.
+        """
+        if self._timer is not None:
+            self._timer.cancel()
+        if any(unit is not None for unit in self.open):
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(self.config.linger, self._linger_expired)
+
+    def _linger_expired(self) -> None:
+        self._timer = None
+        if self._flushing is None or self._flushing.done():
+            self._flushing = asyncio.ensure_future(self._submit_open())
+
+    async def _submit_open(self) -> None:
+        # May run beside the stream read: _submit() takes a unit out of self.open before it
+        # awaits, so the two never hand over the same record batch.
+        for partition, unit in enumerate(self.open):
+            if unit is not None:
+                with contextlib.suppress(KafkaError):  # recorded by _failed; publish raises it
+                    await self._submit(partition)
+
+    def _open(self, partition: int, n: int) -> _Unit:
+        unit = _Unit(n, self.last_line, self.producer.create_batch())
+        self.open[partition] = unit
+        return unit
+
+    async def _submit(self, partition: int) -> None:
+        unit = self.open[partition]
+        assert unit is not None
+        self.open[partition] = None
+        try:
+            unit.future = await self.producer.send_batch(
+                unit.builder, self.config.results_topic, partition=partition
+            )
+        except Exception as exc:
+            # Whatever it is (aiokafka asserts on a partition that vanished), the unit's lines
+            # are not in Kafka: record it, so the attempt fails and the stream resumes before it.
+            raise self._failed(unit, exc) from exc
+        unit.builder = None
+        self._track(unit)
+
+    async def _dead_letter(self, n: int, line: bytes, reason: str, detail: str) -> None:
+        headers = [
+            ("datagrid-batch-id", self.key_batch),
+            ("datagrid-line", str(n).encode()),
+            ("forwarder-error", reason.encode()),
+        ]
+        # Room for the value: the topic's limit less the key and the headers, counting the detail
+        # header at its longest so that a truncation note always fits.
+        room = (
+            self.config.dead_letter_limit
+            - len(self.key_batch)
+            - headers_size(headers)
+            - headers_size([("forwarder-error-detail", b"x" * _DETAIL_LIMIT)])
+        )
+        value = line
+        if len(value) > room:
+            note = f"; value truncated to the first {room} bytes"
+            detail = detail[: _DETAIL_LIMIT - len(note) - 8] + note
+            value = value[:room]
+        headers.append(
+            ("forwarder-error-detail", detail.encode("utf-8", "replace")[:_DETAIL_LIMIT])
+        )
+        unit = _Unit(n, self.last_line, size=len(value), dead=True)
+        unit.numbers.append(n)
+        unit.labels.append(reason)
+        try:
+            unit.future = await self.producer.send(
+                self.config.dead_letter_topic, value, self.key_batch, headers=headers
+            )
+        except Exception as exc:
+            raise self._failed(unit, exc) from exc
+        self._track(unit)
+
+    def _track(self, unit: _Unit) -> None:
+        self.in_flight.append(unit)
+        self.in_flight_bytes += unit.size
+        sent = time.perf_counter()
+        observe = self.config.metrics.produce_latency.observe
+        assert unit.future is not None
+        unit.future.add_done_callback(lambda _f: observe(time.perf_counter() - sent))
+
+    def _failed(self, unit: _Unit, exc: BaseException) -> KafkaError:
+        """Kafka refused (or never got) ``unit``: lines from its first on are not acknowledged."""
+        if self.failed_from is None or unit.first_line < self.failed_from:
+            self.failed_from = unit.first_line
+            self.failed_boundary = unit.before_first
+        error = translate(exc, f"lines from {unit.first_line} not acknowledged")
+        if self.failure is None:
+            self.failure = error
+        return error
+
+    async def _ack_oldest(self) -> None:
+        unit = self.in_flight.popleft()
+        self.in_flight_bytes -= unit.size
+        assert unit.future is not None
+        try:
+            await unit.future
+        except Exception as exc:
+            self._failed(unit, exc)
+            return
+        self.acked.append(unit)
+
+    async def drain(self) -> None:
+        """Hand over the open batches, wait for every acknowledgement, settle the counts and the
+        prefix that the next attempt may skip."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._flushing is not None:
+            await asyncio.wait({self._flushing})
+        await self._submit_open()
+        while self.in_flight:
+            await self._ack_oldest()
+        self._count()
+        progress = self.progress
+        if self.failed_from is not None:
+            # Everything before the earliest refused line is in Kafka (or blank).
+            if self.failed_from - 1 > progress.acked_through:
+                progress.acked_through = self.failed_from - 1
+                progress.boundary = self.failed_boundary
+        elif self.processed_through > progress.acked_through:
+            progress.acked_through = self.processed_through
+            progress.boundary = self.last_line
+        if self.failure is not None:
+            raise self.failure
+
+    def _count(self) -> None:
+        """Count each acknowledged line once: lines at or past the earliest refused one will be
+        published again by the next attempt, which counts them then."""
+        limit = self.failed_from if self.failed_from is not None else self.line_no + 1
+        progress = self.progress
+        for unit in self.acked:
+            counter = progress.dead_letters if unit.dead else progress.lines
+            if unit.numbers[-1] < limit:
+                counter.update(unit.labels)
+            else:
+                counter.update(
+                    label
+                    for number, label in zip(unit.numbers, unit.labels, strict=True)
+                    if number < limit
+                )
+        self.acked.clear()
+
+
+def _raw(line: bytes | Oversized) -> bytes:
+    return line.prefix if isinstance(line, Oversized) else line

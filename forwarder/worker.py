@@ -1,0 +1,440 @@
+"""The jobs-topic consumer: a group member that forwards each batch once.
+
+:class:`Worker` runs up to ``concurrency`` batches at once and commits a partition's offset only up
+to its oldest unfinished job (:class:`PartitionOffsets`), so a crash redoes unfinished work and
+never skips it.  A batch that is not terminal yet is parked as a ``waiting`` state record (durable)
+and re-checked on a timer by the pod owning its jobs partition, so it blocks neither a slot nor its
+partition's commits.  In exactly-once mode each jobs partition has its own transactional producer
+(``kafka.TransactionalProducers``), whose id is derived from the partition so that a new owner
+fences the old one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+
+from forwarder.config import Settings
+from forwarder.errors import (
+    KAFKA_BACKOFF,
+    Backoff,
+    BatchNotReady,
+    Fenced,
+    InvalidBatchId,
+    KafkaError,
+)
+from forwarder.jobs import Job, parse_job
+from forwarder.kafka import TransactionalProducers, kafka_errors, partition_for
+from forwarder.observability import Metrics
+from forwarder.pipeline import Pipeline, Transaction
+from forwarder.state import BatchState, StateStore, Status
+
+log = structlog.get_logger("forwarder.worker")
+
+
+class PartitionOffsets:
+    """Offsets of one partition's jobs in flight; the committable offset is the oldest
+    unfinished one."""
+
+    def __init__(self) -> None:
+        self.pending: dict[int, bool] = {}  # offset -> finished (insertion order = offset order)
+        self.committed = -1
+
+    def add(self, offset: int) -> None:
+        """A job at ``offset`` started."""
+        self.pending[offset] = False
+
+    def finish(self, offset: int) -> int | None:
+        """Mark done; return the new offset to commit, if it moved."""
+        if offset in self.pending:
+            self.pending[offset] = True
+        commit = None
+        for pending_offset in list(self.pending):
+            if not self.pending[pending_offset]:
+                break
+            del self.pending[pending_offset]
+            commit = pending_offset + 1
+        if commit is not None and commit > self.committed:
+            self.committed = commit
+            return commit
+        return None
+
+    @property
+    def oldest_unfinished(self) -> int | None:
+        """Offset of the oldest job not finished yet."""
+        return next((o for o, done in self.pending.items() if not done), None)
+
+
+class KeyedLock:
+    """One asyncio lock per key, dropped when nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        """Hold ``key``'s lock for the block."""
+        entry = self._locks.setdefault(key, (asyncio.Lock(), [0]))
+        entry[1][0] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1][0] -= 1
+            if entry[1][0] == 0:
+                del self._locks[key]
+
+
+class Worker(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Consumes the jobs topic and forwards each batch once."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        pipeline: Pipeline,
+        store: StateStore,
+        metrics: Metrics,
+        *,
+        consumer_factory: Callable[[], AIOKafkaConsumer],
+        transactional_producer: Callable[[str], AIOKafkaProducer] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._pipeline = pipeline
+        self._store = store
+        self._metrics = metrics
+        self._consumer_factory = consumer_factory
+        self._txn = (
+            TransactionalProducers(settings.consumer_group, transactional_producer)
+            if transactional_producer is not None
+            else None
+        )
+        self._consumer: AIOKafkaConsumer | None = None
+        self._loop_task: asyncio.Task[None] | None = None
+        self._tasks: dict[asyncio.Task[None], tuple[TopicPartition, int, float]] = {}
+        self._offsets: dict[TopicPartition, PartitionOffsets] = {}
+        self._waiters: dict[str, asyncio.Task[None]] = {}
+        self._batch_locks = KeyedLock()
+        self._slots = asyncio.Semaphore(settings.concurrency)
+        self._stopping = asyncio.Event()
+        # Polls of a batch that is not terminal: 2, 4, 8 ... s, up to the poll setting.
+        self._not_ready = Backoff(base=1.0, cap=settings.not_ready_poll_seconds, jitter=0.2)
+        self.assigned = asyncio.Event()  # joined the group (possibly with no partitions)
+
+    # --- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Join the consumer group and start the loop."""
+        self._consumer = self._consumer_factory()
+        self._consumer.subscribe([self._settings.jobs_topic], listener=self)
+        with kafka_errors("starting the jobs consumer"):
+            await self._consumer.start()
+        self._loop_task = asyncio.create_task(self._loop(), name="jobs-loop")
+
+    async def drain(self, grace: float) -> None:
+        """Stop taking jobs; let in-flight batches finish for ``grace`` s, then abandon them.
+
+        Abandoned jobs stay uncommitted, so another pod (or this one, restarted) redoes them.
+        """
+        self._stopping.set()
+        if self._loop_task is not None:
+            await self._loop_task
+            self._loop_task = None
+        running = [t for t in self._tasks if not t.done()]
+        if running:
+            log.info("draining", batches=len(running), timeout_s=grace)
+            await self._finish_or_abandon(running, grace, "drain_timeout_abandoned")
+        for waiter in self._waiters.values():
+            waiter.cancel()
+        self._waiters.clear()
+
+    async def stop(self) -> None:
+        """Drain with no grace (if not drained yet) and leave the group (safe to call twice)."""
+        if not self._stopping.is_set() or self._loop_task is not None:
+            await self.drain(0)
+        if self._consumer is not None:
+            await self._consumer.stop()
+            self._consumer = None
+        if self._txn is not None:
+            await self._txn.close()
+
+    @staticmethod
+    async def _finish_or_abandon(tasks: list[asyncio.Task[None]], grace: float, event: str) -> None:
+        _, late = await asyncio.wait(tasks, timeout=grace)
+        for task in late:
+            task.cancel()
+        if late:
+            # Uncommitted: the partition's next owner redoes them (at-least-once: duplicates).
+            log.warning(event, batches=len(late), timeout_s=grace)
+            await asyncio.wait(late)
+
+    # --- rebalance listener ------------------------------------------------------------------
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        """Finish (within the drain timeout) or abandon the jobs of partitions leaving us."""
+        revoked_set = set(revoked)
+        mine = [t for t, (tp, _, _) in self._tasks.items() if tp in revoked_set and not t.done()]
+        if mine:
+            grace = self._settings.drain_timeout_seconds
+            await self._finish_or_abandon(mine, grace, "rebalance_abandoned")
+        for tp in revoked_set:
+            self._offsets.pop(tp, None)
+            with contextlib.suppress(KeyError):  # its new owner reports its lag now
+                self._metrics.jobs_lag.remove(str(tp.partition))
+            if self._txn is not None:
+                await self._txn.discard(tp)
+        for batch_id, waiter in list(self._waiters.items()):
+            if self._jobs_partition(batch_id) in revoked_set:
+                waiter.cancel()
+                del self._waiters[batch_id]
+        self._update_waiting_gauge()
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        """Track the new partitions and adopt the waiting batches they own."""
+        for tp in assigned:
+            self._offsets.setdefault(tp, PartitionOffsets())
+            if self._txn is not None:
+                with contextlib.suppress(KafkaError):  # logged; run_job tries again
+                    await self._txn.get(tp)
+        assigned_set = set(assigned)
+        for state in self._store.waiting():
+            owned = self._jobs_partition(state.batch_id) in assigned_set
+            if owned and state.batch_id not in self._waiters:
+                job = Job(
+                    state.batch_id, source=state.source or "producer", event_id=state.event_id
+                )
+                self._park(job, delay=0.0)
+        self.assigned.set()
+
+    # --- the loop ------------------------------------------------------------------------------
+    async def _loop(self) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        failures = 0
+        while not self._stopping.is_set():
+            running = [t for t in self._tasks if not t.done()]
+            free = self._settings.concurrency - len(running)
+            assignment = list(consumer.assignment())
+            # Keep polling even when full, so the group does not think we died; just take nothing.
+            # When full, wait for a job to finish rather than in the poll: a poll of paused
+            # partitions always lasts its whole timeout, which capped a process at `concurrency`
+            # jobs per 500 ms however short the jobs were.
+            timeout_ms = 500
+            if free <= 0:
+                consumer.pause(*assignment)
+                await asyncio.wait(running, timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
+                timeout_ms = 0
+            else:
+                consumer.resume(*assignment)
+            try:
+                with kafka_errors("polling the jobs topic"):
+                    batches = await consumer.getmany(
+                        timeout_ms=timeout_ms, max_records=max(free, 1)
+                    )
+            except KafkaError as exc:
+                failures += 1
+                log.warning("jobs_poll_failed", error=str(exc))
+                await asyncio.sleep(KAFKA_BACKOFF.delay(failures))
+                continue
+            failures = 0
+            for tp, records in batches.items():
+                for record in records:
+                    self._start(tp, record)
+            self._update_lag()
+
+    def _start(self, tp: TopicPartition, record: ConsumerRecord[Any, Any]) -> None:
+        offsets = self._offsets.setdefault(tp, PartitionOffsets())
+        offsets.add(record.offset)
+        task = asyncio.create_task(
+            self._handle(tp, record), name=f"job-{tp.partition}-{record.offset}"
+        )
+        queued_at = record.timestamp / 1000 if record.timestamp else time.time()
+        self._tasks[task] = (tp, record.offset, queued_at)
+        task.add_done_callback(self._tasks.pop)
+
+    async def _handle(self, tp: TopicPartition, record: ConsumerRecord[Any, Any]) -> None:
+        try:
+            job = parse_job(record.value)
+        except InvalidBatchId as exc:
+            log.error("job_invalid", partition=tp.partition, offset=record.offset, error=str(exc))
+            self._metrics.batches.labels(outcome="invalid").inc()
+        else:
+            if not await self._run_until_done(job, tp, record.offset):
+                return  # handed off: the partition's new owner redoes the job
+        await self._commit(tp, record.offset)
+
+    async def _run_until_done(
+        self, job: Job, tp: TopicPartition | None = None, offset: int | None = None
+    ) -> bool:
+        """Run ``job`` until it is done (True), or until its partition is no longer ours (False).
+
+        While Kafka fails, the job is retried with backoff and its offset stays uncommitted; a
+        fenced or broken transactional producer is replaced before the next try.
+        """
+        failures = 0
+        while True:
+            try:
+                await self.run_job(job, tp, offset)
+                return True
+            except KafkaError as exc:
+                failures += 1
+                owned = self._owns(tp or self._jobs_partition(job.batch_id))
+                if isinstance(exc, Fenced) and not owned:
+                    log.warning("producer_fenced", batch_id=job.batch_id)
+                    return False
+                if self._stopping.is_set() or not owned:
+                    return False
+                delay = KAFKA_BACKOFF.delay(failures)
+                log.warning(
+                    "job_retry_kafka", batch_id=job.batch_id, error=str(exc), retry_in=delay
+                )
+                await asyncio.sleep(delay)
+
+    async def run_job(
+        self, job: Job, tp: TopicPartition | None = None, offset: int | None = None
+    ) -> None:
+        """Forward ``job``'s batch unless it already was (or park it if it is not terminal).
+
+        In exactly-once mode the job's offset (``tp``, ``offset``) commits in the batch's
+        transaction, and a partition's jobs run one at a time (one transaction per producer).
+        """
+        if self._txn is None:
+            async with self._batch_locks.hold(job.batch_id), self._slots:
+                await self._run_locked(job, None)
+            return
+        tp = tp or self._jobs_partition(job.batch_id)
+        if tp is None or not self._owns(tp):
+            raise Fenced(f"jobs partition {tp} is not owned by this process")
+        producer = await self._txn.get(tp)
+        offsets = {tp: offset + 1} if offset is not None else None
+        txn = Transaction(producer, offsets, self._settings.consumer_group)
+        async with self._txn.lock(tp), self._batch_locks.hold(job.batch_id), self._slots:
+            try:
+                await self._run_locked(job, txn)
+            except KafkaError:
+                # A failed transactional producer is never reused: its state may be final.
+                await self._txn.discard(tp)
+                raise
+
+    async def _run_locked(self, job: Job, txn: Transaction | None) -> None:
+        logger = log.bind(batch_id=job.batch_id, event_id=job.event_id, source=job.source)
+        if not job.replay:
+            await self._store.sync()
+            known = self._store.get(job.batch_id)
+            parked = known is not None and known.status is Status.WAITING
+            if known is not None and (known.done or (parked and job.batch_id in self._waiters)):
+                self._metrics.batches.labels(outcome="duplicate").inc()
+                logger.info("batch_duplicate", status=known.status.value)
+                return
+        try:
+            state = await self._pipeline.forward(
+                job.batch_id, source=job.source, event_id=job.event_id, txn=txn
+            )
+        except BatchNotReady as exc:
+            await self._wait_for(job, exc, txn)
+            return
+        self._store.put(state)
+
+    async def _wait_for(self, job: Job, exc: BatchNotReady, txn: Transaction | None) -> None:
+        previous = self._store.get(job.batch_id)
+        checks = (previous.attempts if previous and previous.status is Status.WAITING else 0) + 1
+        state = BatchState.waiting(
+            job.batch_id, source=job.source, event_id=job.event_id, not_ready=exc, checks=checks
+        )
+        if state.expired_unfinished:
+            expires_at = (state.error or {}).get("expires_at")
+            state.fail(exc)
+            state.error = {
+                "code": "batch_expired_unfinished",
+                "detail": f"batch still {exc.batch_status!r} after expires_at {expires_at}",
+            }
+        await self._pipeline.record(state, txn)
+        self._store.put(state)
+        if state.status is Status.FAILED:
+            self._metrics.batches.labels(outcome="failed").inc()
+            log.warning("batch_failed", batch_id=job.batch_id, error=state.error)
+            return
+        delay = self._not_ready.delay(checks + 1)
+        log.info(
+            "batch_waiting",
+            batch_id=job.batch_id,
+            batch_status=exc.batch_status,
+            next_check_s=round(delay, 2),
+            checks=checks,
+        )
+        self._park(job, delay)
+
+    def _park(self, job: Job, delay: float) -> None:
+        async def wake() -> None:
+            await asyncio.sleep(delay)
+            self._waiters.pop(job.batch_id, None)
+            self._update_waiting_gauge()
+            await self._run_until_done(job)
+
+        old = self._waiters.pop(job.batch_id, None)
+        if old is not None:
+            old.cancel()
+        self._waiters[job.batch_id] = asyncio.create_task(wake(), name=f"wait-{job.batch_id}")
+        self._update_waiting_gauge()
+
+    async def _commit(self, tp: TopicPartition, offset: int) -> None:
+        offsets = self._offsets.get(tp)
+        if offsets is None or self._consumer is None:
+            return  # partition revoked meanwhile: its new owner decides
+        commit = offsets.finish(offset)
+        if commit is None:
+            return
+        try:
+            with kafka_errors(f"committing {tp}"):
+                await self._consumer.commit({tp: commit})
+        except KafkaError as exc:
+            # Not fatal: the job may be redone, and the state store makes that a duplicate.
+            log.warning("commit_failed", partition=tp.partition, offset=commit, error=str(exc))
+
+    def leads(self) -> bool:
+        """True while this process owns jobs partition 0: one pod of the group at a time."""
+        return self._owns(TopicPartition(self._settings.jobs_topic, 0))
+
+    # --- helpers -------------------------------------------------------------------------------
+    def _owns(self, tp: TopicPartition | None) -> bool:
+        return tp is not None and self._consumer is not None and tp in self._consumer.assignment()
+
+    def _jobs_partition(self, batch_id: str) -> TopicPartition | None:
+        assert self._consumer is not None
+        partitions = self._consumer.partitions_for_topic(self._settings.jobs_topic)
+        if not partitions:
+            return None
+        index = partition_for(batch_id.encode(), len(partitions))
+        return TopicPartition(self._settings.jobs_topic, index)
+
+    def _update_waiting_gauge(self) -> None:
+        self._metrics.batches_waiting.set(len(self._waiters))
+
+    def _update_lag(self) -> None:
+        consumer = self._consumer
+        if consumer is None:
+            return
+        for tp in consumer.assignment():
+            highwater = consumer.highwater(tp)
+            offsets = self._offsets.get(tp)
+            if highwater is None or offsets is None:
+                continue
+            position = offsets.committed if offsets.committed >= 0 else None
+            if offsets.pending:
+                position = next(iter(offsets.pending))
+            if position is None:
+                position = highwater
+            self._metrics.jobs_lag.labels(partition=str(tp.partition)).set(
+                max(highwater - position, 0)
+            )
+        oldest = min((queued for _, _, queued in self._tasks.values()), default=None)
+        self._metrics.jobs_lag_seconds.set(0 if oldest is None else max(time.time() - oldest, 0))
+
+    @property
+    def draining(self) -> bool:
+        """True once drain started."""
+        return self._stopping.is_set()
