@@ -14,7 +14,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import msgspec
 import structlog
@@ -46,6 +46,7 @@ class RequestTimeout(ForwarderError):
     http_status = 408
 
 
+@runtime_checkable
 class Backend(Protocol):
     """What the HTTP handlers need of the service."""
 
@@ -98,13 +99,13 @@ def problem_response(request: Request[Any, Any, Any], exc: Exception) -> Respons
             413: "payload_too_large",
         }.get(status, "http_error")
         detail = exc.detail if status < 500 else "internal error"
+    else:
+        status, code, detail = 500, "internal_error", "internal error"
+        log.exception("request_crashed", path=request.url.path)
     if status in (408, 413):
         # The body was refused unread: close the connection rather than let the server
         # read (and discard) the rest of it, however long the client keeps sending.
         headers["Connection"] = "close"
-    else:
-        status, code, detail = 500, "internal_error", "internal error"
-        log.exception("request_crashed", path=request.url.path)
     body = {
         "type": PROBLEM_BASE + code,
         "title": code.replace("_", " ").capitalize(),

@@ -265,6 +265,14 @@ class DatagridClient:
         try:
             self._on_response(str(response.status_code), time.perf_counter() - started)
             self._limiter.observe(endpoint, response.status_code, response.headers)
+            encoding = response.headers.get("content-encoding", "identity").strip().lower()
+            if encoding not in ("", "identity"):
+                # We asked for identity: a compressed body can inflate without bound in one
+                # decoded chunk (a "zip bomb"), so none is ever decoded.
+                raise UpstreamUnavailable(
+                    f"GET {path}: {response.status_code} with Content-Encoding "
+                    f"{encoding[:40]!r}, not identity"
+                )
             yield response
         finally:
             await response.aclose()

@@ -184,20 +184,21 @@ class Publisher:
             if n <= skip_through:
                 self._skip(n, line)
                 continue
+            new = n > progress.high_water
             if isinstance(line, Oversized):
+                self._check_room(new)
                 await self._dead_letter(
                     n, line.prefix, "too_large", f"line of {line.size} bytes exceeds the limit"
                 )
             elif is_blank(line):
-                if n > progress.high_water:
-                    progress.blank_lines += 1
+                progress.blank_lines += new
             else:
+                self._check_room(new)
                 await self._line(n, line)
             self.processed_through = n
             self.last_line = _raw(line)
-            if n > progress.high_water:
+            if new:
                 progress.high_water = n
-                self._check_expected()
         await self._settle_acks()
 
     def _skip(self, n: int, line: bytes | Oversized) -> None:
@@ -210,9 +211,10 @@ class Publisher:
         self.processed_through = n
         self.last_line = _raw(line)
 
-    def _check_expected(self) -> None:
+    def _check_room(self, new: bool) -> None:
+        """Refuse a result line past the batch's total before it reaches Kafka."""
         expected = self.batch.expected_lines
-        if expected is not None and self.progress.result_lines > expected:
+        if new and expected is not None and self.progress.result_lines >= expected:
             raise TooManyLines(
                 f"stream of {self.batch.batch_id} has more than the batch's {expected} lines"
             )
