@@ -144,8 +144,14 @@ def topic_specs(settings: Settings) -> dict[str, dict[str, str]]:
         settings.results_topic: {},
         settings.dead_letter_topic: {},
         settings.jobs_topic: {},
-        # Compacted: the latest state per batch id is the memory of what was forwarded.
-        settings.state_topic: {"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"},
+        # Compacted: the latest state per batch id is the memory of what was forwarded; deleted
+        # past the retention, so the topic does not grow for ever (a waiting batch's record is
+        # rewritten at every check, so it stays young).
+        settings.state_topic: {
+            "cleanup.policy": "compact,delete",
+            "retention.ms": str(int(settings.state_retention_hours * 3_600_000)),
+            "min.compaction.lag.ms": "60000",
+        },
     }
 
 
@@ -179,6 +185,14 @@ async def prepare_topics(settings: Settings) -> TopicLimits:
             ]
             response = await admin.create_topics(new, timeout_ms=30_000)
             _check_created(response)
+        policy = await _topic_config(admin, settings.state_topic, "cleanup.policy")
+        if settings.state_topic in existing and "delete" not in (policy or ""):
+            log.warning(
+                "state_topic_unbounded",
+                topic=settings.state_topic,
+                cleanup_policy=policy,
+                hint="set cleanup.policy=compact,delete and retention.ms, or it grows for ever",
+            )
         return TopicLimits(
             results=await _max_message_bytes(admin, settings.results_topic),
             dead_letters=await _max_message_bytes(admin, settings.dead_letter_topic),
@@ -197,14 +211,19 @@ def _check_created(response: Any) -> None:
             raise KafkaError(f"creating topic {topic}: error {code} {message}", retriable=False)
 
 
-async def _max_message_bytes(admin: AIOKafkaAdminClient, topic: str) -> int:
+async def _topic_config(admin: AIOKafkaAdminClient, topic: str, name: str) -> str | None:
     responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
     for response in responses:
         for resource in response.resources:
             for entry in resource[4]:
-                if entry[0] == "max.message.bytes":
-                    return int(entry[1])
-    return DEFAULT_MAX_MESSAGE_BYTES
+                if entry[0] == name:
+                    return str(entry[1])
+    return None
+
+
+async def _max_message_bytes(admin: AIOKafkaAdminClient, topic: str) -> int:
+    value = await _topic_config(admin, topic, "max.message.bytes")
+    return int(value) if value is not None else DEFAULT_MAX_MESSAGE_BYTES
 
 
 async def topic_partitions(source: Settings | dict[str, Any], topic: str) -> list[int]:

@@ -170,6 +170,8 @@ class StateStore:
         self._task: asyncio.Task[None] | None = None
         self._partitions: list[TopicPartition] = []
         self._progress = asyncio.Condition()
+        self._retention = settings.state_retention_hours * 3600.0
+        self._pruned_at = time.monotonic()
         self.ready = asyncio.Event()
 
     def get(self, batch_id: str) -> BatchState | None:
@@ -184,6 +186,22 @@ class StateStore:
     def waiting(self) -> list[BatchState]:
         """Batches parked until Datagrid finishes them."""
         return [s for s in self._states.values() if s.status is Status.WAITING]
+
+    def prune(self, now: datetime | None = None) -> int:
+        """Forget finished batches older than the retention (waiting and forwarding ones stay);
+        returns how many were forgotten."""
+        self._pruned_at = time.monotonic()
+        cutoff = (now or datetime.now(UTC)).timestamp() - self._retention
+        old = []
+        for batch_id, state in self._states.items():
+            finished = parse_time(state.finished_at)
+            done = state.status in (Status.FORWARDED, Status.FAILED)
+            if done and finished is not None and finished.timestamp() < cutoff:
+                old.append(batch_id)
+        for batch_id in old:
+            del self._states[batch_id]
+        self._metrics.state_batches.set(len(self._states))
+        return len(old)
 
     async def start(self) -> None:
         """Assign every partition of the state topic, read it to the end, then keep following."""
@@ -201,6 +219,7 @@ class StateStore:
             await consumer.seek_to_beginning(*self._partitions)
         self._task = asyncio.create_task(self._follow(), name="state-store")
         await self.sync()
+        self.prune()
         self.ready.set()
 
     async def _follow(self) -> None:
@@ -219,6 +238,8 @@ class StateStore:
             for records in batches.values():
                 for record in records:
                     self._apply(record)
+            if time.monotonic() - self._pruned_at > 60:
+                self.prune()
             self._metrics.state_batches.set(len(self._states))
             async with self._progress:
                 self._progress.notify_all()

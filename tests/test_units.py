@@ -276,3 +276,28 @@ async def test_rate_limiter_keeps_to_the_window_and_to_the_servers_word() -> Non
     off = RateLimiter(0, waits.append)  # 0: no client-side limit, still the server's word
     for _ in range(500):
         await off.acquire("results")
+
+
+def test_state_store_forgets_only_finished_batches_past_the_retention() -> None:
+    """Retention drops old forwarded and failed states; waiting ones are kept whatever their age."""
+    from datetime import UTC, datetime, timedelta
+
+    from forwarder.observability import Metrics
+    from forwarder.state import BatchState, StateStore, Status, iso
+
+    store = StateStore(_settings(state_retention_hours=24), Metrics(process=False))
+    old = iso(datetime.now(UTC) - timedelta(hours=25))
+    recent = iso(datetime.now(UTC) - timedelta(hours=1))
+    for batch_id, status, finished in [
+        ("old_done", Status.FORWARDED, old),
+        ("old_failed", Status.FAILED, old),
+        ("old_waiting", Status.WAITING, None),
+        ("recent_done", Status.FORWARDED, recent),
+    ]:
+        store.put(
+            BatchState(batch_id=batch_id, status=status, finished_at=finished, started_at=old)
+        )
+    assert store.prune() == 2
+    assert {
+        s for s in ("old_done", "old_failed", "old_waiting", "recent_done") if store.get(s)
+    } == {"old_waiting", "recent_done"}
