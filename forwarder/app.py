@@ -1,8 +1,8 @@
 """The composition root: the one place that builds and wires every resource.
 
-``open_core`` opens the topics check, the producer and the Datagrid client (``forward`` uses it);
-``create_app`` adds the state store, the jobs worker and the HTTP routes in one lifespan, opened in
-order and closed in reverse; ``serve`` runs it under uvicorn with a SIGTERM drain, request
+``core.open_core`` opens the topics check, the producer and the Datagrid client (``forward`` uses
+only that, without the HTTP stack); ``create_app`` adds the state store, the jobs worker, the
+reconciler and the HTTP routes in one lifespan, opened in order and closed in reverse; ``serve`` runs it under uvicorn with a SIGTERM drain, request
 timeouts and a connection cap.
 """
 
@@ -36,57 +36,17 @@ from forwarder.api import (
     request_id_middleware,
 )
 from forwarder.config import Delivery, Settings
-from forwarder.datagrid import DatagridClient
+from forwarder.core import open_core
 from forwarder.errors import KAFKA_BACKOFF, ConfigError, ForwarderError, KafkaError
 from forwarder.jobs import Job, JobQueue
-from forwarder.kafka import (
-    TopicLimits,
-    kafka_errors,
-    make_jobs_consumer,
-    make_producer,
-    prepare_topics,
-)
+from forwarder.kafka import make_jobs_consumer, make_producer
 from forwarder.observability import Metrics
-from forwarder.pipeline import Pipeline
 from forwarder.reconcile import Reconciler
 from forwarder.state import BatchState, StateStore
 from forwarder.webhooks import RecentEvents, datagrid_webhook
 from forwarder.worker import Worker
 
 log = structlog.get_logger("forwarder.app")
-
-
-@dataclass(frozen=True)
-class Core:
-    """What forwarding needs, opened and ready."""
-
-    settings: Settings
-    metrics: Metrics
-    limits: TopicLimits
-    producer: AIOKafkaProducer
-    datagrid: DatagridClient
-    pipeline: Pipeline
-
-
-@asynccontextmanager
-async def open_core(
-    settings: Settings,
-    metrics: Metrics,
-    *,
-    transport: httpx.AsyncBaseTransport | None = None,
-) -> AsyncIterator[Core]:
-    """Open topics, producer and upstream client; close them in reverse order on exit."""
-    settings.require_api_key()  # before any connection: a missing key is a setting error
-    async with AsyncExitStack() as stack:
-        limits = await prepare_topics(settings)
-        producer = make_producer(settings, limits)
-        stack.push_async_callback(producer.stop)
-        with kafka_errors("starting the producer"):
-            await producer.start()
-        datagrid = DatagridClient(settings, metrics, transport=transport)
-        stack.push_async_callback(datagrid.aclose)
-        pipeline = Pipeline(settings, datagrid, producer, limits, metrics)
-        yield Core(settings, metrics, limits, producer, datagrid, pipeline)
 
 
 @dataclass
@@ -390,4 +350,4 @@ def serve(settings: Settings) -> int:
     return 0 if server.started else 1
 
 
-__all__ = ["Core", "Services", "create_app", "open_core", "serve"]
+__all__ = ["Services", "create_app", "serve"]

@@ -24,7 +24,7 @@ from forwarder.pipeline import Transaction
 from forwarder.state import BatchState, Status
 
 if TYPE_CHECKING:
-    from forwarder.app import Core
+    from forwarder.core import Core
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -115,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _forward(settings: Settings, batch_ids: list[str], wait: float) -> int:
-    from forwarder.app import open_core
+    from forwarder.core import open_core
 
     for batch_id in batch_ids:
         check_batch_id(batch_id)  # refuse bad input before touching Kafka

@@ -230,6 +230,9 @@ class Pipeline:
         )
         try:
             await self._stream(publisher)
+        except asyncio.CancelledError:
+            publisher.abandon()
+            raise
         finally:
             # Whatever happened, wait for what was handed to Kafka: it decides what is acknowledged.
             await publisher.drain()

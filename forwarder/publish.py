@@ -374,6 +374,14 @@ class Publisher:
             return
         self.acked.append(unit)
 
+    def abandon(self) -> None:
+        """The attempt was cancelled (a rebalance or shutdown gave its job away): hand nothing
+        more to Kafka, so the job's next owner does not find extra copies of unsent lines."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.open = [None] * self.partitions
+
     async def drain(self) -> None:
         """Hand over the open batches, wait for every acknowledgement, settle the counts and the
         prefix that the next attempt may skip."""

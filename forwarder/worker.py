@@ -66,11 +66,6 @@ class PartitionOffsets:
             return commit
         return None
 
-    @property
-    def oldest_unfinished(self) -> int | None:
-        """Offset of the oldest job not finished yet."""
-        return next((o for o, done in self.pending.items() if not done), None)
-
 
 class KeyedLock:
     """One asyncio lock per key, dropped when nobody holds or waits for it."""
@@ -119,6 +114,8 @@ class Worker(ConsumerRebalanceListener):  # type: ignore[misc]
         self._loop_task: asyncio.Task[None] | None = None
         self._tasks: dict[asyncio.Task[None], tuple[TopicPartition, int, float]] = {}
         self._offsets: dict[TopicPartition, PartitionOffsets] = {}
+        self._ends: dict[TopicPartition, int] = {}  # end offsets read from the broker
+        self._ends_at = 0.0
         self._waiters: dict[str, asyncio.Task[None]] = {}
         self._batch_locks = KeyedLock()
         self._slots = asyncio.Semaphore(settings.concurrency)
@@ -244,7 +241,7 @@ class Worker(ConsumerRebalanceListener):  # type: ignore[misc]
             for tp, records in batches.items():
                 for record in records:
                     self._start(tp, record)
-            self._update_lag()
+            await self._update_lag()
 
     def _start(self, tp: TopicPartition, record: ConsumerRecord[Any, Any]) -> None:
         offsets = self._offsets.setdefault(tp, PartitionOffsets())
@@ -414,23 +411,31 @@ class Worker(ConsumerRebalanceListener):  # type: ignore[misc]
     def _update_waiting_gauge(self) -> None:
         self._metrics.batches_waiting.set(len(self._waiters))
 
-    def _update_lag(self) -> None:
+    async def _update_lag(self) -> None:
+        """Jobs lag per partition, from the broker: its end offset less our oldest unfinished job
+        (or our position), so it is right from the first poll after a restart, not only once a
+        fetch has returned records."""
         consumer = self._consumer
         if consumer is None:
             return
-        for tp in consumer.assignment():
-            highwater = consumer.highwater(tp)
+        assignment = list(consumer.assignment())
+        now = time.monotonic()
+        if assignment and now - self._ends_at > 5.0:
+            self._ends_at = now
+            with contextlib.suppress(KafkaError), kafka_errors("reading jobs end offsets"):
+                self._ends = await consumer.end_offsets(assignment)
+        for tp in assignment:
             offsets = self._offsets.get(tp)
-            if highwater is None or offsets is None:
+            end = consumer.highwater(tp) or self._ends.get(tp)
+            if offsets is None or end is None:
                 continue
-            position = offsets.committed if offsets.committed >= 0 else None
-            if offsets.pending:
-                position = next(iter(offsets.pending))
+            position = next(iter(offsets.pending), None)
             if position is None:
-                position = highwater
-            self._metrics.jobs_lag.labels(partition=str(tp.partition)).set(
-                max(highwater - position, 0)
-            )
+                with contextlib.suppress(KafkaError), kafka_errors("reading a position"):
+                    position = await consumer.position(tp)
+            if position is not None:
+                lag = max(end - position, 0)
+                self._metrics.jobs_lag.labels(partition=str(tp.partition)).set(lag)
         oldest = min((queued for _, _, queued in self._tasks.values()), default=None)
         self._metrics.jobs_lag_seconds.set(0 if oldest is None else max(time.time() - oldest, 0))
 

@@ -27,8 +27,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from forwarder.api import PROBLEM_BASE
-from forwarder.app import open_core
 from forwarder.config import Settings
+from forwarder.core import open_core
 from forwarder.errors import SignatureError
 from forwarder.kafka import topic_partitions
 from forwarder.ndjson import LineHead, Oversized, classify

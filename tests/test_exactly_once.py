@@ -9,8 +9,8 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from forwarder.app import open_core
 from forwarder.config import Delivery, Settings
+from forwarder.core import open_core
 from forwarder.kafka import make_producer, topic_partitions
 from forwarder.observability import Metrics
 from forwarder.pipeline import Transaction

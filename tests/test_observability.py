@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from forwarder.app import open_core
 from forwarder.config import Settings
+from forwarder.core import open_core
 from forwarder.observability import Metrics, configure_logging
 from tests.fake_datagrid import FakeDatagrid
 from tests.service_helpers import Forwarder, event_body, wait_until

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from forwarder.app import open_core
 from forwarder.config import Settings
+from forwarder.core import open_core
 from forwarder.observability import Metrics
 from forwarder.state import BatchState
 from tests.fake_datagrid import FakeDatagrid, generate_lines

@@ -1,0 +1,52 @@
+"""The forwarding core, opened in order and closed in reverse: the topics check, the producer, the
+Datagrid client and the pipeline.  ``forwarder forward`` needs only this (no HTTP stack, so it
+starts fast); ``app.py`` builds the service on top of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+
+import httpx
+from aiokafka import AIOKafkaProducer
+
+from forwarder.config import Settings
+from forwarder.datagrid import DatagridClient
+from forwarder.kafka import TopicLimits, kafka_errors, make_producer, prepare_topics
+from forwarder.observability import Metrics
+from forwarder.pipeline import Pipeline
+
+
+@dataclass(frozen=True)
+class Core:
+    """What forwarding needs, opened and ready."""
+
+    settings: Settings
+    metrics: Metrics
+    limits: TopicLimits
+    producer: AIOKafkaProducer
+    datagrid: DatagridClient
+    pipeline: Pipeline
+
+
+@asynccontextmanager
+async def open_core(
+    settings: Settings,
+    metrics: Metrics,
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> AsyncIterator[Core]:
+    """Open topics, producer and upstream client; close them in reverse order on exit."""
+    settings.require_api_key()  # before any connection: a missing key is a setting error
+    async with AsyncExitStack() as stack:
+        limits = await prepare_topics(settings)
+        producer = make_producer(settings, limits)
+        stack.push_async_callback(producer.stop)
+        with kafka_errors("starting the producer"):
+            await producer.start()
+        datagrid = DatagridClient(settings, metrics, transport=transport)
+        stack.push_async_callback(datagrid.aclose)
+        pipeline = Pipeline(settings, datagrid, producer, limits, metrics)
+        yield Core(settings, metrics, limits, producer, datagrid, pipeline)
