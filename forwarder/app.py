@@ -2,8 +2,8 @@
 
 ``core.open_core`` opens the topics check, the producer and the Datagrid client (``forward`` uses
 only that, without the HTTP stack); ``create_app`` adds the state store, the jobs worker, the
-reconciler and the HTTP routes in one lifespan, opened in order and closed in reverse; ``serve`` runs it under uvicorn with a SIGTERM drain, request
-timeouts and a connection cap.
+reconciler and the HTTP routes in one lifespan, opened in order and closed in reverse; ``serve``
+runs it under uvicorn with a SIGTERM drain, request deadlines and a connection cap.
 """
 
 from __future__ import annotations
