@@ -14,19 +14,24 @@ import re
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any, Protocol, runtime_checkable
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any, Protocol, TypeAlias, runtime_checkable
 
 import msgspec
 import structlog
 from litestar import Request, Response, get, post
+from litestar.di import NamedDependency
 from litestar.enums import ScopeType
 from litestar.exceptions import HTTPException
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.openapi.spec import OpenAPIMediaType, OpenAPIType, Operation, RequestBody, Schema
 from litestar.params import FromPath
 from litestar.status_codes import HTTP_202_ACCEPTED
 from litestar.types import ASGIApp, Message, Receive, ReceiveMessage, Scope, Send
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from forwarder.config import Settings
+from forwarder.config import BATCH_ID_PATTERN, Settings
 from forwarder.datagrid import check_batch_id
 from forwarder.errors import BadRequest, ForwarderError, NotFound, Unauthorized
 from forwarder.jobs import Job
@@ -58,6 +63,9 @@ class Backend(Protocol):
     def readiness(self) -> dict[str, bool]:
         """Named readiness checks; ready only when all hold."""
 
+    def reason(self) -> str | None:
+        """Why the service is not ready, in one line."""
+
     async def enqueue(self, job: Job) -> None:
         """Queue a job durably (or raise a retriable KafkaError)."""
 
@@ -69,6 +77,61 @@ class Backend(Protocol):
 
     def remember_event(self, event_id: str) -> None:
         """Note a webhook event as queued."""
+
+
+@dataclass
+class Problem:
+    """RFC 9457 problem details: every error answer."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    instance: str
+
+
+def problems(*codes: int) -> dict[int, ResponseSpec]:
+    """OpenAPI responses for the problem+json answers a route can give."""
+    return {
+        code: ResponseSpec(
+            data_container=Problem,
+            media_type=PROBLEM_JSON,
+            description=HTTPStatus(code).phrase,
+            generate_examples=False,
+        )
+        for code in codes
+    }
+
+
+def json_body(schema: Schema, description: str) -> type[Operation]:
+    """An operation whose request body (read raw by the handler) is documented as ``schema``."""
+
+    @dataclass
+    class WithBody(Operation):
+        def __post_init__(self) -> None:
+            self.request_body = RequestBody(
+                content={"application/json": OpenAPIMediaType(schema=schema)},
+                description=description,
+                required=True,
+            )
+
+    return WithBody
+
+
+BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
+_BATCH_REQUEST_SCHEMA = Schema(
+    type=OpenAPIType.OBJECT,
+    required=["batch_id"],
+    properties={
+        "batch_id": Schema(type=OpenAPIType.STRING, pattern=BATCH_ID_PATTERN.pattern[:-2] + "$"),
+        "replay": Schema(type=OpenAPIType.BOOLEAN, default=False),
+    },
+    additional_properties=False,
+)
+
+
+#: How a handler asks for the service: a named dependency (``services``) the app provides.
+BackendDep: TypeAlias = NamedDependency[Backend]
 
 
 class BatchRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -197,8 +260,15 @@ def require_token(request: Request[Any, Any, Any], tokens: list[bytes]) -> None:
         raise Unauthorized("the bearer token is not valid")
 
 
-@post("/v1/batches", status_code=HTTP_202_ACCEPTED, summary="Queue a batch for forwarding")
-async def queue_batch(request: Request[Any, Any, Any], services: Backend) -> dict[str, Any]:
+@post(
+    "/v1/batches",
+    status_code=HTTP_202_ACCEPTED,
+    summary="Queue a batch for forwarding",
+    security=BEARER,
+    responses=problems(400, 401, 413, 503),
+    operation_class=json_body(_BATCH_REQUEST_SCHEMA, "The batch to forward."),
+)
+async def queue_batch(request: Request[Any, Any, Any], services: BackendDep) -> dict[str, Any]:
     """Queue ``batch_id`` (``replay: true`` forwards again even if it was forwarded)."""
     require_token(request, services.api_tokens)
     try:
@@ -211,9 +281,14 @@ async def queue_batch(request: Request[Any, Any, Any], services: Backend) -> dic
     return {"status": "queued", "batch_id": payload.batch_id, "replay": payload.replay}
 
 
-@get("/v1/batches/{batch_id:str}", summary="A batch's forwarding state")
+@get(
+    "/v1/batches/{batch_id:str}",
+    summary="A batch's forwarding state",
+    security=BEARER,
+    responses=problems(400, 401, 404),
+)
 async def batch_state(
-    request: Request[Any, Any, Any], services: Backend, batch_id: FromPath[str]
+    request: Request[Any, Any, Any], services: BackendDep, batch_id: FromPath[str]
 ) -> Response[Any]:
     """The batch's latest state record (the same JSON as the state topic)."""
     require_token(request, services.api_tokens)
@@ -230,21 +305,22 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@get("/readyz", summary="Readiness")
-async def readyz(services: Backend) -> Response[Any]:
-    """200 when Kafka is reachable, the state topic is loaded, the worker joined its group and the
-    process is not draining; 503 with the failing checks otherwise."""
+@get("/readyz", summary="Readiness", responses=problems(503))
+async def readyz(services: BackendDep) -> Response[Any]:
+    """200 when Kafka is reachable, the state topic is loaded, the worker joined its group, the
+    process is not draining and (exactly-once) transactions can start; 503 with the failing checks
+    and the reason otherwise."""
     checks = services.readiness()
     ready = all(checks.values())
     services.metrics.ready.set(1 if ready else 0)
-    return Response(
-        {"status": "ready" if ready else "not_ready", "checks": checks},
-        status_code=200 if ready else 503,
-    )
+    body: dict[str, Any] = {"status": "ready" if ready else "not_ready", "checks": checks}
+    if not ready:
+        body["reason"] = services.reason()
+    return Response(body, status_code=200 if ready else 503)
 
 
 @get("/metrics", summary="Prometheus metrics", include_in_schema=False)
-async def metrics(services: Backend) -> Response[bytes]:
+async def metrics(services: BackendDep) -> Response[bytes]:
     """Prometheus text exposition of the service's registry."""
     # Readiness is exported even when nothing probes /readyz.
     services.metrics.ready.set(1 if all(services.readiness().values()) else 0)

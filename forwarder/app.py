@@ -25,6 +25,8 @@ from litestar import Litestar
 from litestar.di import Provide
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import JsonRenderPlugin, YamlRenderPlugin
+from litestar.openapi.spec import Components, SecurityScheme
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from forwarder import __revision__, __version__
@@ -64,16 +66,28 @@ class Services:
     kafka_ok: bool = False
     draining: bool = False
     fatal: BaseException | None = None
+    problem: str | None = None  # the last start-up or Kafka failure, for /readyz
     on_fatal: Callable[[BaseException], None] = lambda exc: None
 
     def readiness(self) -> dict[str, bool]:
         """Named readiness checks; ready only when all hold."""
-        return {
+        checks = {
             "kafka": self.kafka_ok,
             "state_loaded": self.store is not None and self.store.ready.is_set(),
             "worker_assigned": self.worker is not None and self.worker.assigned.is_set(),
             "not_draining": not self.draining,
         }
+        if self.settings.delivery is Delivery.EXACTLY_ONCE:
+            checks["transactions"] = (
+                self.worker is not None and self.worker.transactions_failure is None
+            )
+        return checks
+
+    def reason(self) -> str | None:
+        """Why the service is not ready, in one line (None when nothing went wrong)."""
+        if self.worker is not None and self.worker.transactions_failure is not None:
+            return self.worker.transactions_failure
+        return self.problem
 
     async def enqueue(self, job: Job) -> None:
         """Queue a job durably, or raise a retriable :class:`KafkaError` (503) while not
@@ -103,9 +117,11 @@ class Services:
                 async with AsyncExitStack() as stack:
                     await self._open(stack, transport)
                     failures = 0
+                    self.problem = None
                     await asyncio.Event().wait()  # hold until cancelled
             except ForwarderError as exc:
                 self.kafka_ok = False
+                self.problem = str(exc)
                 if not exc.retriable:
                     log.error("startup_failed", error=str(exc))
                     self.fatal = exc
@@ -230,7 +246,19 @@ def create_app(
             http_middleware(metrics, settings.http_request_timeout_seconds),
             request_id_middleware,
         ],
-        openapi_config=OpenAPIConfig(title="datagrid-forwarder", version=__version__),
+        openapi_config=OpenAPIConfig(
+            title="datagrid-forwarder",
+            version=__version__,
+            # The document itself, served offline: no UI page that loads assets from a CDN.
+            render_plugins=[JsonRenderPlugin(path=["/", "/openapi.json"]), YamlRenderPlugin()],
+            components=Components(
+                security_schemes={
+                    "bearer": SecurityScheme(
+                        type="http", scheme="bearer", description="FORWARDER_API_TOKENS"
+                    )
+                }
+            ),
+        ),
         logging_config=None,
     )
 
@@ -286,10 +314,13 @@ async def _probe_kafka(producer: AIOKafkaProducer, services: Services, every: fl
         try:
             await asyncio.wait_for(producer.client.fetch_all_metadata(), timeout=5)
             ok = True
-        except Exception:  # any failure means "not reachable now"
+        except Exception as exc:  # any failure means "not reachable now"
             ok = False
+            services.problem = f"Kafka metadata request failed: {type(exc).__name__}: {exc}"
         if ok != services.kafka_ok:
-            log.warning("kafka_reachability_changed", reachable=ok)
+            log.warning("kafka_reachability_changed", reachable=ok, reason=services.problem)
+        if ok:
+            services.problem = None
         services.kafka_ok = ok
         await asyncio.sleep(every)
 

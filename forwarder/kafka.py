@@ -321,6 +321,8 @@ class TransactionalProducers:
         self._producers: dict[TopicPartition, AIOKafkaProducer] = {}
         self._locks: dict[TopicPartition, asyncio.Lock] = {}
         self._starting = asyncio.Lock()
+        #: Why the last producer could not start (say, a missing transactional-id ACL).
+        self.failure: str | None = None
 
     def lock(self, tp: TopicPartition) -> asyncio.Lock:
         """The partition's lock: one transaction at a time per producer."""
@@ -340,10 +342,12 @@ class TransactionalProducers:
                         await producer.start()
                 except KafkaError as exc:
                     await producer.stop()
+                    self.failure = f"exactly-once transactions cannot start: {exc}"
                     log.error(
                         "transactional_producer_failed", partition=tp.partition, error=str(exc)
                     )
                     raise
+                self.failure = None
                 self._producers[tp] = producer
         return producer
 

@@ -14,22 +14,23 @@ import hmac
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 import structlog
 from litestar import Request, Response, post
 from litestar.exceptions import HTTPException
+from litestar.openapi.spec import OpenAPIType, Schema
+from litestar.params import HeaderParameter
 from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED
 
-from forwarder.api import Backend
+from forwarder.api import BackendDep, json_body, problems
 from forwarder.datagrid import TERMINAL_STATUSES, check_batch_id
 from forwarder.errors import InvalidBatchId, InvalidWebhook, KafkaError, SignatureError
 from forwarder.jobs import Job
 
 log = structlog.get_logger("forwarder.webhooks")
 
-SIGNATURE_HEADER = "datagrid-signature"
 TERMINAL_EVENTS = frozenset(f"batch_prediction.{status}" for status in TERMINAL_STATUSES)
 _MAX_HEADER = 4096
 
@@ -123,8 +124,44 @@ def parse_event(body: bytes) -> tuple[str, str, dict[str, Any]]:
     return event_id, event_type, data
 
 
-@post("/webhooks/datagrid", status_code=HTTP_202_ACCEPTED, summary="Datagrid webhook receiver")
-async def datagrid_webhook(request: Request[Any, Any, Any], services: Backend) -> Response[Any]:
+_EVENT_SCHEMA = Schema(
+    type=OpenAPIType.OBJECT,
+    required=["id", "event_type", "data"],
+    properties={
+        "id": Schema(type=OpenAPIType.STRING, description="The event id (deduplicated)."),
+        "event_type": Schema(
+            type=OpenAPIType.STRING,
+            description="Terminal `batch_prediction.*` events are queued; others are ignored.",
+            examples=sorted(TERMINAL_EVENTS),
+        ),
+        "timestamp": Schema(type=OpenAPIType.INTEGER),
+        "data": Schema(
+            type=OpenAPIType.OBJECT,
+            required=["id"],
+            properties={"id": Schema(type=OpenAPIType.STRING, description="The batch id.")},
+        ),
+    },
+)
+
+
+@post(
+    "/webhooks/datagrid",
+    status_code=HTTP_202_ACCEPTED,
+    summary="Datagrid webhook receiver",
+    description="Signed by Datagrid: `Datagrid-Signature: t=<unix>,v1=<hex>`, where `v1` is the "
+    'HMAC-SHA256 of `"<t>." + raw body`, keyed by a webhook secret. 202 queued; 200 ignored or '
+    "duplicate.",
+    responses=problems(400, 401, 413, 503),
+    operation_class=json_body(_EVENT_SCHEMA, "A Datagrid webhook event."),
+)
+async def datagrid_webhook(
+    request: Request[Any, Any, Any],
+    services: BackendDep,
+    signature: Annotated[
+        str | None,
+        HeaderParameter(name="Datagrid-Signature", description="`t=<unix>,v1=<hex HMAC-SHA256>`"),
+    ] = None,
+) -> Response[Any]:
     """Verify the signature; queue terminal ``batch_prediction.*`` events (202), ignore others
     (200)."""
     metrics = services.metrics
@@ -136,7 +173,7 @@ async def datagrid_webhook(request: Request[Any, Any, Any], services: Backend) -
         raise
     try:
         verify_signature(
-            request.headers.get(SIGNATURE_HEADER),
+            signature,
             body,
             services.webhook_secrets,
             now=time.time(),

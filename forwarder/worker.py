@@ -392,6 +392,11 @@ class Worker(ConsumerRebalanceListener):  # type: ignore[misc]
             # Not fatal: the job may be redone, and the state store makes that a duplicate.
             log.warning("commit_failed", partition=tp.partition, offset=commit, error=str(exc))
 
+    @property
+    def transactions_failure(self) -> str | None:
+        """Exactly-once: why the last transactional producer could not start, if it could not."""
+        return self._txn.failure if self._txn is not None else None
+
     def leads(self) -> bool:
         """True while this process owns jobs partition 0: one pod of the group at a time."""
         return self._owns(TopicPartition(self._settings.jobs_topic, 0))
