@@ -88,6 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings()
+        settings.check_files()
         redactor = Redactor.for_settings(settings)
         if args.command == "serve":
             from forwarder.app import serve

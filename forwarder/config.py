@@ -128,7 +128,7 @@ class Settings(BaseSettings):
     """Exactly-once: how long a batch's transaction may stay open; at most the brokers'
     `transaction.max.timeout.ms` (15 minutes by default), and longer than the batch timeout."""
 
-    kafka_session_timeout_ms: int = Field(default=45_000, ge=6000, le=1_800_000)
+    kafka_session_timeout_ms: int = Field(default=10_000, ge=6000, le=1_800_000)
     """Consumer group session timeout: how long a silent pod keeps its jobs partitions (heartbeats
     every third of it)."""
 
@@ -270,44 +270,6 @@ class Settings(BaseSettings):
             raise ValueError("holds a control or non-ASCII character")
         return stripped
 
-    @field_validator("kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile")
-    @classmethod
-    def _readable_file(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        path = Path(value)
-        if not path.is_file():
-            raise ValueError(f"{value} does not exist or is not a file")
-        if not os.access(path, os.R_OK):
-            raise ValueError(f"{value} is not readable")
-        return value
-
-    @model_validator(mode="after")
-    def _tls_files(self) -> Settings:
-        """The TLS files parse: a bad one stops start-up rather than every connection."""
-        context = ssl.create_default_context()
-        try:
-            if self.kafka_ssl_cafile:
-                context.load_verify_locations(cafile=self.kafka_ssl_cafile)
-        except (ssl.SSLError, ValueError) as exc:
-            raise ValueError(
-                f"FORWARDER_KAFKA_SSL_CAFILE: {self.kafka_ssl_cafile} is not a PEM CA bundle "
-                f"({exc.__class__.__name__})"
-            ) from None
-        if bool(self.kafka_ssl_certfile) != bool(self.kafka_ssl_keyfile):
-            raise ValueError(
-                "FORWARDER_KAFKA_SSL_CERTFILE and FORWARDER_KAFKA_SSL_KEYFILE go together"
-            )
-        try:
-            if self.kafka_ssl_certfile:
-                context.load_cert_chain(self.kafka_ssl_certfile, self.kafka_ssl_keyfile)
-        except (ssl.SSLError, ValueError) as exc:
-            raise ValueError(
-                "FORWARDER_KAFKA_SSL_CERTFILE/FORWARDER_KAFKA_SSL_KEYFILE: not a matching PEM "
-                f"certificate and private key ({exc.__class__.__name__})"
-            ) from None
-        return self
-
     @model_validator(mode="after")
     def _transaction_outlives_batch(self) -> Settings:
         if (
@@ -320,6 +282,41 @@ class Settings(BaseSettings):
                 "aborts the transaction of a slow batch"
             )
         return self
+
+    def check_files(self) -> None:
+        """Every file setting exists, is readable and parses, or a :class:`ConfigError` names the
+        variable (called at start, where the files are: not when settings are merely built)."""
+        context = ssl.create_default_context()
+        files = {
+            "FORWARDER_KAFKA_SSL_CAFILE": self.kafka_ssl_cafile,
+            "FORWARDER_KAFKA_SSL_CERTFILE": self.kafka_ssl_certfile,
+            "FORWARDER_KAFKA_SSL_KEYFILE": self.kafka_ssl_keyfile,
+        }
+        for variable, value in files.items():
+            if value is not None and not Path(value).is_file():
+                raise ConfigError(f"{variable}: {value} does not exist or is not a file")
+            if value is not None and not os.access(value, os.R_OK):
+                raise ConfigError(f"{variable}: {value} is not readable")
+        if bool(self.kafka_ssl_certfile) != bool(self.kafka_ssl_keyfile):
+            raise ConfigError(
+                "FORWARDER_KAFKA_SSL_CERTFILE and FORWARDER_KAFKA_SSL_KEYFILE go together"
+            )
+        try:
+            if self.kafka_ssl_cafile:
+                context.load_verify_locations(cafile=self.kafka_ssl_cafile)
+        except (ssl.SSLError, ValueError) as exc:
+            raise ConfigError(
+                f"FORWARDER_KAFKA_SSL_CAFILE: {self.kafka_ssl_cafile} is not a PEM CA bundle "
+                f"({type(exc).__name__})"
+            ) from None
+        try:
+            if self.kafka_ssl_certfile:
+                context.load_cert_chain(self.kafka_ssl_certfile, self.kafka_ssl_keyfile)
+        except (ssl.SSLError, ValueError) as exc:
+            raise ConfigError(
+                "FORWARDER_KAFKA_SSL_CERTFILE/FORWARDER_KAFKA_SSL_KEYFILE: not a matching PEM "
+                f"certificate and private key ({type(exc).__name__})"
+            ) from None
 
     def secret_values(self) -> list[str]:
         """Every configured secret, for scrubbing error details."""

@@ -267,29 +267,32 @@ class Worker(ConsumerRebalanceListener):  # type: ignore[misc]
     async def _run_until_done(
         self, job: Job, tp: TopicPartition | None = None, offset: int | None = None
     ) -> bool:
-        """Run ``job`` until it is done (True), or until its partition is no longer ours (False).
+        """Run ``job`` until it is done (True), or until it is handed off (False).
 
-        While Kafka fails, the job is retried with backoff and its offset stays uncommitted; a
-        fenced or broken transactional producer is replaced before the next try.
+        While Kafka fails, the job is retried with backoff and its offset stays uncommitted.  A
+        fenced producer means another process may own the partition now: we wait a session
+        timeout (a zombie learns it lost the group by then, and its revocation cancels this) and
+        retry only if the partition is still ours, with a new producer; a broker that aborted a
+        transaction fences its producer too, and must not wedge the partition.
         """
         failures = 0
-        while True:
+        while not self._stopping.is_set():
             try:
                 await self.run_job(job, tp, offset)
                 return True
+            except Fenced as exc:
+                log.warning("producer_fenced", batch_id=job.batch_id, error=str(exc))
+                await asyncio.sleep(self._settings.kafka_session_timeout_ms / 1000)
+                if not self._owns(tp or self._jobs_partition(job.batch_id)):
+                    return False
             except KafkaError as exc:
                 failures += 1
-                owned = self._owns(tp or self._jobs_partition(job.batch_id))
-                if isinstance(exc, Fenced) and not owned:
-                    log.warning("producer_fenced", batch_id=job.batch_id)
-                    return False
-                if self._stopping.is_set() or not owned:
-                    return False
                 delay = KAFKA_BACKOFF.delay(failures)
                 log.warning(
                     "job_retry_kafka", batch_id=job.batch_id, error=str(exc), retry_in=delay
                 )
                 await asyncio.sleep(delay)
+        return False
 
     async def run_job(
         self, job: Job, tp: TopicPartition | None = None, offset: int | None = None

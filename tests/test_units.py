@@ -222,12 +222,15 @@ def test_missing_tls_file_names_its_variable(
     """A CA file that does not exist, or does not parse, stops start-up naming the variable."""
     monkeypatch.setenv("FORWARDER_KAFKA_SSL_CAFILE", str(tmp_path / "missing.pem"))
     with pytest.raises(ConfigError, match="FORWARDER_KAFKA_SSL_CAFILE"):
-        load_settings()
+        load_settings().check_files()
     junk = tmp_path / "junk.pem"
     junk.write_text("not a certificate")
     monkeypatch.setenv("FORWARDER_KAFKA_SSL_CAFILE", str(junk))
     with pytest.raises(ConfigError, match="FORWARDER_KAFKA_SSL_CAFILE"):
-        load_settings()
+        load_settings().check_files()
+    monkeypatch.setenv("FORWARDER_KAFKA_SSL_CERTFILE", str(junk))
+    with pytest.raises(ConfigError, match="FORWARDER_KAFKA_SSL_KEYFILE"):
+        load_settings().check_files()
 
 
 def test_exactly_once_needs_a_transaction_longer_than_a_batch(
