@@ -112,6 +112,14 @@ def partition_for(key: bytes, partitions: int) -> int:
     return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
+if _c_murmur2 is not None:
+    _hash = _c_murmur2
+
+    def partition_for(key: bytes, partitions: int) -> int:
+        """Kafka's default partitioner for a keyed record (compiled murmur2, one call per line)."""
+        return (_hash(key, _MURMUR_SEED) & 0x7FFFFFFF) % partitions
+
+
 def connection_options(settings: Settings) -> dict[str, Any]:
     """Bootstrap servers and security options shared by every Kafka client."""
     options: dict[str, Any] = {
