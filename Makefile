@@ -56,10 +56,12 @@ compose-up: ## Kafka, fake Datagrid, forwarder, Prometheus and Grafana with Dock
 	docker compose -f deploy/compose.yaml up --build
 
 .PHONY: reliability
-reliability: install ## Run the fault, bad-input and security suites; regenerate docs/reliability.md
+reliability: install ## Run the fault, bad-input, security, edge and reconciler suites; regenerate docs/reliability.md
 	scripts/test.sh tests/test_faults.py
 	scripts/test.sh tests/test_bad_input.py --junitxml=.cache/reliability/bad-input.xml
 	scripts/test.sh tests/test_security.py --junitxml=.cache/reliability/security.xml
+	scripts/test.sh tests/test_edges.py --junitxml=.cache/reliability/edges.xml
+	scripts/test.sh tests/test_reconcile.py --junitxml=.cache/reliability/reconcile.xml
 	$(PY) -m tests.reliability_report
 
 .PHONY: clean

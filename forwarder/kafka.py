@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import ssl
 import struct
+import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,12 +25,12 @@ import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError, ProducerFenced
 from aiokafka.errors import KafkaError as AIOKafkaError
-from aiokafka.errors import ProducerFenced
 from aiokafka.helpers import create_ssl_context
 
 from forwarder.config import Settings
-from forwarder.errors import Fenced, KafkaError, TopicMissing
+from forwarder.errors import ConfigError, Fenced, ForwarderError, KafkaError, TopicMissing
 
 _c_murmur2: Callable[[bytes, int], int] | None
 try:  # Kafka's murmur2 in C: the same function, about ten times faster than the one below.
@@ -49,13 +52,60 @@ class TopicLimits:
     dead_letters: int
 
 
-def translate(exc: BaseException, what: str) -> KafkaError:
-    """An aiokafka error as our :class:`KafkaError`, keeping its ``retriable`` flag."""
-    if isinstance(exc, KafkaError):
+class _RecentKafkaLog(logging.Handler):
+    """The aiokafka log lines of the last minute: a failed login or TLS handshake is only logged
+    there, while the error raised says no more than "Unable to bootstrap"."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: deque[tuple[float, str]] = deque(maxlen=50)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append((time.monotonic(), record.getMessage()))
+
+    def login_problem(self) -> str | None:
+        """What a recent line says went wrong with the login, naming the settings to check."""
+        recent = [line for at, line in self.lines if time.monotonic() - at < 60]
+        for markers, advice in _LOGIN_PROBLEMS:
+            for line in reversed(recent):
+                if any(marker in line for marker in markers):
+                    return f"{advice} ({line[:300]})"
+        return None
+
+
+_LOGIN_PROBLEMS = [
+    (
+        ("SaslAuthenticationFailed", "Authentication failed", "SASL authentication"),
+        "Kafka refused the login: check FORWARDER_KAFKA_SASL_USERNAME, "
+        "FORWARDER_KAFKA_SASL_PASSWORD and FORWARDER_KAFKA_SASL_MECHANISM",
+    ),
+    (
+        ("CERTIFICATE_VERIFY_FAILED", "certificate verify failed"),
+        "the brokers' certificate is not trusted, or does not name the broker's host: check "
+        "FORWARDER_KAFKA_SSL_CAFILE and FORWARDER_KAFKA_BOOTSTRAP_SERVERS",
+    ),
+    (
+        ("WRONG_VERSION_NUMBER", "UNSUPPORTED_PROTOCOL", "unexpected eof while reading"),
+        "TLS does not match the broker's listener: check FORWARDER_KAFKA_SECURITY_PROTOCOL",
+    ),
+]
+_recent_kafka_log = _RecentKafkaLog()
+logging.getLogger("aiokafka").addHandler(_recent_kafka_log)
+
+
+def translate(exc: BaseException, what: str) -> ForwarderError:
+    """An aiokafka error as our :class:`KafkaError`, keeping its ``retriable`` flag; a connection
+    that failed because the login or the TLS handshake did is a :class:`ConfigError` naming the
+    settings to check (it can never work as configured)."""
+    if isinstance(exc, ForwarderError):
         return exc
     if isinstance(exc, ProducerFenced):
         return Fenced(f"{what}: another process took over this transactional id")
-    retriable = bool(getattr(exc, "retriable", True))
+    if isinstance(exc, KafkaConnectionError) and (problem := _recent_kafka_log.login_problem()):
+        return ConfigError(f"{what}: {problem}")
+    # A record that timed out waiting for the broker (an outage longer than the request timeout)
+    # is worth sending again once the broker is back, whatever aiokafka's flag says.
+    retriable = bool(getattr(exc, "retriable", True)) or isinstance(exc, KafkaTimeoutError)
     return KafkaError(f"{what}: {type(exc).__name__}: {exc}", retriable=retriable)
 
 

@@ -34,6 +34,7 @@ from forwarder.errors import (
     Backoff,
     BatchNotReady,
     ForwarderError,
+    KafkaError,
     Retry,
     UpstreamUnavailable,
 )
@@ -115,8 +116,9 @@ class Pipeline:
         state record and the job's offsets; a failed attempt is aborted and redone from line 1.
         Without it (at-least-once), a re-stream skips the lines already acknowledged.
 
-        Returns the final state (``forwarded`` or ``failed``).  Raises :class:`KafkaError` only when
-        even the state record cannot be written, so the caller must not count the job as done.
+        Returns the final state (``forwarded`` or ``failed``).  Raises :class:`KafkaError` when Kafka
+        keeps failing (still retriable after the last attempt) or even the state record cannot be
+        written: the caller must not count the job as done.
         """
         check_batch_id(batch_id)
         delivery = self._settings.delivery.value if txn is None else "exactly-once"
@@ -138,7 +140,9 @@ class Pipeline:
             self._fail(state, BatchTimeout(f"batch {batch_id} took longer than the batch timeout"))
             attempt.logger.warning("batch_timeout", timeout_s=self._settings.batch_timeout_seconds)
         except ForwarderError as exc:
-            if exc.retry in (Retry.LATER, Retry.HAND_OFF):
+            if exc.retry in (Retry.LATER, Retry.HAND_OFF) or (
+                isinstance(exc, KafkaError) and exc.retry is Retry.BACKOFF
+            ):
                 raise
             self._fail(state, exc)
         except Exception as exc:  # a bug must fail one batch, not the worker
@@ -161,6 +165,12 @@ class Pipeline:
                     await self._transaction(attempt, txn)
                 state.status = Status.FORWARDED
                 return
+            except KafkaError as exc:
+                # Kafka itself failing past the last attempt fails no batch: forward() raises,
+                # and the caller keeps the job (uncommitted) until Kafka is back.
+                if exc.retry is not Retry.BACKOFF or attempt.number == settings.max_attempts:
+                    raise
+                await self._before_retry(attempt, exc)
             except ForwarderError as exc:
                 if exc.retry is not Retry.BACKOFF or attempt.number == settings.max_attempts:
                     if exc.retry in (Retry.LATER, Retry.HAND_OFF):

@@ -23,7 +23,7 @@ from typing import Any, cast
 from aiokafka import AIOKafkaProducer
 
 from forwarder.config import Settings
-from forwarder.errors import KafkaError, UpstreamUnavailable
+from forwarder.errors import ForwarderError, UpstreamUnavailable
 from forwarder.kafka import RECORD_OVERHEAD_BYTES, TopicLimits, partition_for, translate
 from forwarder.ndjson import LineHead, Oversized, classify, is_blank
 from forwarder.observability import Metrics, line_status_label
@@ -163,7 +163,7 @@ class Publisher:
         self.acked: list[_Unit] = []  # counted at the end, once the re-stream boundary is known
         self.failed_from: int | None = None  # first line of the earliest unit Kafka refused
         self.failed_boundary = b""
-        self.failure: KafkaError | None = None
+        self.failure: ForwarderError | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._flushing: asyncio.Future[None] | None = None
         prefix = [("datagrid-batch-id", self.key_batch), CONTENT_TYPE]
@@ -289,7 +289,7 @@ class Publisher:
         # awaits, so the two never hand over the same record batch.
         for partition, unit in enumerate(self.open):
             if unit is not None:
-                with contextlib.suppress(KafkaError):  # recorded by _failed; publish raises it
+                with contextlib.suppress(ForwarderError):  # recorded by _failed; publish raises it
                     await self._submit(partition)
 
     def _open(self, partition: int, n: int) -> _Unit:
@@ -353,7 +353,7 @@ class Publisher:
         assert unit.future is not None
         unit.future.add_done_callback(lambda _f: observe(time.perf_counter() - sent))
 
-    def _failed(self, unit: _Unit, exc: BaseException) -> KafkaError:
+    def _failed(self, unit: _Unit, exc: BaseException) -> ForwarderError:
         """Kafka refused (or never got) ``unit``: lines from its first on are not acknowledged."""
         if self.failed_from is None or unit.first_line < self.failed_from:
             self.failed_from = unit.first_line

@@ -40,6 +40,8 @@ END = "<!-- results:end -->"
 JUNIT_SUITES = {
     "bad-input": (REPO / "tests" / "test_bad_input.py", RESULTS_DIR / "bad-input.xml"),
     "security": (REPO / "tests" / "test_security.py", RESULTS_DIR / "security.xml"),
+    "edges": (REPO / "tests" / "test_edges.py", RESULTS_DIR / "edges.xml"),
+    "reconciler": (REPO / "tests" / "test_reconcile.py", RESULTS_DIR / "reconcile.xml"),
 }
 
 EXACTLY_ONCE = "exactly-once"
