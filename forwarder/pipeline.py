@@ -116,9 +116,9 @@ class Pipeline:
         state record and the job's offsets; a failed attempt is aborted and redone from line 1.
         Without it (at-least-once), a re-stream skips the lines already acknowledged.
 
-        Returns the final state (``forwarded`` or ``failed``).  Raises :class:`KafkaError` when Kafka
-        keeps failing (still retriable after the last attempt) or even the state record cannot be
-        written: the caller must not count the job as done.
+        Returns the final state (``forwarded`` or ``failed``).  Raises :class:`KafkaError` when
+        Kafka keeps failing (still retriable after the last attempt) or even the state record
+        cannot be written: the caller must not count the job as done.
         """
         check_batch_id(batch_id)
         delivery = self._settings.delivery.value if txn is None else "exactly-once"
