@@ -243,8 +243,10 @@ async def prepare_topics(settings: Settings) -> TopicLimits:
             ]
             response = await admin.create_topics(new, timeout_ms=30_000)
             _check_created(response)
-        policy = await _topic_config(admin, settings.state_topic, "cleanup.policy")
-        if settings.state_topic in existing and "delete" not in (policy or ""):
+        policy = None
+        with contextlib.suppress(KafkaError):  # DescribeConfigs on the state topic is optional
+            policy = await _topic_config(admin, settings.state_topic, "cleanup.policy")
+        if settings.state_topic in existing and policy is not None and "delete" not in policy:
             log.warning(
                 "state_topic_unbounded",
                 topic=settings.state_topic,
@@ -270,9 +272,18 @@ def _check_created(response: Any) -> None:
 
 
 async def _topic_config(admin: AIOKafkaAdminClient, topic: str, name: str) -> str | None:
+    """A topic's config value; refused (DescribeConfigs not granted) is an error, never a guess."""
     responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
     for response in responses:
         for resource in response.resources:
+            error_code, message = resource[0], resource[1]
+            if error_code:
+                raise KafkaError(
+                    f"reading the configs of topic {topic} failed (error {error_code}"
+                    f"{': ' + message if message else ''}): the forwarder needs DescribeConfigs on "
+                    "it to size its records (see docs/security.md)",
+                    retriable=False,
+                )
             for entry in resource[4]:
                 if entry[0] == name:
                     return str(entry[1])
