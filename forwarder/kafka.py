@@ -40,6 +40,7 @@ except ImportError:  # pragma: no cover - a platform without the wheel uses the 
 
 #: Broker default ``message.max.bytes`` (and topic ``max.message.bytes``), used when unreadable.
 DEFAULT_MAX_MESSAGE_BYTES = 1_048_588
+_UNKNOWN_TOPIC = 3  # Kafka's UNKNOWN_TOPIC_OR_PARTITION
 #: Room kept for the record batch header, record overhead and headers when sizing a line.
 RECORD_OVERHEAD_BYTES = 512
 
@@ -277,6 +278,8 @@ async def _topic_config(admin: AIOKafkaAdminClient, topic: str, name: str) -> st
     for response in responses:
         for resource in response.resources:
             error_code, message = resource[0], resource[1]
+            if error_code == _UNKNOWN_TOPIC:  # just created: its metadata is still spreading
+                raise KafkaError(f"topic {topic} is not known to every broker yet")
             if error_code:
                 raise KafkaError(
                     f"reading the configs of topic {topic} failed (error {error_code}"
@@ -291,8 +294,17 @@ async def _topic_config(admin: AIOKafkaAdminClient, topic: str, name: str) -> st
 
 
 async def _max_message_bytes(admin: AIOKafkaAdminClient, topic: str) -> int:
-    value = await _topic_config(admin, topic, "max.message.bytes")
-    return int(value) if value is not None else DEFAULT_MAX_MESSAGE_BYTES
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            value = await _topic_config(admin, topic, "max.message.bytes")
+        except KafkaError as exc:
+            if not exc.retriable or attempt >= 20:
+                raise
+            await asyncio.sleep(0.25)  # a topic created a moment ago: give it 5 s
+            continue
+        return int(value) if value is not None else DEFAULT_MAX_MESSAGE_BYTES
 
 
 async def topic_partitions(source: Settings | dict[str, Any], topic: str) -> list[int]:
