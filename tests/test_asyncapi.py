@@ -15,7 +15,13 @@ import jsonschema
 from aiokafka import TopicPartition
 
 from forwarder.config import Settings
-from tests.asyncapi_records import Contract, RawRecord, load_document, read_records
+from tests.asyncapi_records import (
+    Contract,
+    RawRecord,
+    load_document,
+    read_records,
+    topic_partitions,
+)
 from tests.conftest import REPO
 from tests.fake_datagrid import FakeDatagrid, generate_lines
 from tests.service_helpers import forwarder_env, run_forwarder
@@ -148,8 +154,6 @@ def test_contract_flags_records_that_drift() -> None:
 
 def _read(settings: Settings, *topics: str) -> list[RawRecord]:
     async def read() -> list[RawRecord]:
-        from tests.asyncapi_records import topic_partitions
-
         known = await topic_partitions(settings.kafka_bootstrap_servers)
         tps = [TopicPartition(t, p) for t in topics for p in known[t]]
         return await read_records(settings.kafka_bootstrap_servers, tps)
