@@ -150,6 +150,46 @@ class StateFollower:
         return changed
 
 
+class Completion:
+    """Which batches this consumer has seen all of, from the state topic and its positions.
+
+    Every line of a batch is written before the batch's terminal state record. So when that
+    record is read, note where our results and dead-letter partitions end; once our positions
+    reach those offsets, we have every line of the batch. (With several instances in the group,
+    each one knows this for its own partitions.)
+    """
+
+    def __init__(self) -> None:
+        self.terminal: set[str] = set()  # latest state forwarded or failed, not reported yet
+        self.marks: dict[str, dict[TopicPartition, int]] = {}  # batch -> end offsets to reach
+        self.done: dict[str, str] = {}  # batch -> its final status, once reported
+
+    def state_changed(self, batch_id: str, record: dict[str, Any] | None) -> None:
+        """A new state record (or tombstone) for ``batch_id``."""
+        self.marks.pop(batch_id, None)  # a newer state (a replay) needs a new mark
+        if record and record["status"] in ("forwarded", "failed"):
+            self.terminal.add(batch_id)
+            self.done.pop(batch_id, None)
+        else:
+            self.terminal.discard(batch_id)
+
+    async def complete(self, consumer: AIOKafkaConsumer) -> list[str]:
+        """The terminal batches whose lines we have now all read."""
+        assigned = consumer.assignment()
+        if not assigned:
+            return []  # not in the group yet: nothing to compare with
+        for batch_id in self.terminal:
+            if batch_id not in self.marks or not self.marks[batch_id].keys() <= assigned:
+                self.marks[batch_id] = await consumer.end_offsets(sorted(assigned))
+        finished = []
+        for batch_id, ends in list(self.marks.items()):
+            if all([await consumer.position(tp) >= end for tp, end in ends.items()]):
+                del self.marks[batch_id]
+                self.terminal.discard(batch_id)
+                finished.append(batch_id)
+        return finished
+
+
 async def run(args: argparse.Namespace) -> int:
     """Consume until every ``--until-complete`` batch is done (or forever without any)."""
     sink = Sink(args.db)
@@ -163,19 +203,17 @@ async def run(args: argparse.Namespace) -> int:
         isolation_level="read_committed",
     )
     state = StateFollower(args.bootstrap, args.state_topic)
+    completion = Completion()
     wanted = set(args.until_complete)
-    terminal: set[str] = set()  # batches whose latest state is forwarded or failed, not done yet
-    # batch id -> end offsets of our results/DLQ partitions when its terminal state was read
-    marks: dict[str, dict[TopicPartition, int]] = {}
-    done: dict[str, str] = {}
     loop = asyncio.get_running_loop()
     deadline = loop.time() + args.timeout if args.timeout else None
     try:
         await consumer.start()
         await state.consumer.start()
-        while not wanted or not wanted <= done.keys():
+        while not wanted or not wanted <= completion.done.keys():
             if deadline is not None and loop.time() > deadline:
-                print(f"timeout: not complete: {sorted(wanted - done.keys())}", flush=True)
+                missing = sorted(wanted - completion.done.keys())
+                print(f"timeout: not complete: {missing}", flush=True)
                 return 1
             batches = await consumer.getmany(timeout_ms=500, max_records=5000)
             for records in batches.values():
@@ -185,28 +223,10 @@ async def run(args: argparse.Namespace) -> int:
             if batches:
                 await consumer.commit()  # only now: the sink has the records
             for batch_id in await state.poll():
-                record = state.states[batch_id]
-                marks.pop(batch_id, None)  # a newer state (a replay) sets a new mark
-                if record and record["status"] in ("forwarded", "failed"):
-                    terminal.add(batch_id)
-                    done.pop(batch_id, None)
-                else:
-                    terminal.discard(batch_id)
-            assigned = consumer.assignment()
-            if not assigned:
-                continue  # not in the group yet: nothing to compare with
-            for batch_id in terminal:
-                if batch_id not in marks or not marks[batch_id].keys() <= assigned:
-                    # Every line of the batch was written before its state record: once we
-                    # have read up to where our partitions end now, we have all of ours. (With
-                    # several instances in the group, each one knows this for its partitions.)
-                    marks[batch_id] = await consumer.end_offsets(sorted(assigned))
-            for batch_id, ends in list(marks.items()):
-                if all([await consumer.position(tp) >= end for tp, end in ends.items()]):
-                    del marks[batch_id]
-                    terminal.discard(batch_id)
-                    done[batch_id] = report(batch_id, state.states[batch_id] or {}, sink)
-        return 0 if all(done[b] == "forwarded" for b in wanted) else 1
+                completion.state_changed(batch_id, state.states[batch_id])
+            for batch_id in await completion.complete(consumer):
+                completion.done[batch_id] = report(batch_id, state.states[batch_id] or {}, sink)
+        return 0 if all(completion.done[b] == "forwarded" for b in wanted) else 1
     finally:
         await state.consumer.stop()
         await consumer.stop()
