@@ -12,9 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import msgspec
 from aiokafka import TopicPartition
 
 from forwarder.config import Settings
+from forwarder.jobs import Job
+from forwarder.observability import LINE_STATUSES
+from forwarder.state import BatchState
 from tests.asyncapi_records import (
     Contract,
     RawRecord,
@@ -211,3 +215,14 @@ def test_forwarded_batch_matches_the_document(
     assert re.search(
         rb'"status":"forwarded"', _read(settings, settings.state_topic)[0].value or b""
     )
+
+
+def test_schemas_name_the_same_fields_as_the_code() -> None:
+    """BatchState and Job (the code) and their schemas (the document) name the same fields, and
+    the state's line counts use the metric's status labels."""
+    schemas = load_document()["components"]["schemas"]
+    for struct, schema in ((BatchState, "BatchState"), (Job, "Job")):
+        fields = {f.encode_name for f in msgspec.structs.fields(struct)}
+        assert fields == set(schemas[schema]["properties"]), schema
+    labels = schemas["BatchState"]["properties"]["lines"]["propertyNames"]["enum"]
+    assert set(labels) == {*LINE_STATUSES, "other"}
