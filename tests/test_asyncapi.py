@@ -17,6 +17,7 @@ from aiokafka import TopicPartition
 
 from forwarder.config import Settings
 from forwarder.jobs import Job
+from forwarder.kafka import topic_specs
 from forwarder.observability import LINE_STATUSES
 from forwarder.state import BatchState
 from tests.asyncapi_records import (
@@ -226,3 +227,12 @@ def test_schemas_name_the_same_fields_as_the_code() -> None:
         assert fields == set(schemas[schema]["properties"]), schema
     labels = schemas["BatchState"]["properties"]["lines"]["propertyNames"]["enum"]
     assert set(labels) == {*LINE_STATUSES, "other"}
+
+
+def test_state_channel_has_the_topic_config_the_forwarder_creates() -> None:
+    """The state channel's cleanup policy and retention are what start-up creates by default."""
+    settings = Settings.model_construct()  # every default, nothing read from the environment
+    created = topic_specs(settings)[settings.state_topic]
+    documented = load_document()["channels"]["state"]["bindings"]["kafka"]["topicConfiguration"]
+    assert ",".join(documented["cleanup.policy"]) == created["cleanup.policy"]
+    assert str(documented["retention.ms"]) == created["retention.ms"]
