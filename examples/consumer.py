@@ -1,6 +1,6 @@
 """A downstream consumer of datagrid-forwarder's topics, done right (see docs/consumers.md).
 
-What it shows, in about 200 lines of aiokafka:
+What it shows, with aiokafka and SQLite (both small enough to read in one sitting):
 
 * reads the results and dead-letter topics in one consumer group with
   ``isolation_level="read_committed"`` (needed in exactly-once mode, harmless otherwise);
