@@ -1,6 +1,6 @@
 """A downstream consumer of datagrid-forwarder's topics, done right (see docs/consumers.md).
 
-What it shows, with aiokafka and SQLite (both small enough to read in one sitting):
+What it shows (aiokafka for Kafka, SQLite from the standard library as the sink):
 
 * reads the results and dead-letter topics in one consumer group with
   ``isolation_level="read_committed"`` (needed in exactly-once mode, harmless otherwise);
