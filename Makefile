@@ -21,8 +21,8 @@ test: ## Run the whole test suite against a real local broker (what CI runs)
 
 .PHONY: lint
 lint: install ## ruff and mypy (strict on the package)
-	$(PY) -m ruff check forwarder tests bench deploy
-	$(PY) -m ruff format --check forwarder tests bench deploy
+	$(PY) -m ruff check forwarder tests bench deploy examples
+	$(PY) -m ruff format --check forwarder tests bench deploy examples
 	$(PY) -m mypy forwarder
 
 .PHONY: kafka-start

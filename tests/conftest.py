@@ -27,6 +27,8 @@ sys.path.insert(0, str(REPO / "deploy" / "kafka"))
 import rig  # noqa: E402
 
 API_KEY = "dg_test_key_5f2c"
+# Every record the session writes to the broker is checked against docs/asyncapi.yaml at its end.
+pytest_plugins = ["tests.asyncapi_records"]
 
 
 @pytest.fixture(scope="session")

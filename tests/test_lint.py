@@ -7,7 +7,7 @@ import sys
 
 from tests.conftest import REPO
 
-PATHS = ["forwarder", "tests", "bench", "deploy"]
+PATHS = ["forwarder", "tests", "bench", "deploy", "examples"]
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
