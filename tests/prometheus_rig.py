@@ -325,6 +325,7 @@ _KEYWORDS = frozenset(
     }
 )
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
+_COMMENT = re.compile(r"#[^\n]*")
 _LABEL_LISTS = re.compile(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
 _BRACES = re.compile(r"\{[^}]*\}")
 _RANGES = re.compile(r"\[[^\]]*\]")
@@ -333,7 +334,7 @@ _IDENT = re.compile(r"(?<![\w.])([a-zA-Z_:][a-zA-Z0-9_:]*)(\s*\()?")
 
 def referenced_metrics(expr: str) -> set[str]:
     """Metric names an expression selects (a lexical scan, enough for our own queries)."""
-    text = _STRING.sub('""', expr)
+    text = _COMMENT.sub(" ", _STRING.sub('""', expr))  # strings first: "#" may be in one
     text = _LABEL_LISTS.sub(" ", text)
     text = _BRACES.sub(" ", text)
     text = _RANGES.sub(" ", text)
