@@ -79,7 +79,10 @@ def values_args(scenario: str | None, *sets: str) -> list[str]:
 
 @functools.cache
 def render(
-    scenario: str | None, kube: str = MAX_KUBE, sets: tuple[str, ...] = ()
+    scenario: str | None,
+    kube: str = MAX_KUBE,
+    sets: tuple[str, ...] = (),
+    namespace: str = NAMESPACE,
 ) -> tuple[dict[str, Any], ...]:
     """The objects ``helm template`` renders (tests too) for a scenario and Kubernetes version."""
     out = helm(
@@ -87,7 +90,7 @@ def render(
         RELEASE,
         str(CHART),
         "--namespace",
-        NAMESPACE,
+        namespace,
         "--kube-version",
         kube,
         *values_args(scenario, *sets),
