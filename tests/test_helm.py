@@ -892,3 +892,88 @@ def test_values_schema_covers_every_value() -> None:
     assert schema["additionalProperties"] is False
     assert set(values) <= set(schema["properties"])
     assert "replicas" in render_fails("replicas=3")
+
+
+# --- the release workflow -----------------------------------------------------------------------
+
+WORKFLOWS = REPO / ".github" / "workflows"
+RELEASE_WORKFLOW = WORKFLOWS / "release.yaml"
+
+
+def actionlint(*files: str, input: str | None = None) -> str:
+    """Run actionlint (beside helm, from deploy/tools/install.sh) with the dev group's shellcheck,
+    so that run: scripts are checked too; return its verbose output."""
+    binary = Path(tool("helm")).parent / "actionlint"
+    assert binary.exists(), f"{binary} missing: run deploy/tools/install.sh"
+    args = [binary, "-no-color", "-oneline", "-verbose", "-shellcheck", tool("shellcheck")]
+    return run([*args, *files], input=input).stderr
+
+
+def _workflow() -> dict[Any, Any]:
+    return yaml.safe_load(RELEASE_WORKFLOW.read_text())  # type: ignore[no-any-return]
+
+
+def test_workflows_pass_actionlint_with_shellcheck() -> None:
+    """actionlint finds no error in .github/workflows/, with its shellcheck rule enabled."""
+    files = sorted(str(p.relative_to(REPO)) for p in WORKFLOWS.glob("*.y*ml"))
+    assert str(RELEASE_WORKFLOW.relative_to(REPO)) in files
+    log = actionlint(*files)
+    assert 'Rule "shellcheck" was disabled' not in log
+    assert "Found total 0 errors" in log
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("needs.versions.outputs.version }}", "needs.version.outputs.version }}", "not defined"),
+        (
+            'test -f "dist/forwarder-${VERSION}.tgz"',
+            "test -f dist/forwarder-$VERSION.tgz",
+            "SC2086",
+        ),
+        ("packages: write", "packages: writ", "permission"),
+    ],
+)
+def test_actionlint_catches_a_broken_release_workflow(old: str, new: str, message: str) -> None:
+    """A wrong job reference, an unquoted variable or a bad permission fails the check."""
+    text = RELEASE_WORKFLOW.read_text()
+    assert old in text
+    with pytest.raises(AssertionError, match=message):
+        actionlint("-stdin-filename", "release.yaml", "-", input=text.replace(old, new, 1))
+
+
+def test_release_publishes_the_image_and_chart_the_chart_and_readme_name() -> None:
+    """On a version tag the workflow pushes values.yaml's image for amd64 and arm64 and the chart
+    to the OCI registry the README names; the versions it checks agree today."""
+    workflow = _workflow()
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    readme = (CHART / "README.md").read_text()
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert workflow[True]["push"]["tags"] == [
+        "v[0-9]+.[0-9]+.[0-9]+"
+    ]  # YAML 1.1 reads "on" as True
+    assert workflow["env"]["IMAGE"] == values["image"]["repository"]
+    assert f"`{values['image']['repository']}`" in readme
+    assert f"{workflow['env']['CHART_REGISTRY']}/{chart['name']}" in readme
+    build = [
+        step["with"]
+        for step in workflow["jobs"]["image"]["steps"]
+        if step.get("uses", "").startswith("docker/build-push-action@")
+    ]
+    assert len(build) == 1
+    assert set(build[0]["platforms"].split(",")) == {"linux/amd64", "linux/arm64"}
+    assert build[0]["push"] is True
+    dockerfile_args = set(re.findall(r"^ARG (\w+)=", (REPO / "Dockerfile").read_text(), re.M))
+    passed = {line.split("=", 1)[0] for line in build[0]["build-args"].splitlines()}
+    assert passed <= dockerfile_args
+    assert workflow["jobs"]["chart"]["needs"] == ["versions", "image"], "chart only after image"
+    assert chart["version"] == chart["appVersion"], "the workflow releases them as one version"
+
+
+def test_release_actions_are_pinned_to_commits() -> None:
+    """Every action is pinned to a full commit SHA, with the tag it was in a comment."""
+    uses = re.findall(r"uses: (\S+)(.*)$", RELEASE_WORKFLOW.read_text(), re.M)
+    assert len(uses) >= 6
+    for action, comment in uses:
+        assert re.fullmatch(r"[\w.-]+/[\w.-]+@[0-9a-f]{40}", action), action
+        assert re.fullmatch(r"\s+# v\d+\.\d+\.\d+", comment), action
