@@ -20,7 +20,12 @@ from typing import Any
 
 import pytest
 
-from forwarder.observability import DEAD_LETTER_REASONS, LINE_STATUSES, Metrics
+from forwarder.observability import (
+    DEAD_LETTER_REASONS,
+    LINE_STATUSES,
+    WEBHOOK_OUTCOMES,
+    Metrics,
+)
 from tests.prometheus_rig import (
     PrometheusRig,
     exported_metric_names,
@@ -196,12 +201,12 @@ def test_every_forwarder_metric_has_a_panel() -> None:
 
 
 def test_rates_use_rate_interval_and_quantiles_aggregate_by_le() -> None:
-    """rate() windows are $__rate_interval; histogram_quantile sums bucket rates by le."""
+    """rate() windows are $__rate_interval; histogram_quantile sums bucket rates by (..., le)."""
     for key, expr in _raw_queries(load_dashboard()).items():
         for window in re.findall(r"\brate\([^\[]*\[([^\]]*)\]", expr):
             assert window == "$__rate_interval", key
         for inner in re.findall(r"histogram_quantile\(\s*[\d.]+\s*,(.*)\)$", expr):
-            assert re.match(r"\s*sum by \(le\) \(rate\(\w+_bucket\{", inner), key
+            assert re.match(r"\s*sum by \((\w+, )*le\) \(rate\(\w+_bucket\{", inner), key
 
 
 def test_panels_fit_the_grid_without_overlapping() -> None:
@@ -243,7 +248,7 @@ def _exercise(metrics: Metrics) -> None:
         metrics.dead_letters.labels(reason=reason).inc()
     for outcome in ("forwarded", "failed", "duplicate"):
         metrics.batches.labels(outcome=outcome).inc()
-    for outcome in ("accepted", "ignored", "duplicate", "bad_signature", "invalid"):
+    for outcome in WEBHOOK_OUTCOMES:
         metrics.webhooks.labels(outcome=outcome).inc()
     for code in ("200", "503", "error"):
         metrics.on_upstream_response(code, 0.02)
@@ -258,6 +263,14 @@ def _exercise(metrics: Metrics) -> None:
     metrics.batches_in_flight.set(1)
     metrics.batches_waiting.set(2)
     metrics.ready.set(1)
+    metrics.state_batches.set(4)
+    metrics.build_info.labels(version="0.0.0", revision="test").set(1)
+    for route, code in (("/webhooks/datagrid", "202"), ("/webhooks/datagrid", "503")):
+        metrics.http_requests.labels(route=route, method="POST", code=code).inc()
+        metrics.http_duration.labels(route=route).observe(0.01)
+    metrics.reconcile_runs.labels(outcome="ok").inc()
+    metrics.reconcile_batches.inc()
+    metrics.ratelimit_wait.inc(0.5)
 
 
 @pytest.fixture(scope="module")

@@ -45,6 +45,12 @@ SHIPPED_FILES = {
 RELEASE, NAMESPACE = "fwd", "datagrid"
 #: FORWARDER_KAFKA_SASL_MECHANISM -> the KEDA Kafka scaler's `sasl` parameter.
 KEDA_SASL = {"PLAIN": "plaintext", "SCRAM-SHA-256": "scram_sha256", "SCRAM-SHA-512": "scram_sha512"}
+#: Settings that name files mounted into the pod.
+TLS_FILE_VARIABLES = (
+    "FORWARDER_KAFKA_SSL_CAFILE",
+    "FORWARDER_KAFKA_SSL_CERTFILE",
+    "FORWARDER_KAFKA_SSL_KEYFILE",
+)
 #: Credentials the ci/ scenarios use: they must only ever appear inside Secrets.
 SECRET_VALUES = ("dg-test-key", "whsec-test", "whsec-new", "token-a", "sasl-secret")
 
@@ -466,6 +472,10 @@ def test_rendered_settings_load(scenario: str, monkeypatch: pytest.MonkeyPatch) 
             env[item["name"]] = secrets.get(ref["key"], "from-existing-secret")
     for name in [n for n in os.environ if n.startswith("FORWARDER_") or n == "DATAGRID_API_KEY"]:
         monkeypatch.delenv(name)
+    # The TLS files exist only in the pod (the service checks that they exist and parse); where
+    # they are mounted is test_kafka_tls_files_are_mounted_where_the_settings_point's business.
+    for variable in TLS_FILE_VARIABLES:
+        env.pop(variable, None)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     settings = load_settings(_env_file=None)
