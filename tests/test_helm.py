@@ -123,9 +123,9 @@ def only(objects: tuple[dict[str, Any], ...], kind: str, name_suffix: str = "") 
 
 
 def workload(objects: tuple[dict[str, Any], ...]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The Deployment's pod spec and its one container."""
+    """The Deployment's pod spec and its forwarder container (sidecars aside)."""
     pod = only(objects, "Deployment")["spec"]["template"]["spec"]
-    (container,) = pod["containers"]
+    (container,) = [c for c in pod["containers"] if c["name"] == "forwarder"]
     return pod, container
 
 
