@@ -100,7 +100,7 @@ def dashboard_queries(
     }
 
 
-def _variable_queries(dashboard: dict[str, Any]) -> dict[str, str]:
+def variable_queries(dashboard: dict[str, Any]) -> dict[str, str]:
     """Each query variable's ``label_values(selector, label)`` as the PromQL Grafana runs."""
     out = {}
     for variable in dashboard["templating"]["list"]:
@@ -186,7 +186,7 @@ def test_every_metric_read_is_exported_by_metrics() -> None:
     """Every metric a panel or variable reads is a series name Metrics() (or the scrape) exposes."""
     dashboard = load_dashboard()
     exported = exported_metric_names(Metrics().registry) | SCRAPE_SERIES
-    exprs = [*_raw_queries(dashboard).values(), *_variable_queries(dashboard).values()]
+    exprs = [*_raw_queries(dashboard).values(), *variable_queries(dashboard).values()]
     read = set().union(*(referenced_metrics(e) for e in exprs))
     assert read, "no metric found: the PromQL scan is broken"
     assert read <= exported, sorted(read - exported)
@@ -299,7 +299,7 @@ def test_every_panel_query_returns_finite_data(scraped: PrometheusRig) -> None:
 
 def test_variables_find_the_job_and_instance(scraped: PrometheusRig) -> None:
     """Outside Kubernetes the variables list the scraped job and instance, and no namespace."""
-    queries = _variable_queries(load_dashboard())
+    queries = variable_queries(load_dashboard())
     values = {"namespace": ".*", "job": "forwarder", "pod": ".*"}
     # count by (label) gives one series without the label: Grafana lists no value for it.
     [namespace] = scraped.query(substitute(queries["namespace"], values))

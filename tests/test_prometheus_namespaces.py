@@ -16,7 +16,6 @@ is far above it; the lags differ, so a merged dashboard sum would be neither.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,19 +24,13 @@ import yaml
 
 from forwarder.observability import Metrics
 from tests.prometheus_rig import PrometheusRig, free_port, serve_registry
-from tests.test_dashboard import _variable_queries, dashboard_queries, load_dashboard, substitute
+from tests.test_dashboard import dashboard_queries, load_dashboard, substitute, variable_queries
 from tests.test_helm import only, render
 
 RELEASE_JOB = "fwd-forwarder"  # the Service's name for release "fwd": the ServiceMonitor's job
 NAMESPACES = ("staging", "production", "dev")
 #: staging's rules carry a routing label, to show each install's tuning stays its own.
 STAGING_TEAM = "prometheusRule.alertLabels.team=staging-team"
-
-
-@dataclass
-class Install:
-    namespace: str
-    metrics: Metrics | None  # None: the pod is down
 
 
 def _rules_for(namespace: str, directory: Path) -> Path:
@@ -197,7 +190,7 @@ def test_dashboard_queries_return_only_the_chosen_namespace(prom: PrometheusRig)
 
 def test_dashboard_variables_list_each_namespace_and_its_own_pods(prom: PrometheusRig) -> None:
     """$namespace lists the installs that report; $job and $pod list only the chosen one's."""
-    queries = _variable_queries(load_dashboard())
+    queries = variable_queries(load_dashboard())
 
     def values(variable: str, **chosen: str) -> set[Any]:
         result = prom.query(substitute(queries[variable], chosen))
