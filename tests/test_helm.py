@@ -761,7 +761,9 @@ def test_alerts_can_be_tuned_per_alert() -> None:
         "prometheusRule.alerts.ForwarderDeadLetters.labels.severity=critical",
         "prometheusRule.alertLabels.team=payments",
     )
-    spec = only(render("all-features-values.yaml", MAX_KUBE, sets), "PrometheusRule")["spec"]
+    rule = only(render("all-features-values.yaml", MAX_KUBE, sets), "PrometheusRule")
+    assert "Valid: 1" in kubeconform([rule])
+    spec = rule["spec"]
     rules = [r for g in spec["groups"] for r in g["rules"]]
     alerts: dict[str, list[dict[str, Any]]] = {}
     for rule in rules:
