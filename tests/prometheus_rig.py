@@ -8,6 +8,10 @@
         prom.wait_for_fresh_scrape()                 # a scrape that began after the change
         prom.query('sum(forwarder_lines_forwarded_total)')  # -> [{"metric": {}, "value": [t, "3"]}]
 
+Several targets, each with its own labels (as Kubernetes service discovery would label pods of
+installs in different namespaces), are given as a mapping ``{"host:port": {"namespace": ...}}``;
+a ``job`` label there overrides the scrape job's name.
+
 Prometheus 2.x applies new scrape targets on a 5 s tick, so the first scrape comes about 5 s after
 start: start one rig per module or session, not per test. Each rig owns a temporary directory
 (config, TSDB, log) and a private ``127.0.0.1`` port; ``stop`` kills the process and removes the
@@ -30,7 +34,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -73,13 +77,15 @@ def serve_registry(registry: CollectorRegistry) -> Iterator[str]:
 class PrometheusRig:
     """One Prometheus process scraping ``target`` (``host:port``) as job ``job``.
 
+    ``target`` may also map several ``host:port`` to the labels their series get.
+
     ``rule_files`` are loaded too (evaluated every ``scrape_interval``), so a test can also check
     that rules evaluate without errors via :meth:`rules`.
     """
 
     def __init__(
         self,
-        target: str,
+        target: str | Mapping[str, Mapping[str, str]],
         *,
         job: str = "forwarder",
         scrape_interval: float = 1.0,
@@ -87,7 +93,10 @@ class PrometheusRig:
         rule_files: Sequence[str | os.PathLike[str]] = (),
         binary: str = "prometheus",
     ) -> None:
-        self.target = target
+        if isinstance(target, str):
+            target = {target: {}}
+        self.labelled_targets = {address: dict(labels) for address, labels in target.items()}
+        self.target = next(iter(self.labelled_targets))
         self.job = job
         self.scrape_interval = scrape_interval
         self.metrics_path = metrics_path
@@ -121,7 +130,10 @@ class PrometheusRig:
                 {
                     "job_name": self.job,
                     "metrics_path": self.metrics_path,
-                    "static_configs": [{"targets": [self.target]}],
+                    "static_configs": [
+                        {"targets": [address], **({"labels": labels} if labels else {})}
+                        for address, labels in self.labelled_targets.items()
+                    ],
                 }
             ],
         }
@@ -278,26 +290,45 @@ class PrometheusRig:
                 raise PrometheusRigError(f"prometheus died:\n{self.log_tail()}")
             time.sleep(min(0.1, self.scrape_interval / 4))
 
-    def wait_for_scrape(self, scrapes: int = 2, timeout: float = 30.0) -> None:
-        """Wait until the target is up and has been scraped successfully ``scrapes`` times.
+    @property
+    def _up(self) -> str:
+        """``up`` of this rig's targets (it scrapes nothing else; the job may be relabelled)."""
+        relabelled = any("job" in labels for labels in self.labelled_targets.values())
+        return "up" if relabelled else f'up{{job="{self.job}"}}'
+
+    def wait_for_scrape(
+        self, scrapes: int = 2, timeout: float = 30.0, targets: int | None = None
+    ) -> None:
+        """Wait until the targets are up and have been scraped successfully ``scrapes`` times.
 
         Two successful scrapes are what ``rate()`` and ``increase()`` need to return anything.
+        ``targets`` is how many must be up (default: all of them).
         """
-        selector = f'up{{job="{self.job}"}}'
+        up = self._up
         self.wait_for(
-            f"sum_over_time({selector}[10m]) >= {scrapes} and {selector} == 1", timeout=timeout
+            f"sum_over_time({up}[10m]) >= {scrapes} and {up} == 1",
+            timeout=timeout,
+            until=self._counts(targets),
         )
 
-    def wait_for_fresh_scrape(self, timeout: float = 30.0) -> None:
-        """Wait until a scrape that started after this call has succeeded.
+    def wait_for_fresh_scrape(self, timeout: float = 30.0, targets: int | None = None) -> None:
+        """Wait until a scrape that started after this call has succeeded (on ``targets``).
 
         Queries then see the target as it is now: call it after changing what the target exports
         (forwarding batches, incrementing a counter) and before asserting on a query.
         """
         now = time.time()  # Prometheus stamps each sample with its scrape's start time
-        up = f'up{{job="{self.job}"}}'
+        up = self._up
         # timestamp() of a bare selector gives the sample's time (of "up == 1", the query's).
-        self.wait_for(f"timestamp({up}) > {now:.3f} and {up} == 1", timeout=timeout)
+        self.wait_for(
+            f"timestamp({up}) > {now:.3f} and {up} == 1",
+            timeout=timeout,
+            until=self._counts(targets),
+        )
+
+    def _counts(self, targets: int | None) -> Callable[[Vector], bool]:
+        wanted = len(self.labelled_targets) if targets is None else targets
+        return lambda result: len(result) >= max(wanted, 1)
 
     def targets(self) -> list[dict[str, Any]]:
         """The active targets with their health and last scrape error (for diagnostics)."""
@@ -325,6 +356,7 @@ _KEYWORDS = frozenset(
     }
 )
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
+_COMMENT = re.compile(r"#[^\n]*")
 _LABEL_LISTS = re.compile(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
 _BRACES = re.compile(r"\{[^}]*\}")
 _RANGES = re.compile(r"\[[^\]]*\]")
@@ -333,7 +365,7 @@ _IDENT = re.compile(r"(?<![\w.])([a-zA-Z_:][a-zA-Z0-9_:]*)(\s*\()?")
 
 def referenced_metrics(expr: str) -> set[str]:
     """Metric names an expression selects (a lexical scan, enough for our own queries)."""
-    text = _STRING.sub('""', expr)
+    text = _COMMENT.sub(" ", _STRING.sub('""', expr))  # strings first: "#" may be in one
     text = _LABEL_LISTS.sub(" ", text)
     text = _BRACES.sub(" ", text)
     text = _RANGES.sub(" ", text)

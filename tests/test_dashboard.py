@@ -20,7 +20,12 @@ from typing import Any
 
 import pytest
 
-from forwarder.observability import DEAD_LETTER_REASONS, LINE_STATUSES, Metrics
+from forwarder.observability import (
+    DEAD_LETTER_REASONS,
+    LINE_STATUSES,
+    WEBHOOK_OUTCOMES,
+    Metrics,
+)
 from tests.prometheus_rig import (
     PrometheusRig,
     exported_metric_names,
@@ -69,20 +74,33 @@ def substitute(expr: str, variables: dict[str, str]) -> str:
 
 
 def dashboard_queries(
-    *, rate_interval: str = "1m", job: str = "forwarder", instance: str = ".+"
+    *,
+    rate_interval: str = "1m",
+    namespace: str = ".*",
+    job: str = "forwarder",
+    pod: str = ".*",
+    instance: str = ".+",
 ) -> dict[str, str]:
     """Every panel target's PromQL, keyed ``"<panel title> [<refId>]"``, ready to evaluate.
 
-    ``$__rate_interval`` becomes ``rate_interval``; ``$job`` and ``$instance`` (regex matchers in
-    the dashboard) become ``job`` and ``instance``, whose default is what Grafana's "All" sends.
+    ``$__rate_interval`` becomes ``rate_interval``; ``$namespace``, ``$job``, ``$pod`` and
+    ``$instance`` (regex matchers in the dashboard) become the given values. The defaults of
+    ``pod`` and ``instance`` are what Grafana's "All" sends; ``.*`` for ``namespace`` also
+    matches series without the label (a Prometheus outside Kubernetes).
     """
-    variables = {"__rate_interval": rate_interval, "job": job, "instance": instance}
+    variables = {
+        "__rate_interval": rate_interval,
+        "namespace": namespace,
+        "job": job,
+        "pod": pod,
+        "instance": instance,
+    }
     return {
         key: substitute(expr, variables) for key, expr in _raw_queries(load_dashboard()).items()
     }
 
 
-def _variable_queries(dashboard: dict[str, Any]) -> dict[str, str]:
+def variable_queries(dashboard: dict[str, Any]) -> dict[str, str]:
     """Each query variable's ``label_values(selector, label)`` as the PromQL Grafana runs."""
     out = {}
     for variable in dashboard["templating"]["list"]:
@@ -135,21 +153,40 @@ def test_every_panel_target_and_variable_uses_the_datasource_variable() -> None:
             assert variable["datasource"] == DATASOURCE, variable["name"]
 
 
-def test_every_selector_filters_by_job_and_instance() -> None:
-    """Each selector carries the $job and $instance matchers (process_* is not ours alone)."""
+#: The dashboard's filter variables, in the order each narrows the next.
+FILTERS = ("namespace", "job", "pod", "instance")
+
+
+def test_every_selector_filters_by_namespace_job_pod_and_instance() -> None:
+    """Each selector carries the $namespace, $job, $pod and $instance matchers."""
     for key, expr in _raw_queries(load_dashboard()).items():
         selectors = _SELECTOR.findall(expr)
         assert {name for name, _ in selectors} == referenced_metrics(expr), key
         for name, matchers in selectors:
-            assert 'job=~"$job"' in matchers, (key, name)
-            assert 'instance=~"$instance"' in matchers, (key, name)
+            for variable in FILTERS:
+                assert f'{variable}=~"${variable}"' in matchers, (key, name, variable)
+
+
+def test_filter_variables_chain_from_namespace_to_instance() -> None:
+    """Namespace (one at a time) comes first; each variable lists values within those before it."""
+    variables = [v for v in load_dashboard()["templating"]["list"] if v["type"] == "query"]
+    assert [v["name"] for v in variables] == list(FILTERS)
+    namespace = variables[0]
+    assert namespace["multi"] is False and namespace["includeAll"] is False
+    assert variables[1]["multi"] is False, "one job at a time: panels sum over it"
+    for i, variable in enumerate(variables):
+        for earlier in FILTERS[:i]:
+            assert f'{earlier}=~"${earlier}"' in variable["query"]["query"], variable["name"]
+        assert variable["definition"] == variable["query"]["query"]
+    # "All" pods must also match series without a pod label (no Kubernetes).
+    assert variables[2]["allValue"] == ".*"
 
 
 def test_every_metric_read_is_exported_by_metrics() -> None:
     """Every metric a panel or variable reads is a series name Metrics() (or the scrape) exposes."""
     dashboard = load_dashboard()
     exported = exported_metric_names(Metrics().registry) | SCRAPE_SERIES
-    exprs = [*_raw_queries(dashboard).values(), *_variable_queries(dashboard).values()]
+    exprs = [*_raw_queries(dashboard).values(), *variable_queries(dashboard).values()]
     read = set().union(*(referenced_metrics(e) for e in exprs))
     assert read, "no metric found: the PromQL scan is broken"
     assert read <= exported, sorted(read - exported)
@@ -164,12 +201,12 @@ def test_every_forwarder_metric_has_a_panel() -> None:
 
 
 def test_rates_use_rate_interval_and_quantiles_aggregate_by_le() -> None:
-    """rate() windows are $__rate_interval; histogram_quantile sums bucket rates by le."""
+    """rate() windows are $__rate_interval; histogram_quantile sums bucket rates by (..., le)."""
     for key, expr in _raw_queries(load_dashboard()).items():
         for window in re.findall(r"\brate\([^\[]*\[([^\]]*)\]", expr):
             assert window == "$__rate_interval", key
         for inner in re.findall(r"histogram_quantile\(\s*[\d.]+\s*,(.*)\)$", expr):
-            assert re.match(r"\s*sum by \(le\) \(rate\(\w+_bucket\{", inner), key
+            assert re.match(r"\s*sum by \((\w+, )*le\) \(rate\(\w+_bucket\{", inner), key
 
 
 def test_panels_fit_the_grid_without_overlapping() -> None:
@@ -187,12 +224,14 @@ def test_panels_fit_the_grid_without_overlapping() -> None:
 
 def test_dashboard_queries_substitute_every_variable() -> None:
     """dashboard_queries() leaves no Grafana variable and fills in the given values."""
-    queries = dashboard_queries(rate_interval="2m", job="fw", instance="a:1")
+    queries = dashboard_queries(
+        rate_interval="2m", namespace="ns", job="fw", pod="fw-0", instance="a:1"
+    )
     assert len(queries) == len(_raw_queries(load_dashboard())) >= 20
     for expr in queries.values():
         assert "$" not in expr
-        assert 'job=~"fw"' in expr
-        assert 'instance=~"a:1"' in expr
+        for matcher in ('namespace=~"ns"', 'job=~"fw"', 'pod=~"fw-0"', 'instance=~"a:1"'):
+            assert matcher in expr
     assert any("[2m]" in expr for expr in queries.values())
     with pytest.raises(KeyError, match=r"\$missing"):
         substitute("up{a=$missing}", {})
@@ -209,7 +248,7 @@ def _exercise(metrics: Metrics) -> None:
         metrics.dead_letters.labels(reason=reason).inc()
     for outcome in ("forwarded", "failed", "duplicate"):
         metrics.batches.labels(outcome=outcome).inc()
-    for outcome in ("accepted", "ignored", "duplicate", "bad_signature", "invalid"):
+    for outcome in WEBHOOK_OUTCOMES:
         metrics.webhooks.labels(outcome=outcome).inc()
     for code in ("200", "503", "error"):
         metrics.on_upstream_response(code, 0.02)
@@ -224,6 +263,14 @@ def _exercise(metrics: Metrics) -> None:
     metrics.batches_in_flight.set(1)
     metrics.batches_waiting.set(2)
     metrics.ready.set(1)
+    metrics.state_batches.set(4)
+    metrics.build_info.labels(version="0.0.0", revision="test").set(1)
+    for route, code in (("/webhooks/datagrid", "202"), ("/webhooks/datagrid", "503")):
+        metrics.http_requests.labels(route=route, method="POST", code=code).inc()
+        metrics.http_duration.labels(route=route).observe(0.01)
+    metrics.reconcile_runs.labels(outcome="ok").inc()
+    metrics.reconcile_batches.inc()
+    metrics.ratelimit_wait.inc(0.5)
 
 
 @pytest.fixture(scope="module")
@@ -251,9 +298,15 @@ def test_every_panel_query_returns_finite_data(scraped: PrometheusRig) -> None:
 
 
 def test_variables_find_the_job_and_instance(scraped: PrometheusRig) -> None:
-    """The $job and $instance variable queries list the scraped target."""
-    queries = _variable_queries(load_dashboard())
-    [job] = scraped.query(substitute(queries["job"], {}))
+    """Outside Kubernetes the variables list the scraped job and instance, and no namespace."""
+    queries = variable_queries(load_dashboard())
+    values = {"namespace": ".*", "job": "forwarder", "pod": ".*"}
+    # count by (label) gives one series without the label: Grafana lists no value for it.
+    [namespace] = scraped.query(substitute(queries["namespace"], values))
+    assert namespace["metric"] == {}
+    [job] = scraped.query(substitute(queries["job"], values))
     assert job["metric"] == {"job": "forwarder"}
-    [instance] = scraped.query(substitute(queries["instance"], {"job": "forwarder"}))
+    [pod] = scraped.query(substitute(queries["pod"], values))
+    assert pod["metric"] == {}
+    [instance] = scraped.query(substitute(queries["instance"], values))
     assert instance["metric"]["instance"] == scraped.target

@@ -16,6 +16,7 @@ import functools
 import json
 import os
 import re
+import shutil
 import tarfile
 import tomllib
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ import yaml
 from pydantic import SecretStr
 
 from forwarder.app import create_app
-from forwarder.config import Settings, load_settings
+from forwarder.config import Settings, describe_variables, env_name, load_settings
 from tests.deploy_helpers import REPO, run, setting_variables, settings_default, tool
 
 CHART = REPO / "helm" / "forwarder"
@@ -44,6 +45,12 @@ SHIPPED_FILES = {
 RELEASE, NAMESPACE = "fwd", "datagrid"
 #: FORWARDER_KAFKA_SASL_MECHANISM -> the KEDA Kafka scaler's `sasl` parameter.
 KEDA_SASL = {"PLAIN": "plaintext", "SCRAM-SHA-256": "scram_sha256", "SCRAM-SHA-512": "scram_sha512"}
+#: Settings that name files mounted into the pod.
+TLS_FILE_VARIABLES = (
+    "FORWARDER_KAFKA_SSL_CAFILE",
+    "FORWARDER_KAFKA_SSL_CERTFILE",
+    "FORWARDER_KAFKA_SSL_KEYFILE",
+)
 #: Credentials the ci/ scenarios use: they must only ever appear inside Secrets.
 SECRET_VALUES = ("dg-test-key", "whsec-test", "whsec-new", "token-a", "sasl-secret")
 
@@ -78,7 +85,10 @@ def values_args(scenario: str | None, *sets: str) -> list[str]:
 
 @functools.cache
 def render(
-    scenario: str | None, kube: str = MAX_KUBE, sets: tuple[str, ...] = ()
+    scenario: str | None,
+    kube: str = MAX_KUBE,
+    sets: tuple[str, ...] = (),
+    namespace: str = NAMESPACE,
 ) -> tuple[dict[str, Any], ...]:
     """The objects ``helm template`` renders (tests too) for a scenario and Kubernetes version."""
     out = helm(
@@ -86,7 +96,7 @@ def render(
         RELEASE,
         str(CHART),
         "--namespace",
-        NAMESPACE,
+        namespace,
         "--kube-version",
         kube,
         *values_args(scenario, *sets),
@@ -113,9 +123,9 @@ def only(objects: tuple[dict[str, Any], ...], kind: str, name_suffix: str = "") 
 
 
 def workload(objects: tuple[dict[str, Any], ...]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The Deployment's pod spec and its one container."""
+    """The Deployment's pod spec and its forwarder container (sidecars aside)."""
     pod = only(objects, "Deployment")["spec"]["template"]["spec"]
-    (container,) = pod["containers"]
+    (container,) = [c for c in pod["containers"] if c["name"] == "forwarder"]
     return pod, container
 
 
@@ -230,7 +240,31 @@ def test_every_crd_kind_has_a_vendored_schema() -> None:
     ("sets", "message"),
     [
         (("config.LOG_LEVEL=DEBUG",), "LOG_LEVEL"),
+        (("config.FORWARDER_CONCURENCY=8",), "'FORWARDER_CONCURENCY' not allowed"),
         (("config.FORWARDER_WEBHOOK_SECRETS=oops",), "secrets do not belong in the ConfigMap"),
+        (("config.FORWARDER_API_TOKENS=oops",), "secrets do not belong in the ConfigMap"),
+        (("config.FORWARDER_KAFKA_SASL_PASSWORD=oops",), "secrets do not belong in the ConfigMap"),
+        (("config.DATAGRID_API_KEY=oops",), "secrets do not belong in the ConfigMap"),
+        (("config.FORWARDER_DATAGRID_API_KEY=oops",), "secrets do not belong in the ConfigMap"),
+        (("config.FORWARDER_KAFKA_GROUP_INSTANCE_ID=a",), "kafka.staticMembership"),
+        (("secrets.existingSecretKeys.DATAGRID_API_KEY=k",), "existingSecret, which is not set"),
+        (
+            ("secrets.existingSecret=s", "secrets.existingSecretKeys.DATAGRID_API_KY=k"),
+            "'DATAGRID_API_KY' not allowed",
+        ),
+        (("serviceMonitor.jobLabel=team", "prometheusRule.enabled=true"), 'no label "team"'),
+        (
+            ("prometheusRule.enabled=true", "prometheusRule.alerts.ForwarderDwn.enabled=false"),
+            "ForwarderDwn: no such alert",
+        ),
+        (
+            ("prometheusRule.enabled=true", "prometheusRule.alerts.ForwarderDown.threshold=2"),
+            "no tunable threshold",
+        ),
+        (
+            ("prometheusRule.alerts.ForwarderDown.for=soon",),
+            "/prometheusRule/alerts/ForwarderDown/for",
+        ),
         (("secrets.datagridApiKey=",), "secrets.datagridApiKey"),
         (("keda.enabled=true", "keda.minReplicaCount=0"), "minReplicaCount"),
         (("keda.enabled=true", "autoscaling.enabled=true"), "enable one"),
@@ -244,6 +278,129 @@ def test_every_crd_kind_has_a_vendored_schema() -> None:
 def test_bad_values_are_refused_with_a_clear_message(sets: tuple[str, ...], message: str) -> None:
     """values.schema.json and the chart's checks refuse bad values, naming the value."""
     assert message in render_fails(*sets)
+
+
+def test_config_schema_knows_exactly_the_services_settings() -> None:
+    """config accepts every non-secret variable of describe_variables() and nothing else; a
+    setting added to the service without the chart fails here."""
+    config = json.loads((CHART / "values.schema.json").read_text())["properties"]["config"]
+    assert config["additionalProperties"] is False
+    assert "patternProperties" not in config
+    described = {
+        name.strip() for variable, _, _ in describe_variables() for name in variable.split("/")
+    }
+    secrets = {
+        env_name(name)
+        for name, info in Settings.model_fields.items()
+        if "SecretStr" in str(info.annotation)
+    } | {"DATAGRID_API_KEY"}
+    # Credentials are in the schema only so that the chart can refuse them with its own message.
+    credentials = {
+        key
+        for key, rule in config["properties"].items()
+        if "credential" in rule.get("description", "")
+    }
+    assert credentials == secrets & described
+    assert set(config["properties"]) - credentials == described - secrets
+
+
+def render_values(tmp_path: Path, values: dict[str, Any]) -> tuple[dict[str, Any], ...]:
+    """Render the default scenario plus a values file holding ``values``."""
+    extra = tmp_path / "extra-values.yaml"
+    extra.write_text(yaml.safe_dump(values))
+    out = helm(
+        "template",
+        RELEASE,
+        str(CHART),
+        "--namespace",
+        NAMESPACE,
+        "--kube-version",
+        MAX_KUBE,
+        "-f",
+        str(CHART / "ci" / "default-values.yaml"),
+        "-f",
+        str(extra),
+    )
+    objects = tuple(doc for doc in yaml.safe_load_all(out) if doc)
+    for obj in objects:
+        if obj["kind"] not in CUSTOM_KINDS:
+            kubernetes_validate.validate(obj, MAX_KUBE, strict=True)
+    return objects
+
+
+def test_platform_knobs_reach_the_pod(tmp_path: Path) -> None:
+    """extraEnvFrom, extraVolumes, extraVolumeMounts, initContainers and extraContainers land in
+    the pod spec as given, after the chart's own, and the result is valid Kubernetes."""
+    sidecar = {"name": "vault-agent", "image": "hashicorp/vault:1.17.2", "args": ["agent"]}
+    init = {"name": "fetch-ca", "image": "busybox:1.36.1", "command": ["true"]}
+    objects = render_values(
+        tmp_path,
+        {
+            "extraEnvFrom": [{"secretRef": {"name": "more-settings"}}],
+            "extraVolumes": [{"name": "datagrid-ca", "configMap": {"name": "corp-ca"}}],
+            "extraVolumeMounts": [
+                {"name": "datagrid-ca", "mountPath": "/etc/datagrid-ca", "readOnly": True}
+            ],
+            "initContainers": [init],
+            "extraContainers": [sidecar],
+        },
+    )
+    pod = only(objects, "Deployment")["spec"]["template"]["spec"]
+    forwarder, extra = pod["containers"]
+    assert forwarder["name"] == "forwarder" and extra == sidecar
+    assert pod["initContainers"] == [init]
+    assert forwarder["envFrom"][0]["configMapRef"]
+    assert forwarder["envFrom"][1] == {"secretRef": {"name": "more-settings"}}
+    assert forwarder["volumeMounts"][-1]["mountPath"] == "/etc/datagrid-ca"
+    assert forwarder["volumeMounts"][0] == {"name": "tmp", "mountPath": "/tmp"}
+    assert pod["volumes"][-1] == {"name": "datagrid-ca", "configMap": {"name": "corp-ca"}}
+
+
+def test_existing_secret_keys_can_be_remapped(tmp_path: Path) -> None:
+    """existingSecretKeys points each variable at the key External Secrets wrote; others keep
+    their own name, and the KEDA TriggerAuthentication reads the same keys."""
+    objects = render_values(
+        tmp_path,
+        {
+            "secrets": {
+                "existingSecret": "from-vault",
+                "existingSecretKeys": {
+                    "DATAGRID_API_KEY": "datagrid-api-key",
+                    "FORWARDER_KAFKA_SASL_PASSWORD": "kafka-password",
+                },
+            },
+            "config": {
+                "FORWARDER_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+                "FORWARDER_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+                "FORWARDER_KAFKA_SASL_USERNAME": "forwarder",
+            },
+            "keda": {"enabled": True},
+        },
+    )
+    _, container = workload(objects)
+    refs = {
+        e["name"]: e["valueFrom"]["secretKeyRef"]
+        for e in container["env"]
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
+    assert {ref["name"] for ref in refs.values()} == {"from-vault"}
+    assert refs["DATAGRID_API_KEY"]["key"] == "datagrid-api-key"
+    assert refs["FORWARDER_KAFKA_SASL_PASSWORD"]["key"] == "kafka-password"
+    assert refs["FORWARDER_WEBHOOK_SECRETS"]["key"] == "FORWARDER_WEBHOOK_SECRETS"
+    auth = only(objects, "TriggerAuthentication")["spec"]["secretTargetRef"]
+    assert {"parameter": "password", "name": "from-vault", "key": "kafka-password"} in auth
+
+
+def test_static_membership_gives_each_pod_its_name_as_instance_id() -> None:
+    """kafka.staticMembership sets FORWARDER_KAFKA_GROUP_INSTANCE_ID from the pod's name."""
+    _, container = workload(
+        render("default-values.yaml", MAX_KUBE, ("kafka.staticMembership=true",))
+    )
+    (env,) = [e for e in container["env"] if e["name"] == "FORWARDER_KAFKA_GROUP_INSTANCE_ID"]
+    assert env["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert env["name"] in setting_variables()
+    _, plain = workload(render("default-values.yaml"))
+    assert "FORWARDER_KAFKA_GROUP_INSTANCE_ID" not in {e["name"] for e in plain["env"]}
 
 
 # --- the rendered objects against the service ---------------------------------------------------
@@ -315,6 +472,10 @@ def test_rendered_settings_load(scenario: str, monkeypatch: pytest.MonkeyPatch) 
             env[item["name"]] = secrets.get(ref["key"], "from-existing-secret")
     for name in [n for n in os.environ if n.startswith("FORWARDER_") or n == "DATAGRID_API_KEY"]:
         monkeypatch.delenv(name)
+    # The TLS files exist only in the pod (the service checks that they exist and parse); where
+    # they are mounted is test_kafka_tls_files_are_mounted_where_the_settings_point's business.
+    for variable in TLS_FILE_VARIABLES:
+        env.pop(variable, None)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     settings = load_settings(_env_file=None)
@@ -525,24 +686,121 @@ def test_chart_files_are_byte_identical_to_deploy(source: str, copy: str) -> Non
     )
 
 
-def test_prometheus_rule_carries_the_deploy_rules() -> None:
-    """The PrometheusRule holds deploy/prometheus's groups, with only runbook URLs made absolute."""
-    rules = yaml.safe_load((REPO / "deploy/prometheus/forwarder-rules.yaml").read_text())
-    rendered = only(render("all-features-values.yaml"), "PrometheusRule")["spec"]
+def _deploy_rules() -> dict[str, Any]:
+    return yaml.safe_load((REPO / "deploy/prometheus/forwarder-rules.yaml").read_text())  # type: ignore[no-any-return]
+
+
+def _scoped(rules: dict[str, Any], matcher: str, base: str = "") -> dict[str, Any]:
+    """deploy/'s rules as the chart must render them: job matcher scoped, runbooks absolute."""
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            rule["expr"] = rule["expr"].replace('job="forwarder"', matcher)
+            if base and (url := rule.get("annotations", {}).get("runbook_url")):
+                rule["annotations"]["runbook_url"] = f"{base}/{url}"
+    return rules
+
+
+def test_prometheus_rule_carries_the_deploy_rules_scoped_to_the_release() -> None:
+    """The PrometheusRule holds deploy/'s rules, each selecting only this release's namespace
+    and job (the Service's name, the ServiceMonitor's job), with runbook URLs made absolute."""
+    objects = render("all-features-values.yaml")
+    rendered = only(objects, "PrometheusRule")["spec"]
     base = yaml.safe_load((CHART / "ci/all-features-values.yaml").read_text())["prometheusRule"][
         "runbookBaseUrl"
     ]
-    for group in rules["groups"]:
+    job = only(objects, "Service")["metadata"]["name"]
+    matcher = f'namespace="{NAMESPACE}", job="{job}"'
+    assert rendered == _scoped(_deploy_rules(), matcher, base)
+    for group in rendered["groups"]:
         for rule in group["rules"]:
-            if url := rule.get("annotations", {}).get("runbook_url"):
-                rule["annotations"]["runbook_url"] = f"{base}/{url}"
-    assert rendered == {"groups": rules["groups"]}
+            assert 'job="forwarder"' not in rule["expr"]
     plain = only(
         render("default-values.yaml", MAX_KUBE, ("prometheusRule.enabled=true",)), "PrometheusRule"
     )
-    assert plain["spec"] == yaml.safe_load(
-        (REPO / "deploy/prometheus/forwarder-rules.yaml").read_text()
+    assert plain["spec"] == _scoped(
+        _deploy_rules(), f'namespace="{NAMESPACE}", job="{RELEASE}-forwarder"'
     )
+
+
+def test_servicemonitor_keeps_the_services_job_and_the_rules_follow_it() -> None:
+    """No job relabeling: job is the Service's name (or its jobLabel label), and the rules select
+    that job; prometheusRule.job overrides it for pods scraped another way."""
+    objects = render("all-features-values.yaml")
+    monitor = only(objects, "ServiceMonitor")
+    for endpoint in monitor["spec"]["endpoints"]:
+        for relabel in endpoint.get("relabelings", []):
+            assert relabel.get("targetLabel") != "job", relabel
+    assert "jobLabel" not in monitor["spec"]
+
+    def rule_exprs(*sets: str) -> str:
+        objects = render("all-features-values.yaml", MAX_KUBE, sets)
+        spec = only(objects, "PrometheusRule")["spec"]
+        return "\n".join(r["expr"] for g in spec["groups"] for r in g["rules"])
+
+    by_label = render(
+        "all-features-values.yaml", MAX_KUBE, ("serviceMonitor.jobLabel=app.kubernetes.io/name",)
+    )
+    assert only(by_label, "ServiceMonitor")["spec"]["jobLabel"] == "app.kubernetes.io/name"
+    assert only(by_label, "Service")["metadata"]["labels"]["app.kubernetes.io/name"] == "forwarder"
+    assert 'up{namespace="datagrid", job="forwarder"}' in rule_exprs(
+        "serviceMonitor.jobLabel=app.kubernetes.io/name"
+    )
+    assert 'up{namespace="datagrid", job="kubernetes-pods"}' in rule_exprs(
+        "prometheusRule.job=kubernetes-pods"
+    )
+
+
+def test_alerts_can_be_tuned_per_alert() -> None:
+    """alerts.<Alert> disables it, replaces its threshold, sets `for` and adds labels; alertLabels
+    go on every alert; recording rules are untouched."""
+    sets = (
+        "prometheusRule.alerts.ForwarderErroredLinesRatioHigh.enabled=false",
+        "prometheusRule.alerts.ForwarderJobsLagGrowing.threshold=50",
+        "prometheusRule.alerts.ForwarderBatchFailureRatioHigh.threshold=0.35",
+        "prometheusRule.alerts.ForwarderDown.for=2m",
+        "prometheusRule.alerts.ForwarderDeadLetters.labels.severity=critical",
+        "prometheusRule.alertLabels.team=payments",
+    )
+    rule = only(render("all-features-values.yaml", MAX_KUBE, sets), "PrometheusRule")
+    assert "Valid: 1" in kubeconform([rule])
+    spec = rule["spec"]
+    rules = [r for g in spec["groups"] for r in g["rules"]]
+    alerts: dict[str, list[dict[str, Any]]] = {}
+    for rule in rules:
+        if "alert" in rule:
+            alerts.setdefault(rule["alert"], []).append(rule)
+    assert "ForwarderErroredLinesRatioHigh" not in alerts
+    assert (
+        len(alerts)
+        == len({r["alert"] for g in _deploy_rules()["groups"] for r in g["rules"] if "alert" in r})
+        - 1
+    )
+    assert "> 50 # threshold" in alerts["ForwarderJobsLagGrowing"][0]["expr"]
+    assert "> 0.35 # threshold" in alerts["ForwarderBatchFailureRatioHigh"][0]["expr"]
+    assert [r["for"] for r in alerts["ForwarderDown"]] == ["2m", "2m"]
+    assert {r["labels"]["severity"] for r in alerts["ForwarderDown"]} == {"warning", "critical"}
+    assert alerts["ForwarderDeadLetters"][0]["labels"]["severity"] == "critical"
+    for name, found in alerts.items():
+        for rule in found:
+            assert rule["labels"]["team"] == "payments", name
+    records = [r for r in rules if "record" in r]
+    assert records and all("labels" not in r for r in records)
+
+
+def test_tuned_rules_pass_promtool(tmp_path: Path) -> None:
+    """The rules the chart renders, tuned and scoped, are still valid for Prometheus."""
+    sets = (
+        "prometheusRule.alerts.ForwarderJobsLagGrowing.threshold=50",
+        "prometheusRule.alerts.ForwarderForwardDelayHigh.threshold=1800",
+        "prometheusRule.alerts.ForwarderNotReady.for=0s",
+    )
+    spec = only(render("all-features-values.yaml", MAX_KUBE, sets), "PrometheusRule")["spec"]
+    path = tmp_path / "rules.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool not found on PATH: apt-get install prometheus"
+    out = run([promtool, "check", "rules", path]).stdout
+    assert "SUCCESS" in out
 
 
 def test_dashboard_configmap_carries_the_deploy_dashboard() -> None:
@@ -571,14 +829,6 @@ def test_dashboard_configmap_carries_the_deploy_dashboard() -> None:
     assert "grafana_dashboard" not in custom["metadata"]["labels"]
     assert custom["metadata"]["labels"]["dashboards"] == "forwarder"
     assert custom["metadata"]["namespace"] == "monitoring"
-
-
-def test_servicemonitor_job_matches_the_alert_rules() -> None:
-    """The ServiceMonitor names the scrape job "forwarder", which the rules' up{} alerts select."""
-    monitor = only(render("all-features-values.yaml"), "ServiceMonitor")
-    relabel = monitor["spec"]["endpoints"][0]["relabelings"][0]
-    assert relabel == {"action": "replace", "targetLabel": "job", "replacement": "forwarder"}
-    assert 'up{job="forwarder"}' in (REPO / "deploy/prometheus/forwarder-rules.yaml").read_text()
 
 
 # --- packaging and documentation ----------------------------------------------------------------
@@ -654,3 +904,88 @@ def test_values_schema_covers_every_value() -> None:
     assert schema["additionalProperties"] is False
     assert set(values) <= set(schema["properties"])
     assert "replicas" in render_fails("replicas=3")
+
+
+# --- the release workflow -----------------------------------------------------------------------
+
+WORKFLOWS = REPO / ".github" / "workflows"
+RELEASE_WORKFLOW = WORKFLOWS / "release.yaml"
+
+
+def actionlint(*files: str, input: str | None = None) -> str:
+    """Run actionlint (beside helm, from deploy/tools/install.sh) with the dev group's shellcheck,
+    so that run: scripts are checked too; return its verbose output."""
+    binary = Path(tool("helm")).parent / "actionlint"
+    assert binary.exists(), f"{binary} missing: run deploy/tools/install.sh"
+    args = [binary, "-no-color", "-oneline", "-verbose", "-shellcheck", tool("shellcheck")]
+    return run([*args, *files], input=input).stderr
+
+
+def _workflow() -> dict[Any, Any]:
+    return yaml.safe_load(RELEASE_WORKFLOW.read_text())  # type: ignore[no-any-return]
+
+
+def test_workflows_pass_actionlint_with_shellcheck() -> None:
+    """actionlint finds no error in .github/workflows/, with its shellcheck rule enabled."""
+    files = sorted(str(p.relative_to(REPO)) for p in WORKFLOWS.glob("*.y*ml"))
+    assert str(RELEASE_WORKFLOW.relative_to(REPO)) in files
+    log = actionlint(*files)
+    assert 'Rule "shellcheck" was disabled' not in log
+    assert "Found total 0 errors" in log
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("needs.versions.outputs.version }}", "needs.version.outputs.version }}", "not defined"),
+        (
+            'test -f "dist/forwarder-${VERSION}.tgz"',
+            "test -f dist/forwarder-$VERSION.tgz",
+            "SC2086",
+        ),
+        ("packages: write", "packages: writ", "permission"),
+    ],
+)
+def test_actionlint_catches_a_broken_release_workflow(old: str, new: str, message: str) -> None:
+    """A wrong job reference, an unquoted variable or a bad permission fails the check."""
+    text = RELEASE_WORKFLOW.read_text()
+    assert old in text
+    with pytest.raises(AssertionError, match=message):
+        actionlint("-stdin-filename", "release.yaml", "-", input=text.replace(old, new, 1))
+
+
+def test_release_publishes_the_image_and_chart_the_chart_and_readme_name() -> None:
+    """On a version tag the workflow pushes values.yaml's image for amd64 and arm64 and the chart
+    to the OCI registry the README names; the versions it checks agree today."""
+    workflow = _workflow()
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    readme = (CHART / "README.md").read_text()
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert workflow[True]["push"]["tags"] == [
+        "v[0-9]+.[0-9]+.[0-9]+"
+    ]  # YAML 1.1 reads "on" as True
+    assert workflow["env"]["IMAGE"] == values["image"]["repository"]
+    assert f"`{values['image']['repository']}`" in readme
+    assert f"{workflow['env']['CHART_REGISTRY']}/{chart['name']}" in readme
+    build = [
+        step["with"]
+        for step in workflow["jobs"]["image"]["steps"]
+        if step.get("uses", "").startswith("docker/build-push-action@")
+    ]
+    assert len(build) == 1
+    assert set(build[0]["platforms"].split(",")) == {"linux/amd64", "linux/arm64"}
+    assert build[0]["push"] is True
+    dockerfile_args = set(re.findall(r"^ARG (\w+)=", (REPO / "Dockerfile").read_text(), re.M))
+    passed = {line.split("=", 1)[0] for line in build[0]["build-args"].splitlines()}
+    assert passed <= dockerfile_args
+    assert workflow["jobs"]["chart"]["needs"] == ["versions", "image"], "chart only after image"
+    assert chart["version"] == chart["appVersion"], "the workflow releases them as one version"
+
+
+def test_release_actions_are_pinned_to_commits() -> None:
+    """Every action is pinned to a full commit SHA, with the tag it was in a comment."""
+    uses = re.findall(r"uses: (\S+)(.*)$", RELEASE_WORKFLOW.read_text(), re.M)
+    assert len(uses) >= 6
+    for action, comment in uses:
+        assert re.fullmatch(r"[\w.-]+/[\w.-]+@[0-9a-f]{40}", action), action
+        assert re.fullmatch(r"\s+# v\d+\.\d+\.\d+", comment), action

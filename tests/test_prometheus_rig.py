@@ -78,6 +78,19 @@ def test_config_scrapes_the_target_every_second() -> None:
     }
 
 
+def test_config_labels_each_target_of_a_mapping() -> None:
+    """Targets given as a mapping get one static config each, with their own labels."""
+    rig = PrometheusRig(
+        {"127.0.0.1:1": {"namespace": "a", "job": "svc"}, "127.0.0.1:2": {"namespace": "b"}}
+    )
+    [job] = json.loads(rig.config())["scrape_configs"]
+    assert job["static_configs"] == [
+        {"targets": ["127.0.0.1:1"], "labels": {"namespace": "a", "job": "svc"}},
+        {"targets": ["127.0.0.1:2"], "labels": {"namespace": "b"}},
+    ]
+    assert rig.target == "127.0.0.1:1"
+
+
 def test_query_returns_the_scraped_value(exporter: Exporter, prom: PrometheusRig) -> None:
     """After wait_for_scrape, an instant query returns the exporter's value and target labels."""
     exporter.gauge.labels(room="lab").set(42)

@@ -120,6 +120,44 @@ def test_every_alert_is_tested_firing_and_silent() -> None:
     assert alerts - silent == set(), "never expected to stay silent"
 
 
+_SELECTOR = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\{([^}]*)\}")
+_AGGREGATION = re.compile(r"\b(sum|min|max|avg|count)\s*(?:by\s*\(([^)]*)\))?\s*\(")
+_THRESHOLD = re.compile(r"(?m)([^\s]*)\s*# threshold$")
+
+
+def test_every_selector_carries_the_job_matcher() -> None:
+    """Each metric selector carries job="forwarder", the matcher the chart scopes per install."""
+    for rule in _rules():
+        expr = rule["expr"]
+        selectors = _SELECTOR.findall(expr)
+        assert {name for name, _ in selectors} == referenced_metrics(expr), expr
+        for name, matchers in selectors:
+            assert 'job="forwarder"' in matchers, (rule.get("alert", rule.get("record")), name)
+
+
+def test_every_aggregation_keeps_namespace_and_job() -> None:
+    """Every sum/max/min/avg/count groups by namespace and job, so installs never merge."""
+    found = 0
+    for rule in _rules():
+        for _, grouping in _AGGREGATION.findall(rule["expr"]):
+            found += 1
+            labels = {label.strip() for label in grouping.split(",")}
+            assert {"namespace", "job"} <= labels, rule["expr"]
+    assert found >= 10, "no aggregation found: the scan is broken"
+
+
+def test_thresholds_are_marked_once_per_alert() -> None:
+    """A tunable alert marks exactly one number with "# threshold" (what the chart replaces)."""
+    marked = set()
+    for alert in _alerts():
+        numbers = _THRESHOLD.findall(alert["expr"])
+        assert len(numbers) <= 1, alert["alert"]
+        for number in numbers:
+            float(number)  # the number itself, nothing else, ends the line
+            marked.add(alert["alert"])
+    assert len(marked) >= 9, marked
+
+
 def test_every_metric_in_the_rules_is_exported() -> None:
     """Rules read only series Metrics() exports, the scrape's `up`, or the rules' own records."""
     recorded = {rule["record"] for rule in _rules() if "record" in rule}

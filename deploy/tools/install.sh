@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install the pinned delivery tools (helm, kubeconform) into a project-local, cacheable directory.
+# Install the pinned delivery tools (helm, kubeconform, actionlint) into a project-local, cacheable directory.
 #
 #   deploy/tools/install.sh            # installs into .cache/tools/bin (gitignored)
 #   FORWARDER_TOOLS_DIR=/opt/t deploy/tools/install.sh
@@ -19,6 +19,9 @@ HELM_VERSION="v3.22.0"
 HELM_KUBE_VERSION_MINOR="37"
 KUBECONFORM_MODULE="github.com/yannh/kubeconform"
 KUBECONFORM_VERSION="v0.8.0"
+# Lints .github/workflows/ (the release workflow) the way GitHub would run it.
+ACTIONLINT_MODULE="github.com/rhysd/actionlint"
+ACTIONLINT_VERSION="v1.7.12"
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 tools_dir="${FORWARDER_TOOLS_DIR:-${repo_root}/.cache/tools}"
@@ -67,5 +70,7 @@ done
 install helm "${HELM_MODULE}" "${HELM_VERSION}" "${HELM_MODULE}/cmd/helm" "${helm_ldflags}"
 install kubeconform "${KUBECONFORM_MODULE}" "${KUBECONFORM_VERSION}" "${KUBECONFORM_MODULE}/cmd/kubeconform" \
     "-X main.version=${KUBECONFORM_VERSION}"
+install actionlint "${ACTIONLINT_MODULE}" "${ACTIONLINT_VERSION}" "${ACTIONLINT_MODULE}/cmd/actionlint" \
+    "-X ${ACTIONLINT_MODULE}.version=${ACTIONLINT_VERSION}"
 
 printf '%s\n' "${bin_dir}"

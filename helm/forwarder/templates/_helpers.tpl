@@ -190,7 +190,48 @@ Deployment, so every render runs them.
 {{- if and .Values.autoscaling.enabled (not (or .Values.autoscaling.targetCPUUtilizationPercentage .Values.autoscaling.targetMemoryUtilizationPercentage)) }}
 {{- fail "autoscaling.enabled: set targetCPUUtilizationPercentage or targetMemoryUtilizationPercentage" }}
 {{- end }}
+{{- if and .Values.secrets.existingSecretKeys (not .Values.secrets.existingSecret) }}
+{{- fail "secrets.existingSecretKeys: remaps the keys of secrets.existingSecret, which is not set" }}
+{{- end }}
+{{- if hasKey .Values.config "FORWARDER_KAFKA_GROUP_INSTANCE_ID" }}
+{{- fail "config.FORWARDER_KAFKA_GROUP_INSTANCE_ID: every pod needs its own; set kafka.staticMembership=true (each pod uses its name)" }}
+{{- end }}
 {{- if and .Values.autoscaling.enabled .Values.keda.enabled }}
 {{- fail "autoscaling.enabled and keda.enabled both scale the Deployment: enable one" }}
+{{- end }}
+{{- end }}
+
+{{/*
+The `job` label of this install's scraped series, which its alert rules select: prometheusRule.job,
+else what the chart's ServiceMonitor gives (the Service's name, or the value of the Service label
+named by serviceMonitor.jobLabel).
+*/}}
+{{- define "forwarder.ruleJob" -}}
+{{- if .Values.prometheusRule.job }}
+{{- .Values.prometheusRule.job }}
+{{- else if .Values.serviceMonitor.jobLabel }}
+{{- $labels := include "forwarder.labels" . | fromYaml }}
+{{- $value := get $labels .Values.serviceMonitor.jobLabel }}
+{{- if not $value }}
+{{- fail (printf "serviceMonitor.jobLabel: the Service has no label %q (it has %s); set prometheusRule.job" .Values.serviceMonitor.jobLabel (keys $labels | sortAlpha | join ", ")) }}
+{{- end }}
+{{- $value }}
+{{- else }}
+{{- include "forwarder.fullname" . }}
+{{- end }}
+{{- end }}
+
+{{/*
+The Secret key holding a variable: secrets.existingSecretKeys[variable] with an existingSecret,
+else the variable's own name (the chart's Secret always uses the names).
+Usage: include "forwarder.secretKey" (list $ "DATAGRID_API_KEY")
+*/}}
+{{- define "forwarder.secretKey" -}}
+{{- $root := index . 0 }}
+{{- $variable := index . 1 }}
+{{- if $root.Values.secrets.existingSecret }}
+{{- get $root.Values.secrets.existingSecretKeys $variable | default $variable }}
+{{- else }}
+{{- $variable }}
 {{- end }}
 {{- end }}
