@@ -140,6 +140,8 @@ class Pipeline:
             self._fail(state, BatchTimeout(f"batch {batch_id} took longer than the batch timeout"))
             attempt.logger.warning("batch_timeout", timeout_s=self._settings.batch_timeout_seconds)
         except ForwarderError as exc:
+            # Not terminal yet (LATER), another owner (HAND_OFF), or Kafka still failing after the
+            # last attempt: no outcome for this batch; the caller keeps the job (uncommitted).
             if exc.retry in (Retry.LATER, Retry.HAND_OFF) or (
                 isinstance(exc, KafkaError) and exc.retry is Retry.BACKOFF
             ):
@@ -165,19 +167,14 @@ class Pipeline:
                     await self._transaction(attempt, txn)
                 state.status = Status.FORWARDED
                 return
-            except KafkaError as exc:
-                # Kafka itself failing past the last attempt fails no batch: forward() raises,
-                # and the caller keeps the job (uncommitted) until Kafka is back.
-                if exc.retry is not Retry.BACKOFF or attempt.number == settings.max_attempts:
-                    raise
-                await self._before_retry(attempt, exc)
             except ForwarderError as exc:
-                if exc.retry is not Retry.BACKOFF or attempt.number == settings.max_attempts:
-                    if exc.retry in (Retry.LATER, Retry.HAND_OFF):
-                        raise
-                    self._fail(state, exc)
-                    return
-                await self._before_retry(attempt, exc)
+                if exc.retry is Retry.BACKOFF and attempt.number < settings.max_attempts:
+                    await self._before_retry(attempt, exc)
+                    continue
+                if isinstance(exc, KafkaError) or exc.retry in (Retry.LATER, Retry.HAND_OFF):
+                    raise  # forward() decides: Kafka failing fails no batch (see there)
+                self._fail(state, exc)
+                return
 
     async def _before_retry(self, attempt: _Attempt, exc: ForwarderError) -> None:
         delay = self._backoff.delay(attempt.number, getattr(exc, "retry_after", None))
