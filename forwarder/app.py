@@ -377,7 +377,7 @@ def serve(settings: Settings) -> int:
     server.run()
     if services.fatal is not None:
         print(f"forwarder: {services.fatal}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(services.fatal, ConfigError) else 1  # 2: a setting can never work
     return 0 if server.started else 1
 
 
