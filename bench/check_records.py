@@ -22,11 +22,14 @@ from pathlib import Path
 from aiokafka.partitioner import murmur2 as aiokafka_murmur2
 
 from bench._common import murmur2
-from bench.run import BenchFailure, Rig, Workload, contender_command, log, measure
+from bench.data import Workload
+from bench.harness import BenchFailure, log, measure
+from bench.oneshot import contender_command
+from bench.testbed import Rig
 from tests.kafka_helpers import read_topic
 
 #: The service first: it is the reference the others are compared with.
-CONTENDERS = ("service", "send-loop", "batch-api", "kcat")
+CONTENDERS = ("service", "send-loop", "batch-api", "confluent", "kcat", "kcat-jq")
 
 
 def check_murmur2(samples: int = 20_000) -> None:
@@ -101,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                     if o_value
                     else o_value
                 )
-                same_headers = contender == "kcat" or (
+                same_headers = contender.startswith("kcat") or (
                     {k: v for k, v in headers.items() if k != "datagrid-batch-id"}
                     == {k: v for k, v in o_headers.items() if k != "datagrid-batch-id"}
                 )

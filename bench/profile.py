@@ -24,7 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.run import OUT, PY, Rig, Workload, contender_command, log
+from bench.data import Workload
+from bench.harness import OUT, PY, log
+from bench.oneshot import contender_command
+from bench.testbed import Rig
 
 #: Areas, first match wins; matched against "function (file:line)" frames.
 AREAS: list[tuple[str, str]] = [
@@ -167,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lines", type=int, default=1_000_000)
     p.add_argument(
         "--contender",
-        choices=("service", "batch-api", "send-loop"),
+        choices=("service", "batch-api", "send-loop", "confluent"),
         default="service",
         help="what to profile: the service (default) or a Python baseline, for comparison",
     )
