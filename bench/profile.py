@@ -93,7 +93,10 @@ def stage_of(frames: list[str]) -> str:
 
 
 def find_pyspy() -> str | None:
-    """py-spy on PATH or where ``uv tool install`` puts it."""
+    """py-spy from the venv (the dev group), else on PATH or where ``uv tool install`` puts it."""
+    beside = Path(PY).parent / "py-spy"
+    if beside.exists():
+        return str(beside)
     found = shutil.which("py-spy")
     if found:
         return found

@@ -7,12 +7,13 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 log() { printf 'bootstrap: %s\n' "$*" >&2; }
 
-# Debian packages: prometheus/promtool (observability tests), kcat and jq (benchmark baselines).
+# Debian packages: prometheus/promtool (observability tests), kcat, jq and curl (benchmark baselines).
 missing=()
 command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v kcat >/dev/null 2>&1 || missing+=(kcat)
 command -v jq >/dev/null 2>&1 || missing+=(jq)
+command -v curl >/dev/null 2>&1 || missing+=(curl)
 if ((${#missing[@]})); then
     if [[ $(id -u) -ne 0 ]] || ! command -v apt-get >/dev/null 2>&1; then
         log "please install: ${missing[*]} (Debian packages)"; exit 1
