@@ -125,15 +125,26 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
-def run_rate(rig_: Rig, rate: float, seconds: float, work: Workload) -> dict[str, Any]:
-    """One bounded run at ``rate`` webhooks per second; the latencies and the service's view."""
+def run_rate(
+    rig_: Rig, rate: float, seconds: float, work: Workload, drain: float = 120
+) -> dict[str, Any]:
+    """One bounded run at ``rate`` webhooks per second; the latencies and the service's view.
+
+    After the last webhook the pod gets ``drain`` seconds to finish; batches still unfinished then
+    count as infinitely late (``drained`` is False, and the records are not verified).
+    """
     names = rig_.names(f"latency{rate:g}")
     topics = rig_.create(names, service=True, results_config=LOG_APPEND_TIME)
     count = max(1, round(rate * seconds))
     batch_ids = [f"{names['batch']}_{i}" for i in range(count)]
+    total = count * work.lines
     with serve(rig_, names) as server:
-        # Configure every batch before the clock starts, each with completed_at = its send instant.
-        lead = 1.0 + 0.01 * count
+        # Configure every batch before the clock starts, each with completed_at = its send
+        # instant; how long configuring takes on this (shared) machine is measured first.
+        probe = time.perf_counter()
+        for _ in range(5):
+            rig_.configure(f"{names['batch']}_probe", work)
+        lead = 1.0 + 3 * (time.perf_counter() - probe) / 5 * count
         first = time.time() + lead
         starts = [first + i / rate for i in range(count)]
         for batch_id, start in zip(batch_ids, starts, strict=True):
@@ -145,11 +156,13 @@ def run_rate(rig_: Rig, rate: float, seconds: float, work: Workload) -> dict[str
         window = LoadWindow()
         accepted, rtts = asyncio.run(_feed(str(server.http.base_url), batch_ids, starts))
         sent_span = max(accepted.values()) - min(accepted.values())
-        asyncio.run(
-            wait_for_records(
-                rig_.bootstrap, names["results"], rig_.partitions, count * work.lines, 600
+        drained = True
+        try:
+            asyncio.run(
+                wait_for_records(rig_.bootstrap, names["results"], rig_.partitions, total, drain)
             )
-        )
+        except BenchFailure:
+            drained = False
         elapsed = time.time() - first
         cpu = server.cpu - cpu0
         fake1, broker1 = rig_.helpers_cpu()
@@ -157,40 +170,49 @@ def run_rate(rig_: Rig, rate: float, seconds: float, work: Workload) -> dict[str
         broker_cpu = None if broker0 is None or broker1 is None else broker1 - broker0
         load = window.close(cpu + fake_cpu + (broker_cpu or 0), {*rig_.our_pids(), server.proc.pid})
         # The histogram is observed right after the state record is written: wait for all.
-        deadline = time.monotonic() + 60
-        delay = histogram("", "x")
-        while time.monotonic() < deadline:
+        deadline = time.monotonic() + (60 if drained else 1)
+        while True:
             delay = histogram(server.metrics(), "forwarder_forward_delay_seconds")
-            if delay["count"] >= count:
+            if delay["count"] >= count or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
-        if delay["count"] != count:
+        if drained and delay["count"] != count:
             raise BenchFailure(f"forward_delay_seconds counted {delay['count']} of {count}")
-    last = last_append_per_batch(
-        rig_.bootstrap, names["results"], rig_.partitions, count * work.lines
-    )
-    if set(last) != set(batch_ids) or any(n != work.lines for _, n in last.values()):
-        raise BenchFailure("results topic: not every batch has exactly its lines")
-    rig_.verify_topic(names, [n * count for n in rig_.expected(work)], service=True)
-    rig_.verify_streams(set(batch_ids), work.lines)
+        last = last_append_per_batch(
+            rig_.bootstrap, names["results"], rig_.partitions, total if drained else None
+        )
+    if drained:
+        if set(last) != set(batch_ids) or any(n != work.lines for _, n in last.values()):
+            raise BenchFailure("results topic: not every batch has exactly its lines")
+        rig_.verify_topic(names, [n * count for n in rig_.expected(work)], service=True)
+        rig_.verify_streams(set(batch_ids), work.lines)
+    elif rig_.fake is not None:
+        rig_.fake.clear_requests()
     rig_.delete(topics)
-    latencies = [last[b][0] - accepted[b] for b in batch_ids]
+    latencies = [
+        last[b][0] - accepted[b] if b in last and last[b][1] == work.lines else math.inf
+        for b in batch_ids
+    ]
+    finite = [v for v in latencies if math.isfinite(v)]
     return {
         "rate": rate,
         "seconds": seconds,
         "batches": count,
         "lines_per_batch": work.lines,
+        "drained": drained,
+        "drain_s": drain,
+        "unfinished": count - len(finite),
         "send_rate": (count - 1) / sent_span if sent_span > 0 else None,
         "p50_s": percentile(latencies, 0.50),
         "p99_s": percentile(latencies, 0.99),
         "max_s": max(latencies),
-        "mean_s": statistics.fmean(latencies),
+        "mean_s": statistics.fmean(finite) if finite else math.inf,
         "forward_delay": delay,
         "webhook_rtt_p50_s": percentile(rtts, 0.5),
         "webhook_rtt_p99_s": percentile(rtts, 0.99),
         "latencies_s": latencies,
         "serve_cpu_s": cpu,
-        "serve_cpu_per_m": cpu / (count * work.lines) * 1e6,
+        "serve_cpu_per_m": cpu / total * 1e6,
         "elapsed_s": elapsed,
         "fake_cpu_s": fake_cpu,
         "broker_cpu_s": broker_cpu,
@@ -207,6 +229,8 @@ def crossing(points: list[dict[str, Any]], limit: float = 1.0) -> str:
             if previous is None:
                 return f"already above {limit:g} s at {point['rate']:g} batches/s"
             r0, y0, r1, y1 = previous["rate"], previous["p99_s"], point["rate"], point["p99_s"]
+            if math.isinf(y1):
+                return f"between {r0:g} (p99 {y0:.2f} s) and {r1:g} batches/s (did not drain)"
             at = r0 + (r1 - r0) * (limit - y0) / (y1 - y0)
             return (
                 f"about {at:.0f} batches/s ({at * point['lines_per_batch'] / 1000:.0f}k lines/s), "

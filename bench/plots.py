@@ -5,6 +5,7 @@ matplotlib with the Agg backend (no display needed); called by ``python -m bench
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -56,13 +57,14 @@ def latency(points: list[dict[str, Any]], path: Path, title: str) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 5))
     for p in sorted(points, key=lambda x: x["rate"]):
-        values = sorted(max(v, 1e-3) for v in p["latencies_s"])
-        n = len(values)
+        n = len(p["latencies_s"])  # unfinished batches (inf) keep the curve below 1
+        values = sorted(max(v, 1e-3) for v in p["latencies_s"] if math.isfinite(v))
         ax.step(
             values,
             [(i + 1) / n for i in range(n)],
             where="post",
-            label=f"{p['rate']:g} batches/s: p50 {p['p50_s']:.2f} s, p99 {p['p99_s']:.2f} s",
+            label=f"{p['rate']:g} batches/s: p50 {p['p50_s']:.2f} s, p99 {p['p99_s']:.2f} s"
+            + ("" if p["drained"] else f", {p['unfinished']} unfinished"),
         )
     ax.axvline(0.3, color="tab:red", linestyle="--", linewidth=1, label="target p99 ≤ 0.3 s")
     ax.axhline(0.99, color="black", linestyle=":", linewidth=0.8)

@@ -6,6 +6,7 @@ Everything printed is Markdown, so a run's output can be pasted into ``bench/RES
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -179,6 +180,12 @@ def render_startup(runs: list[Run]) -> str:
     )
 
 
+def _seconds(value: float | None, drain: float) -> str:
+    if value is None:
+        return "-"
+    return f"> {drain:.0f} (unfinished)" if math.isinf(value) else f"{value:.3f}"
+
+
 def render_latency(points: list[dict[str, Any]]) -> str:
     """Webhook 202 to last record acknowledged, per rate, with the service's own histogram."""
     if not points:
@@ -187,12 +194,13 @@ def render_latency(points: list[dict[str, Any]]) -> str:
     for p in sorted(points, key=lambda x: x["rate"]):
         d = p["forward_delay"]
 
-        def s(value: float | None) -> str:
-            return "-" if value is None else f"{value:.3f}"
+        def s(value: float | None, drain: float = p["drain_s"]) -> str:
+            return _seconds(value, drain)
 
+        batches = str(p["batches"]) + ("" if p["drained"] else f" ({p['unfinished']} unfinished)")
         out.append(
             f"| {p['rate']:g} ({p['rate'] * p['lines_per_batch'] / 1000:.0f}k lines/s) "
-            f"| {p['batches']} | {s(p['p50_s'])} | {s(p['p99_s'])} | {s(p['max_s'])} "
+            f"| {batches} | {s(p['p50_s'])} | {s(p['p99_s'])} | {s(p['max_s'])} "
             f"| {s(d['p50_s'])} | {s(d['p99_s'])} | {s(d['mean_s'])} / {s(p['mean_s'])} "
             f"| {s(p['webhook_rtt_p50_s'])} / {s(p['webhook_rtt_p99_s'])} "
             f"| {p['serve_cpu_per_m']:.2f} | {p['load']['others_cores']:.2f} |"

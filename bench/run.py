@@ -66,6 +66,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--latency-rates", default="10,20,30,40", help="latency: webhooks (batches) per second")
     add("--latency-seconds", type=float, default=10, help="latency: how long each rate is fed")
     add("--latency-lines", type=int, default=5_000, help="latency: lines per batch")
+    add("--latency-drain", type=float, default=120, help="latency: seconds to finish after feeding")
     add("--memory-lines", type=int, default=5_000, help="service on a small batch (0: skip)")
     add("--out", type=Path, default=OUT, help="where the JSON (and by default the plots) go")
     add("--plots", type=Path, default=None, help="where the PNG plots go (default: --out)")
@@ -153,8 +154,11 @@ def measure_all(args: argparse.Namespace, rig_: Rig) -> tuple[list[Run], list[di
         work = Workload(args.latency_lines, distinct_ids=args.distinct_ids)
         for rate in args.rates:
             log(f"latency: {rate:g} batches/s of {work.lines:,} lines for {args.latency_seconds} s")
-            point = latency.run_rate(rig_, rate, args.latency_seconds, work)
+            point = latency.run_rate(rig_, rate, args.latency_seconds, work, args.latency_drain)
             points.append(point)
+            if not point["drained"]:
+                log(f"latency: the pod did not drain at {rate:g}/s; higher rates skipped")
+                break
             log(
                 f"latency {rate:g}/s: p50 {point['p50_s']:.3f} s, p99 {point['p99_s']:.3f} s, "
                 f"max {point['max_s']:.3f} s; forward_delay metric {point['forward_delay']}; "
