@@ -63,6 +63,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--small-lines", type=int, default=1_000, help="small-batches: lines per batch")
     add("--startup-runs", type=int, default=9, help="start-up: runs per contender (median)")
     add("--startup-lines", type=int, default=10)
+    add("--startup-warmup", type=int, default=1, help="start-up: warm-up rounds")
     add("--latency-rates", default="10,20,30,40", help="latency: webhooks (batches) per second")
     add("--latency-seconds", type=float, default=10, help="latency: how long each rate is fed")
     add("--latency-lines", type=int, default=5_000, help="latency: lines per batch")
@@ -79,7 +80,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.smoke:
         args.lines, args.runs, args.warmup, args.memory_lines = 3_000, 1, 0, 0
         args.serve_batches, args.serve_lines = 2, 500
-        args.small_batches, args.small_lines, args.startup_runs = 10, 100, 1
+        args.small_batches, args.small_lines, args.startup_runs, args.startup_warmup = 10, 100, 1, 0
         args.latency_rates, args.latency_seconds, args.latency_lines = "4", 1.0, 200
     args.only = [c.strip() for c in args.only.split(",") if c.strip()]
     unknown = set(args.only) - set(ALL)
@@ -144,11 +145,13 @@ def measure_all(args: argparse.Namespace, rig_: Rig) -> tuple[list[Run], list[di
             _say(round_no + 1, total, warm, run)
     if "startup" in args.only:
         tiny = Workload(args.startup_lines, distinct_ids=args.distinct_ids)
-        for round_no in range(1 + args.startup_runs):  # one warm-up round: .pyc files
+        rounds = args.startup_warmup + args.startup_runs  # warm-up: .pyc files written
+        for round_no in range(rounds):
+            warm = round_no < args.startup_warmup
             for contender in ("service", "confluent", "batch-api"):
-                run = run_oneshot(rig_, contender, tiny, round_no == 0, f"startup-{contender}")
+                run = run_oneshot(rig_, contender, tiny, warm, f"startup-{contender}")
                 runs.append(run)
-                _say(round_no + 1, 1 + args.startup_runs, round_no == 0, run)
+                _say(round_no + 1, rounds, warm, run)
     points: list[dict[str, Any]] = []
     if "latency" in args.only:
         work = Workload(args.latency_lines, distinct_ids=args.distinct_ids)
