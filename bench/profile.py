@@ -31,9 +31,12 @@ from bench.testbed import Rig
 
 #: Areas, first match wins; matched against "function (file:line)" frames.
 AREAS: list[tuple[str, str]] = [
-    ("forwarder/pipeline.py: _Run.publish & co (our per-line loop)", r"forwarder/pipeline\.py"),
+    (
+        "forwarder/publish.py, pipeline.py: Publisher.publish & co (our per-line loop)",
+        r"forwarder/(pipeline|publish)\.py",
+    ),
     ("forwarder/ndjson.py (split, classify)", r"forwarder/ndjson\.py"),
-    ("forwarder/kafka.py: murmur2 / partition_for (pure Python)", r"forwarder/kafka\.py"),
+    ("forwarder/kafka.py: murmur2 / partition_for", r"forwarder/kafka\.py|murmurhash2"),
     ("bench baseline scripts (their per-line loop)", r"bench/"),
     ("aiokafka partitioner (murmur2, pure Python)", r"aiokafka/partitioner\.py"),
     (
@@ -57,7 +60,7 @@ STAGES: list[tuple[str, str]] = [
     # Decided in stage_of: no event loop on the stack (start-up, the final GC at exit) or an import.
     ("start-up, imports, exit (outside the event loop)", r"^$"),
     ("cyclic GC (inside the event loop)", r"^gc_collect"),
-    ("murmur2 + partition_for", r"^(murmur2|partition_for) "),
+    ("murmur2 + partition_for", r"^(murmur2|partition_for|murmurhash2) "),
     ("record append (BatchBuilder.append, C encoding)", r"^BatchBuilder\.append "),
     (
         "producer sender: produce requests, crc32c, socket send, responses",
@@ -72,10 +75,11 @@ STAGES: list[tuple[str, str]] = [
         "line split (LineSplitter.feed, stream_lines)",
         r"^(LineSplitter\.feed|stream_lines\.<locals>)",
     ),
-    ("_lingering (a task and a wait per chunk)", r"^_lingering "),
+    ("linger (timer per chunk)", r"^(_lingering|Publisher\.linger|Publisher\._linger_expired) "),
     (
         "per-line loop: self time, small helpers, send_batch, acks",
-        r"^(_Run\.|run \(bench|stream_lines \(bench|Pipeline\.status_of|is_blank|_raw )",
+        r"^(_Run\.|Publisher\.|run \(bench|stream_lines \(bench|_stream_lines \(bench"
+        r"|(Pipeline|PublishConfig)\.status_of|is_blank|_raw )",
     ),
     ("event loop, other", r""),
 ]
