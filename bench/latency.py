@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 
 from bench.data import Workload
-from bench.harness import BenchFailure
+from bench.harness import BenchFailure, log
 from bench.machine import LoadWindow
 from bench.serve import metric_value, serve
 from bench.testbed import LOG_APPEND_TIME, WEBHOOK_SECRET, Rig
@@ -64,6 +64,7 @@ async def _feed(
     """Send each batch's webhook at its start instant; (batch id -> when its 202 arrived, RTTs)."""
     accepted: dict[str, float] = {}
     rtts: list[float] = []
+    retried: list[str] = []
     errors: list[str] = []
     limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
     async with httpx.AsyncClient(base_url=base_url, timeout=60, limits=limits) as client:
@@ -71,7 +72,17 @@ async def _feed(
         async def one(batch_id: str) -> None:
             body, headers = signed(batch_id, f"evt_{batch_id}")
             sent = time.time()
-            response = await client.post("/webhooks/datagrid", content=body, headers=headers)
+            for attempt in range(5):  # Datagrid redelivers a webhook whose request failed
+                try:
+                    response = await client.post(
+                        "/webhooks/datagrid", content=body, headers=headers
+                    )
+                    break
+                except httpx.TransportError as exc:
+                    retried.append(f"{batch_id}: {type(exc).__name__}")
+                    if attempt == 4:
+                        raise BenchFailure(f"webhook for {batch_id} failed 5 times") from exc
+                    await asyncio.sleep(0.1)
             if response.status_code != 202:
                 errors.append(f"{batch_id}: {response.status_code} {response.text[:200]}")
             accepted[batch_id] = time.time()
@@ -86,6 +97,8 @@ async def _feed(
         await asyncio.gather(*tasks)
     if errors:
         raise BenchFailure(f"webhooks not accepted: {errors[:3]}")
+    if retried:
+        log(f"webhooks redelivered after a transport error: {len(retried)}, e.g. {retried[:3]}")
     return accepted, rtts
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -68,6 +69,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--latency-seconds", type=float, default=10, help="latency: how long each rate is fed")
     add("--latency-lines", type=int, default=5_000, help="latency: lines per batch")
     add("--latency-drain", type=float, default=120, help="latency: seconds to finish after feeding")
+    add("--latency-stop", type=float, default=10, help="latency: skip higher rates past this p99")
     add("--memory-lines", type=int, default=5_000, help="service on a small batch (0: skip)")
     add("--out", type=Path, default=OUT, help="where the JSON (and by default the plots) go")
     add("--plots", type=Path, default=None, help="where the PNG plots go (default: --out)")
@@ -159,8 +161,11 @@ def measure_all(args: argparse.Namespace, rig_: Rig) -> tuple[list[Run], list[di
             log(f"latency: {rate:g} batches/s of {work.lines:,} lines for {args.latency_seconds} s")
             point = latency.run_rate(rig_, rate, args.latency_seconds, work, args.latency_drain)
             points.append(point)
-            if not point["drained"]:
-                log(f"latency: the pod did not drain at {rate:g}/s; higher rates skipped")
+            if not point["drained"] or point["p99_s"] > args.latency_stop:
+                log(
+                    f"latency: p99 above {args.latency_stop:g} s at {rate:g}/s; "
+                    "higher rates skipped"
+                )
                 break
             log(
                 f"latency {rate:g}/s: p50 {point['p50_s']:.3f} s, p99 {point['p99_s']:.3f} s, "
@@ -173,6 +178,8 @@ def measure_all(args: argparse.Namespace, rig_: Rig) -> tuple[list[Run], list[di
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the suite; print the report; 1 if any check failed."""
     args = parse_args(argv)
+    # SIGTERM (timeout, kill) unwinds like Ctrl-C, so the broker and the fake are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     scratch = Path(tempfile.mkdtemp(prefix="forwarder-bench-"))
     rig_ = Rig(args.partitions, scratch, args.ref)
     rig_.extra_env = dict(item.split("=", 1) for item in args.env)
