@@ -9,6 +9,7 @@ fake Datagrid, the broker and this harness), and which other commands used the m
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import os
 import platform
 import resource
@@ -99,7 +100,7 @@ def describe() -> dict[str, Any]:
     with contextlib.suppress(Exception):
         import confluent_kafka
 
-        versions["confluent_kafka"] = confluent_kafka.version()[0]
+        versions["confluent_kafka"] = importlib.metadata.version("confluent-kafka")
         versions["librdkafka (confluent-kafka)"] = confluent_kafka.libversion()[0]
     kcat = ""
     with contextlib.suppress(Exception):

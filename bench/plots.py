@@ -1,6 +1,7 @@
 """PNG plots of a run: throughput per contender, and the latency distribution per rate.
 
-matplotlib with the Agg backend (no display needed); called by ``python -m bench --plots DIR``.
+matplotlib with the Agg backend (no display needed); written by ``python -m bench``, or again
+from a run's raw numbers with ``python -m bench.plots bench/out/results-....json DIR``.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ def throughput(rows: list[Row], lines: int, path: Path, title: str) -> Path:
         [(r.best_lines_per_s - r.lines_per_s) / 1000 for r in chosen],
     ]
     left.barh(names, medians, xerr=errors, color=colours, capsize=3)
-    for y, value in enumerate(medians):
-        left.text(value, y, f" {value:,.0f}k", va="center", ha="left", fontsize=8)
+    for y, (value, row) in enumerate(zip(medians, chosen, strict=True)):
+        left.text(row.best_lines_per_s / 1000, y, f"  {value:,.1f}k", va="center", fontsize=8)
     left.set_xlabel("thousand lines/s (median of runs; whiskers: min-max)")
     cpu = [r.cpu_per_m for r in chosen]
     right.barh(names, cpu, color=colours)
@@ -79,3 +80,28 @@ def latency(points: list[dict[str, Any]], path: Path, title: str) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Redraw the plots of one ``results-*.json`` into a directory."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="python -m bench.plots", description=main.__doc__)
+    p.add_argument("results", type=Path)
+    p.add_argument("out", type=Path)
+    p.add_argument("--title", default="")
+    args = p.parse_args(argv)
+    data = json.loads(args.results.read_text())
+    rows = [Row(**row) for row in data["rows"]]
+    args.out.mkdir(parents=True, exist_ok=True)
+    lines = int(data["args"]["lines"])
+    if any(r.lines == lines for r in rows):
+        print(throughput(rows, lines, args.out / "throughput.png", args.title))
+    if data.get("latency"):
+        print(latency(data["latency"], args.out / "latency.png", args.title))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
