@@ -72,6 +72,10 @@ def serve(rig_: Rig, names: dict[str, str], **extra: str) -> Iterator[Serve]:
     port = rig.free_port()
     env = rig_.service_env(
         names,
+        # The reconciler lists every batch the fake holds, including other runs' (one-shot
+        # contenders' batches are never recorded as forwarded in this pod's state topic), and
+        # would queue them into this run's topics: off, as it is not what is measured here.
+        FORWARDER_RECONCILE_INTERVAL_SECONDS="0",
         FORWARDER_HTTP_HOST="127.0.0.1",
         FORWARDER_HTTP_PORT=str(port),
         FORWARDER_WEBHOOK_SECRETS=WEBHOOK_SECRET,
