@@ -48,7 +48,14 @@ from kafkarig.acls import Acl, AclError, create_acls  # noqa: E402
 from kafkarig.broker import DEFAULT_PORT, JVM_OPTS, Broker, BrokerError  # noqa: E402
 from kafkarig.cli import main as _main  # noqa: E402
 from kafkarig.jars import fetch  # noqa: E402
-from kafkarig.layout import LOG4J_CONFIG, POM, REPO, cache_dir, jars_dir, kafka_version  # noqa: E402
+from kafkarig.layout import (  # noqa: E402
+    LOG4J_CONFIG,
+    POM,
+    REPO,
+    cache_dir,
+    jars_dir,
+    kafka_version,
+)
 from kafkarig.net import HOST, free_port, free_ports  # noqa: E402
 from kafkarig.properties import NODE_ID  # noqa: E402
 from kafkarig.protocol import probe_metadata  # noqa: E402
