@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import socket
+import ssl
 import struct
 import sys
 import threading
@@ -91,6 +93,144 @@ def test_probe_metadata_parses_a_metadata_v4_response() -> None:
         thread.join(5)
         server.close()
     assert seen == [(3, 4)]
+
+
+def test_secured_properties_add_tls_and_scram_listeners_with_acls_on(tmp_path: Path) -> None:
+    """--secure adds SASL_SSL (SCRAM-SHA-512) and mutual-TLS listeners, ACLs on, PLAINTEXT kept."""
+    tls = rig.TlsFiles(tmp_path / "tls")  # properties only name the files
+    security = rig.Security(19094, 19095, tls, {"admin": "a", "forwarder": "f"})
+    broker = rig.Broker(port=19092, data_dir=tmp_path, security=security)
+    props = broker.properties()
+    assert props["listeners"] == (
+        "PLAINTEXT://127.0.0.1:19092,SASL_SSL://127.0.0.1:19094,SSL://127.0.0.1:19095,"
+        "CONTROLLER://127.0.0.1:19093"
+    )
+    assert props["listener.security.protocol.map"] == (
+        "PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL,SSL:SSL,CONTROLLER:PLAINTEXT"
+    )
+    assert props["inter.broker.listener.name"] == "PLAINTEXT"
+    assert props["listener.name.ssl.ssl.client.auth"] == "required"
+    assert "ssl.client.auth" not in props  # SCRAM clients need no certificate
+    assert props["sasl.enabled.mechanisms"] == "SCRAM-SHA-512"
+    assert props["authorizer.class.name"].endswith("StandardAuthorizer")
+    assert props["allow.everyone.if.no.acl.found"] == "false"
+    assert props["super.users"] == "User:ANONYMOUS;User:admin"
+    assert props["ssl.keystore.location"] == str(tls.broker_keystore)
+    assert security.format_args() == [
+        "--add-scram=SCRAM-SHA-512=[name=admin,password=a]",
+        "--add-scram=SCRAM-SHA-512=[name=forwarder,password=f]",
+    ]
+    assert broker.sasl_ssl_bootstrap == "127.0.0.1:19094"
+    assert broker.ssl_bootstrap == "127.0.0.1:19095"
+    broker._write_config()
+    assert json.loads((tmp_path / "rig.json").read_text()) == {
+        "port": 19092,
+        "controller_port": 19093,
+        "sasl_ssl_port": 19094,
+        "ssl_port": 19095,
+    }
+    with pytest.raises(rig.BrokerError, match="formatted for ports"):
+        rig.Broker(port=19092, data_dir=tmp_path)._write_config()  # the same dir, unsecured
+    with pytest.raises(rig.BrokerError, match="not started with secured listeners"):
+        _ = rig.Broker(port=19092, data_dir=tmp_path).ssl_bootstrap
+
+
+def _handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, host: str) -> None:
+    """One TLS handshake over loopback; raises the client's or the server's error."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    errors: list[BaseException] = []
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        try:
+            with server_ctx.wrap_socket(conn, server_side=True) as tls:
+                tls.recv(1)
+        except (ssl.SSLError, OSError) as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        with (
+            socket.create_connection(listener.getsockname(), timeout=10) as raw,
+            client_ctx.wrap_socket(raw, server_hostname=host) as tls,
+        ):
+            tls.sendall(b"x")
+    finally:
+        thread.join(10)
+        listener.close()
+    if errors:
+        raise errors[0]
+
+
+def test_certificates_pass_hostname_checks_and_mutual_tls(tmp_path: Path) -> None:
+    """The test PKI (openssl): the broker cert names 127.0.0.1 and localhost, client certs are
+    accepted by a server that requires them, and another CA's client is refused."""
+    files = rig.make_pki(tmp_path / "tls", ("forwarder",))
+    keystore = files.broker_keystore.read_text()
+    assert keystore.startswith("-----BEGIN PRIVATE KEY-----")  # PKCS#8, as Kafka's PEM store
+    assert keystore.count("BEGIN CERTIFICATE") == 2  # the broker's cert, then the CA's
+
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=files.ca_cert)
+    server.load_cert_chain(files.broker_keystore)
+    server.verify_mode = ssl.CERT_REQUIRED
+    client = ssl.create_default_context(cafile=files.ca_cert)  # check_hostname is on
+    client.load_cert_chain(files.client_cert("forwarder"), files.client_key("forwarder"))
+    for host in ("127.0.0.1", "localhost"):
+        _handshake(server, client, host)
+    with pytest.raises(ssl.SSLCertVerificationError, match=r"Hostname mismatch|IP address"):
+        _handshake(server, client, "kafka.example.com")
+
+    other = rig.make_pki(tmp_path / "other", ("forwarder",))
+    stranger = ssl.create_default_context(cafile=other.ca_cert)
+    with pytest.raises(ssl.SSLCertVerificationError):  # the broker's CA is not trusted
+        _handshake(server, stranger, "127.0.0.1")
+    impostor = ssl.create_default_context(cafile=files.ca_cert)
+    impostor.load_cert_chain(other.client_cert("forwarder"), other.client_key("forwarder"))
+    with pytest.raises((ssl.SSLError, OSError)):  # a client cert from another CA
+        _handshake(server, impostor, "127.0.0.1")
+
+
+def test_create_acls_speaks_create_acls_v1() -> None:
+    """ACLs go out as one CreateAcls v1 request; a per-ACL error code is raised with the ACL."""
+    acls = [
+        rig.Acl("User:forwarder", "topic", "t1", "Write"),
+        rig.Acl("User:forwarder", "transactional-id", "g-", "Write", "prefixed"),
+    ]
+
+    def string(s: str | None) -> bytes:
+        return struct.pack(">h", -1) if s is None else struct.pack(">h", len(s)) + s.encode()
+
+    answer = (
+        struct.pack(">iii", 1, 0, 2)  # correlation id, throttle_time_ms, 2 results
+        + struct.pack(">h", 0)
+        + string(None)
+        + struct.pack(">h", 87)
+        + string("Invalid ACL")
+    )
+    server = socket.create_server(("127.0.0.1", 0))
+    seen: list[bytes] = []
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            size = struct.unpack(">i", conn.recv(4))[0]
+            seen.append(conn.recv(size))
+            conn.sendall(struct.pack(">i", len(answer)) + answer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(rig.AclError, match=r"transactional-id.*error 87 Invalid ACL"):
+            rig.create_acls("127.0.0.1", server.getsockname()[1], acls)
+    finally:
+        thread.join(5)
+        server.close()
+    [request] = seen
+    assert struct.unpack_from(">hh", request) == (30, 1)  # CreateAcls v1
+    body = request[8 + 2 + len("kafka-rig") :]
+    assert body.startswith(struct.pack(">i", 2) + struct.pack(">b", 2) + string("t1"))
+    assert string("User:forwarder") + string("*") + struct.pack(">bb", 4, 3) in body
 
 
 # --- against a real broker ---------------------------------------------------------------------
