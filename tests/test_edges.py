@@ -492,7 +492,9 @@ def test_results_topic_recreated_with_fewer_partitions_mid_batch(
     time.sleep(2)
     asyncio.run(_recreate(settings.kafka_bootstrap_servers, settings.results_topic, 2))
     _, err = proc.communicate(timeout=240)
-    assert "never retrieved" not in err and "Unrecognized partition" not in err, err[-3000:]
+    # aiokafka refusing a partition that vanished is handled (the attempt fails, its lines are
+    # re-sent): never a task dying unseen, never a traceback.
+    assert "never retrieved" not in err and "Traceback" not in err, err[-3000:]
     state = last_state(settings, batch_id)
     assert sum(state["lines"].values()) + sum(state["dead_letters"].values()) <= 400, state
     if state["status"] == "forwarded":
