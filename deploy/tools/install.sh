@@ -4,6 +4,7 @@
 # kube-proxy, kubectl) into a project-local, cacheable directory.
 #
 #   deploy/tools/install.sh            # installs into .cache/tools/bin (gitignored)
+#   deploy/tools/install.sh --kube     # also etcd and the Kubernetes binaries (make k8s-e2e)
 #   FORWARDER_TOOLS_DIR=/opt/t deploy/tools/install.sh
 #
 # Both are built from source with `go install` through the Go module proxy: it is the one download
@@ -105,7 +106,9 @@ build_module() {
     log "${stale[*]##*/} ${version} built in $((SECONDS - started))s"
 }
 
-if [[ "${FORWARDER_TOOLS_KUBE:-1}" != 0 ]]; then
+# The Kubernetes binaries take minutes to build when cold: only with --kube (or
+# FORWARDER_TOOLS_KUBE=1), which `make tools`, `make k8s-e2e` and scripts/test.sh pass when needed.
+if [[ "${1:-}" == --kube || "${FORWARDER_TOOLS_KUBE:-0}" == 1 ]]; then
     # Without the version stamp the servers report v0.0.0-master and kubeVersion checks misbehave.
     kube_minor="${KUBE_VERSION#v1.}"
     kube_ldflags="-X k8s.io/component-base/version.gitVersion=${KUBE_VERSION}"
