@@ -2,9 +2,10 @@
 # Debian packages of the real-cluster test (make k8s-e2e), installed when missing: podman (image
 # build), runc (crun 1.8 refuses hybrid cgroup hosts), containerd (the kubelet's runtime), the CNI
 # plugins, mmdebstrap (base image stand-in), catatonit (pause image), iptables and conntrack
-# (kube-proxy). The Kubernetes binaries come from deploy/tools/install.sh.
+# (kube-proxy), iproute2, openssl and procps (the cluster script). The Kubernetes binaries come from deploy/tools/install.sh.
 set -euo pipefail
-packages=(podman runc containerd containernetworking-plugins mmdebstrap catatonit iptables conntrack uidmap conmon)
+packages=(podman runc containerd containernetworking-plugins mmdebstrap catatonit iptables conntrack uidmap conmon
+    iproute2 openssl procps)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
