@@ -23,6 +23,8 @@ POD_CIDR="${FORWARDER_K8S_POD_CIDR:-10.233.7.0/24}"
 SERVICE_CIDR="${FORWARDER_K8S_SERVICE_CIDR:-10.233.64.0/20}"
 NODE="${FORWARDER_K8S_NODE:-fwd-node-0}"
 IMAGES="${FORWARDER_K8S_IMAGES:-${repo}/.cache/k8s/images}"
+# containerd's content and snapshots outlive a run: importing an unchanged image is then instant.
+CONTAINERD_ROOT="${FORWARDER_K8S_CONTAINERD_ROOT:-${repo}/.cache/k8s/containerd}"
 
 ETCD_PORT=$((PORT_BASE + 1)) ETCD_PEER_PORT=$((PORT_BASE + 2)) API_PORT=$((PORT_BASE + 3))
 KCM_PORT=$((PORT_BASE + 4)) SCHED_PORT=$((PORT_BASE + 5)) KUBELET_PORT=$((PORT_BASE + 6))
@@ -110,6 +112,8 @@ EOF
     ip link add "${BRIDGE}" type bridge
     ip addr add "${GATEWAY}/${POD_CIDR#*/}" dev "${BRIDGE}"
     ip link set "${BRIDGE}" up
+    # Service IPs from the host go out on the bridge, from its address (never the machine's own).
+    ip route add "${SERVICE_CIDR}" dev "${BRIDGE}" src "${GATEWAY}"
     # Pod -> Service -> pod on the same bridge is routed through the host.
     echo 1 > /proc/sys/net/ipv4/ip_forward
 
@@ -135,7 +139,9 @@ EOF
         --authorization-kubeconfig "${k}" --leader-elect=false --bind-address 127.0.0.1 --secure-port "${SCHED_PORT}"
 
     # containerd: private root, state and socket; runc; the bridge above through CNI.
+    mkdir -p "${CONTAINERD_ROOT}"
     sed -e "s#@STATE@#${STATE}#g" -e "s#@SANDBOX_IMAGE@#$(cat "${IMAGES}/pause.ref")#g" \
+        -e "s#@CONTAINERD_ROOT@#${CONTAINERD_ROOT}#g" \
         "${here}/containerd.toml.in" > containerd/config.toml
     sed -e "s#@BRIDGE@#${BRIDGE}#g" -e "s#@POD_CIDR@#${POD_CIDR}#g" -e "s#@GATEWAY@#${GATEWAY}#g" \
         "${here}/cni.conflist.in" > cni/10-fwd.conflist
@@ -151,7 +157,7 @@ EOF
         --hostname-override "${NODE}" --node-ip "${GATEWAY}" --root-dir "${STATE}/kubelet/root" \
         --cert-dir "${STATE}/kubelet/pki" --node-labels "topology.kubernetes.io/zone=zone-a"
     start kube-proxy "${BIN}/kube-proxy" --kubeconfig "${k}" --hostname-override "${NODE}" \
-        --proxy-mode iptables --cluster-cidr "${POD_CIDR}" \
+        --proxy-mode iptables --cluster-cidr "${POD_CIDR}" --nodeport-addresses "${POD_CIDR}" \
         --metrics-bind-address "127.0.0.1:${PROXY_METRICS_PORT}" --healthz-bind-address "127.0.0.1:${PROXY_HEALTHZ_PORT}" \
         --conntrack-max-per-core 0 --conntrack-tcp-timeout-established 0 --conntrack-tcp-timeout-close-wait 0
     wait_for "node ${NODE} Ready" 90 kubectl wait --for=condition=Ready "node/${NODE}" --timeout=1s
@@ -208,7 +214,7 @@ down() {
         umount "${ns}" 2>/dev/null || true
         rm -f "${ns}"
     done
-    findmnt -rn -o TARGET | grep -F "${STATE}/" | sort -r | while read -r target; do
+    findmnt -rn -o TARGET | grep -F -e "${STATE}/" -e "${CONTAINERD_ROOT}/" | sort -r | while read -r target; do
         umount -l "${target}" 2>/dev/null || true
     done
     ip link show "${BRIDGE}" >/dev/null 2>&1 && ip link delete "${BRIDGE}"
