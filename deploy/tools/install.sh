@@ -100,6 +100,8 @@ build_module() {
     log "building ${stale[*]##*/} ${version}"
     local started=${SECONDS} tmp
     tmp="$(mktemp -d "${bin_dir}/.build.XXXXXX")"
+    # shellcheck disable=SC2064  # expand now: tmp is local
+    trap "rm -rf '${tmp}'" EXIT
     (cd "${repo_root}/${dir}" && CGO_ENABLED=0 GOFLAGS="-buildvcs=false -mod=readonly" \
         go build -trimpath -ldflags "-s -w ${ldflags}" -o "${tmp}/" "${stale[@]}")
     mv -f "${tmp}"/* "${bin_dir}/" && rmdir "${tmp}"
