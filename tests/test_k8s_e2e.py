@@ -443,6 +443,14 @@ def results_tally(bootstrap: str, topic: str, expected: dict[tuple[str, bytes], 
     return Tally.of(mine, expected)
 
 
+def live_pods(namespace: str, selector: str) -> set[str]:
+    """Names of the pods of ``selector`` that are not terminating."""
+    pods = json.loads(kubectl("get", "pods", "-n", namespace, "-l", selector, "-o", "json"))[
+        "items"
+    ]
+    return {p["metadata"]["name"] for p in pods if not p["metadata"].get("deletionTimestamp")}
+
+
 def ready_pods(namespace: str, selector: str) -> tuple[int, int]:
     """(ready, total) pods of ``selector`` that are not terminating."""
     pods = json.loads(kubectl("get", "pods", "-n", namespace, "-l", selector, "-o", "json"))[
@@ -513,7 +521,7 @@ def test_webhooks_through_the_service_survive_a_rolling_upgrade(
     sender = Sender(url, pod_datagrid, lines_per_batch=40, prefix=f"{mode[:3]}{suffix}").start()
     wait_until(lambda: sender.count() >= 5, 60, "5 webhooks before the upgrade")
     before = len(sender.sent)
-    old_pods = set(kubectl("get", "pods", "-n", namespace, "-l", selector, "-o", "name").split())
+    old_pods = live_pods(namespace, selector)
     # The upgrade changes a setting: the ConfigMap's checksum rolls every pod.
     helm("upgrade", *release, *creds, "--set", "config.FORWARDER_LOG_LEVEL=DEBUG",
          "--wait", "--timeout", "240s", timeout=300)  # fmt: skip
@@ -521,7 +529,7 @@ def test_webhooks_through_the_service_survive_a_rolling_upgrade(
     wait_until(lambda: sender.count() >= before + during + 5, 60, "5 webhooks after the upgrade")
     sender.stop()
     ready, total = ready_pods(namespace, selector)
-    new_pods = set(kubectl("get", "pods", "-n", namespace, "-l", selector, "-o", "name").split())
+    new_pods = live_pods(namespace, selector)
 
     expected = sender.expected()
     bootstrap = pod_kafka[0]
