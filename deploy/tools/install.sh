@@ -90,7 +90,7 @@ build_module() {
     local pkg stale=() have
     for pkg in "$@"; do
         have="$(go version -m "${bin_dir}/${pkg##*/}" 2>/dev/null |
-            awk -v m="${module}" '$1 == "dep" && $2 == m { print $3 }' || true)"
+            awk -v m="${module}" '($1 == "dep" || $1 == "mod") && $2 == m { print $3 }' || true)"
         [[ "${have}" == "${version}" ]] || stale+=("${pkg}")
     done
     if ((${#stale[@]} == 0)); then
