@@ -38,8 +38,8 @@ bench: install ## Benchmarks: the service against plain-library baselines (print
 	$(PY) -m bench
 
 .PHONY: tools
-tools: ## Install pinned helm and kubeconform into .cache/tools/bin (go install)
-	deploy/tools/install.sh
+tools: ## Install pinned helm, kubeconform, etcd and Kubernetes into .cache/tools/bin (Go module proxy)
+	deploy/tools/install.sh --kube
 
 .PHONY: chart-files
 chart-files: ## Copy the dashboard and alert rules into the Helm chart (one source: deploy/)
@@ -50,6 +50,11 @@ chart-files: ## Copy the dashboard and alert rules into the Helm chart (one sour
 image: ## Build the container image (needs Docker)
 	docker build -t datagrid-forwarder:dev --build-arg VERSION=$$(grep -m1 '^version' pyproject.toml | cut -d'"' -f2) \
 		--build-arg REVISION=$$(git rev-parse HEAD) --build-arg CREATED=$$(date -u +%FT%TZ) .
+
+.PHONY: k8s-e2e
+k8s-e2e: ## Real cluster: build the image, install every chart scenario, webhooks through a rolling upgrade
+	scripts/test.sh tests/test_k8s_e2e.py
+	@$(PY) -c 'import json; from tests.test_k8s_e2e import RESULTS, summary_line; print(summary_line(json.loads(RESULTS.read_text())))'
 
 .PHONY: compose-up
 compose-up: ## Kafka, fake Datagrid, forwarder, Prometheus and Grafana with Docker Compose

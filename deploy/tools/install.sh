@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Install the pinned delivery tools (helm, kubeconform, actionlint) into a project-local, cacheable directory.
+# Install the pinned delivery tools (helm, kubeconform, actionlint, and the Kubernetes binaries of
+# the real-cluster test: etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubelet,
+# kube-proxy, kubectl) into a project-local, cacheable directory.
 #
 #   deploy/tools/install.sh            # installs into .cache/tools/bin (gitignored)
+#   deploy/tools/install.sh --kube     # also etcd and the Kubernetes binaries (make k8s-e2e)
 #   FORWARDER_TOOLS_DIR=/opt/t deploy/tools/install.sh
 #
 # Both are built from source with `go install` through the Go module proxy: it is the one download
@@ -22,6 +25,10 @@ KUBECONFORM_VERSION="v0.8.0"
 # Lints .github/workflows/ (the release workflow) the way GitHub would run it.
 ACTIONLINT_MODULE="github.com/rhysd/actionlint"
 ACTIONLINT_VERSION="v1.7.12"
+# The real-cluster test (make k8s-e2e): versions are pinned in the go.mod of deploy/k8s/tools/kube
+# and deploy/k8s/tools/etcd (main modules, because `go install` refuses modules with replaces).
+KUBE_VERSION="v1.37.2"
+ETCD_VERSION="v3.6.16"
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 tools_dir="${FORWARDER_TOOLS_DIR:-${repo_root}/.cache/tools}"
@@ -72,5 +79,50 @@ install kubeconform "${KUBECONFORM_MODULE}" "${KUBECONFORM_VERSION}" "${KUBECONF
     "-X main.version=${KUBECONFORM_VERSION}"
 install actionlint "${ACTIONLINT_MODULE}" "${ACTIONLINT_VERSION}" "${ACTIONLINT_MODULE}/cmd/actionlint" \
     "-X ${ACTIONLINT_MODULE}.version=${ACTIONLINT_VERSION}"
+
+
+# build_module DIR DEP_MODULE VERSION LDFLAGS PACKAGE... : `go build` the packages inside the local
+# main module DIR (its go.mod/go.sum pin everything) unless every binary already embeds
+# DEP_MODULE at VERSION.
+build_module() {
+    local dir="$1" module="$2" version="$3" ldflags="$4"
+    shift 4
+    local pkg stale=() have
+    for pkg in "$@"; do
+        have="$(go version -m "${bin_dir}/${pkg##*/}" 2>/dev/null |
+            awk -v m="${module}" '($1 == "dep" || $1 == "mod") && $2 == m { print $3 }' || true)"
+        [[ "${have}" == "${version}" ]] || stale+=("${pkg}")
+    done
+    if ((${#stale[@]} == 0)); then
+        log "$(printf '%s ' "${@##*/}")${version} already installed"
+        return 0
+    fi
+    log "building ${stale[*]##*/} ${version}"
+    local started=${SECONDS} tmp
+    tmp="$(mktemp -d "${bin_dir}/.build.XXXXXX")"
+    # shellcheck disable=SC2064  # expand now: tmp is local
+    trap "rm -rf '${tmp}'" EXIT
+    (cd "${repo_root}/${dir}" && CGO_ENABLED=0 GOFLAGS="-buildvcs=false -mod=readonly" \
+        go build -trimpath -ldflags "-s -w ${ldflags}" -o "${tmp}/" "${stale[@]}")
+    mv -f "${tmp}"/* "${bin_dir}/" && rmdir "${tmp}"
+    log "${stale[*]##*/} ${version} built in $((SECONDS - started))s"
+}
+
+# The Kubernetes binaries take minutes to build when cold: only with --kube (or
+# FORWARDER_TOOLS_KUBE=1), which `make tools`, `make k8s-e2e` and scripts/test.sh pass when needed.
+if [[ "${1:-}" == --kube || "${FORWARDER_TOOLS_KUBE:-0}" == 1 ]]; then
+    # Without the version stamp the servers report v0.0.0-master and kubeVersion checks misbehave.
+    kube_minor="${KUBE_VERSION#v1.}"
+    kube_ldflags="-X k8s.io/component-base/version.gitVersion=${KUBE_VERSION}"
+    kube_ldflags+=" -X k8s.io/component-base/version.gitMajor=1"
+    kube_ldflags+=" -X k8s.io/component-base/version.gitMinor=${kube_minor%%.*}"
+    kube_ldflags+=" -X k8s.io/client-go/pkg/version.gitVersion=${KUBE_VERSION}"
+    build_module deploy/k8s/tools/kube k8s.io/kubernetes "${KUBE_VERSION}" "${kube_ldflags}" \
+        k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
+        k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubelet \
+        k8s.io/kubernetes/cmd/kube-proxy k8s.io/kubernetes/cmd/kubectl
+    build_module deploy/k8s/tools/etcd go.etcd.io/etcd/server/v3 "${ETCD_VERSION}" "" \
+        local/etcd
+fi
 
 printf '%s\n' "${bin_dir}"
