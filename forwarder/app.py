@@ -91,9 +91,10 @@ class Services:
 
     async def enqueue(self, job: Job) -> None:
         """Queue a job durably, or raise a retriable :class:`KafkaError` (503) while not
-        connected."""
-        if self.queue is None or self.draining:
-            raise KafkaError("not connected to Kafka yet (or draining)")
+        connected.  A draining pod still queues: the Service routes to it until its endpoint is
+        removed, and the job goes to Kafka, not to this pod's workers."""
+        if self.queue is None:
+            raise KafkaError("not connected to Kafka (starting or stopped)")
         await self.queue.put(job)
 
     def state_of(self, batch_id: str) -> BatchState | None:
