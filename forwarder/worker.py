@@ -188,7 +188,7 @@ class Worker(ConsumerRebalanceListener):  # type: ignore[misc]
             if self._jobs_partition(batch_id) in revoked_set:
                 waiter.cancel()
                 del self._waiters[batch_id]
-        self._update_waiting_gauge()
+        self._metrics.batches_waiting.set(len(self._waiters))
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         """Track the new partitions and adopt the waiting batches they own."""
@@ -216,10 +216,8 @@ class Worker(ConsumerRebalanceListener):  # type: ignore[misc]
             running = [t for t in self._tasks if not t.done()]
             free = self._settings.concurrency - len(running)
             assignment = list(consumer.assignment())
-            # Keep polling even when full, so the group does not think we died; just take nothing.
-            # When full, wait for a job to finish rather than in the poll: a poll of paused
-            # partitions always lasts its whole timeout, which capped a process at `concurrency`
-            # jobs per 500 ms however short the jobs were.
+            # When full, keep polling (paused: the group must not think we died) but wait for a
+            # job to finish outside the poll: a paused poll lasts its whole timeout.
             timeout_ms = 500
             if free <= 0:
                 consumer.pause(*assignment)
@@ -372,14 +370,14 @@ class Worker(ConsumerRebalanceListener):  # type: ignore[misc]
         async def wake() -> None:
             await asyncio.sleep(delay)
             self._waiters.pop(job.batch_id, None)
-            self._update_waiting_gauge()
+            self._metrics.batches_waiting.set(len(self._waiters))
             await self._run_until_done(job)
 
         old = self._waiters.pop(job.batch_id, None)
         if old is not None:
             old.cancel()
         self._waiters[job.batch_id] = asyncio.create_task(wake(), name=f"wait-{job.batch_id}")
-        self._update_waiting_gauge()
+        self._metrics.batches_waiting.set(len(self._waiters))
 
     async def _commit(self, tp: TopicPartition, offset: int) -> None:
         offsets = self._offsets.get(tp)
@@ -415,9 +413,6 @@ class Worker(ConsumerRebalanceListener):  # type: ignore[misc]
             return None
         index = partition_for(batch_id.encode(), len(partitions))
         return TopicPartition(self._settings.jobs_topic, index)
-
-    def _update_waiting_gauge(self) -> None:
-        self._metrics.batches_waiting.set(len(self._waiters))
 
     async def _update_lag(self) -> None:
         """Jobs lag per partition, from the broker: its end offset less our oldest unfinished job
