@@ -63,7 +63,7 @@ if ! pm image exists "${python_image}"; then
     if [[ ! -s ${tarball} ]]; then
         log "python stand-in: mmdebstrap ${suite} (about a minute)"
         rm -f "${tarball}.part"
-        mmdebstrap --quiet "${mmdebstrap_args[@]}" "${tarball}.part"
+        mmdebstrap --quiet --format=tar "${mmdebstrap_args[@]}" "${tarball}.part"  # (.part: no extension to infer from)
         mv "${tarball}.part" "${tarball}"
     fi
     pm import --quiet --change 'CMD ["python3.11"]' "${tarball}" "${python_image}" >/dev/null
