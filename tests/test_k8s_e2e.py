@@ -296,6 +296,11 @@ def cluster_values(kafka_for_pods: str, fake: FakeDatagrid, **config: Any) -> st
             "FORWARDER_DATAGRID_BASE_URL": fake.base_url,
             **config,
         },
+        # A scenario's own init containers and sidecars (busybox, envoy in all-features) cannot be
+        # pulled here: no registry is reachable. Their spec is still checked, as written, by the
+        # strict server-side dry run; the installed release runs the forwarder's container alone.
+        "initContainers": [],
+        "extraContainers": [],
     }
     path = Path(run("mktemp", "--suffix=-values.yaml").strip())
     path.write_text(yaml.safe_dump(values))
