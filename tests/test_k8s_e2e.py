@@ -216,7 +216,8 @@ def restricted_namespace(name: str) -> None:
 
 def scenario_objects(namespace: str) -> list[dict[str, Any]]:
     """The objects the ci/ scenarios name but do not create: a ServiceAccount, the existing
-    Secret, the Kafka CA (Secret and ConfigMap), a client certificate, the account ConfigMap."""
+    Secret, the Kafka CA (Secret and ConfigMap), a corporate CA bundle, a client certificate, the
+    account ConfigMap."""
     pem = _self_signed_pem()
     meta = {"namespace": namespace}
     return [
@@ -245,6 +246,12 @@ def scenario_objects(namespace: str) -> list[dict[str, Any]]:
             "kind": "ConfigMap",
             "metadata": {"name": "kafka-ca-bundle", **meta},
             "data": {"ca.pem": pem["crt"]},
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "corp-ca-bundle", **meta},  # all-features' extra volume
+            "data": {"ca.crt": pem["crt"]},
         },
         {
             "apiVersion": "v1",
