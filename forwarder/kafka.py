@@ -151,24 +151,23 @@ def py_murmur2(data: bytes) -> int:
     return h ^ (h >> 15)
 
 
+def _py_hash(data: bytes, _seed: int) -> int:
+    return py_murmur2(data)
+
+
+#: murmur2(data, seed): the compiled one when the wheel is installed, else the Python one.
+_hash: Callable[[bytes, int], int] = _c_murmur2 if _c_murmur2 is not None else _py_hash
+
+
 def murmur2(data: bytes) -> int:
     """Kafka's murmur2 as an unsigned 32-bit integer (compiled when the wheel is installed)."""
-    if _c_murmur2 is None:  # pragma: no cover
-        return py_murmur2(data)
-    return int(_c_murmur2(data, _MURMUR_SEED))
+    return int(_hash(data, _MURMUR_SEED))
 
 
 def partition_for(key: bytes, partitions: int) -> int:
-    """Kafka's default partitioner for a keyed record: ``toPositive(murmur2(key)) % partitions``."""
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
-
-
-if _c_murmur2 is not None:
-    _hash = _c_murmur2
-
-    def partition_for(key: bytes, partitions: int) -> int:
-        """Kafka's default partitioner for a keyed record (compiled murmur2, one call per line)."""
-        return (_hash(key, _MURMUR_SEED) & 0x7FFFFFFF) % partitions
+    """Kafka's default partitioner for a keyed record: ``toPositive(murmur2(key)) % partitions``
+    (one call of the hash per line: this runs for every result line)."""
+    return (_hash(key, _MURMUR_SEED) & 0x7FFFFFFF) % partitions
 
 
 def connection_options(settings: Settings) -> dict[str, Any]:
