@@ -70,7 +70,10 @@ class Backend(Protocol):
         """Queue a job durably (or raise a retriable KafkaError)."""
 
     def state_of(self, batch_id: str) -> BatchState | None:
-        """The batch's latest known state."""
+        """The batch's latest state if this pod owns it (None: unknown here)."""
+
+    async def find_state(self, batch_id: str) -> BatchState | None:
+        """Any batch's latest state, wherever it is kept."""
 
     def seen_event(self, event_id: str) -> bool:
         """True when this process queued the webhook event recently."""
@@ -285,7 +288,7 @@ async def queue_batch(request: Request[Any, Any, Any], services: BackendDep) -> 
     "/v1/batches/{batch_id:str}",
     summary="A batch's forwarding state",
     security=BEARER,
-    responses=problems(400, 401, 404),
+    responses=problems(400, 401, 404, 503),
 )
 async def batch_state(
     request: Request[Any, Any, Any], services: BackendDep, batch_id: FromPath[str]
@@ -293,7 +296,7 @@ async def batch_state(
     """The batch's latest state record (the same JSON as the state topic)."""
     require_token(request, services.api_tokens)
     check_batch_id(batch_id)
-    known = services.state_of(batch_id)
+    known = await services.find_state(batch_id)
     if known is None:
         raise NotFound(f"no forwarding state for batch {batch_id}")
     return Response(msgspec.to_builtins(known))

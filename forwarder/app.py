@@ -98,8 +98,14 @@ class Services:
         await self.queue.put(job)
 
     def state_of(self, batch_id: str) -> BatchState | None:
-        """The batch's latest known state, if the state topic is loaded."""
+        """The batch's latest state if this pod owns it (memory only: for dedupe)."""
         return self.store.get(batch_id) if self.store is not None else None
+
+    async def find_state(self, batch_id: str) -> BatchState | None:
+        """Any batch's latest state (read from the broker if another pod owns it)."""
+        if self.store is None:
+            raise KafkaError("not connected to Kafka (starting or stopped)")
+        return await self.store.find(batch_id)
 
     def seen_event(self, event_id: str) -> bool:
         """True when this process queued the webhook event recently."""
@@ -167,7 +173,7 @@ class Services:
         self.worker = worker
         if settings.reconcile_interval_seconds > 0:
             reconciler = Reconciler(settings, core.datagrid, self.queue, store, metrics)
-            task = asyncio.create_task(reconciler.run(worker.leads), name="reconciler")
+            task = asyncio.create_task(reconciler.run(), name="reconciler")
             stack.callback(task.cancel)
         probe = asyncio.create_task(_probe_kafka(core.producer, self))
         stack.callback(probe.cancel)

@@ -232,10 +232,17 @@ async def prepare_topics(settings: Settings) -> TopicLimits:
                 # aiokafka cannot ask for the broker's default; 3 is the usual production choice.
                 brokers = (await admin.describe_cluster())["brokers"]
                 replication = min(3, len(brokers))
+            partitions = dict.fromkeys(missing, settings.kafka_topic_partitions)
+            # The state topic is co-partitioned with the jobs topic: one created alone takes the
+            # other's partition count.
+            pair = (settings.jobs_topic, settings.state_topic)
+            for topic, other in (pair, pair[::-1]):
+                if topic in missing and other not in missing:
+                    partitions[topic] = len(await _partition_numbers(admin, other))
             new = [
                 NewTopic(
                     name,
-                    num_partitions=settings.kafka_topic_partitions,
+                    num_partitions=partitions[name],
                     replication_factor=replication,
                     topic_configs=specs[name],
                 )
@@ -314,9 +321,13 @@ async def topic_partitions(source: Settings | dict[str, Any], topic: str) -> lis
     try:
         with kafka_errors(f"describing {topic}"):
             await admin.start()
-            described = await admin.describe_topics([topic])
+            return await _partition_numbers(admin, topic)
     finally:
         await admin.close()
+
+
+async def _partition_numbers(admin: AIOKafkaAdminClient, topic: str) -> list[int]:
+    described = await admin.describe_topics([topic])
     for entry in described:
         if entry["topic"] == topic and entry["error_code"] == 0:
             return sorted(p["partition"] for p in entry["partitions"])

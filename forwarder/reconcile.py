@@ -1,17 +1,16 @@
 """The reconciler: a lost webhook loses no batch.
 
-Every ``FORWARDER_RECONCILE_INTERVAL_SECONDS`` the pod that owns jobs partition 0 (one pod at a
-time, so N pods do not list N times) walks ``GET /batch-predictions`` newest first, back to
-``FORWARDER_RECONCILE_LOOKBACK_HOURS``, and queues every terminal batch the forwarder holds no
-state for.  Non-terminal batches are left to their webhook (or the next pass); older ones are left
-alone.  A batch that a webhook and the reconciler both queue is still forwarded once: the worker
-finds the first job's state and counts the second as a duplicate.
+Every ``FORWARDER_RECONCILE_INTERVAL_SECONDS`` each pod that owns jobs partitions walks
+``GET /batch-predictions`` newest first, back to ``FORWARDER_RECONCILE_LOOKBACK_HOURS``, and queues
+every terminal batch of its own partitions that it holds no state for (a pod holds only its own
+partitions' state).  Non-terminal batches are left to their webhook (or the next pass); older ones
+are left alone.  A batch that a webhook and the reconciler both queue is still forwarded once: the
+worker finds the first job's state and counts the second as a duplicate.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import structlog
@@ -47,11 +46,11 @@ class Reconciler:
         self._store = store
         self._metrics = metrics
 
-    async def run(self, is_leader: Callable[[], bool]) -> None:
-        """Every interval, reconcile if this pod is the leader (until cancelled)."""
+    async def run(self) -> None:
+        """Every interval, reconcile this pod's partitions, if it owns any (until cancelled)."""
         while True:
             await asyncio.sleep(self._interval)
-            if not is_leader():
+            if not self._store.owned:
                 continue
             try:
                 await self.reconcile()
@@ -88,8 +87,8 @@ class Reconciler:
         except InvalidBatchId:
             log.warning("reconcile_invalid_batch_id", batch_id=batch_id[:64])
             return 0
-        if self._store.get(batch_id) is not None:
-            return 0  # queued, forwarded, failed or waiting: the forwarder knows it
+        if not self._store.owns(batch_id) or self._store.get(batch_id) is not None:
+            return 0  # another pod's, or queued, forwarded, failed or waiting: known
         await self._queue.put(Job(batch_id=batch_id, source="reconciler"))
         self._metrics.reconcile_batches.inc()
         log.info("reconcile_queued", batch_id=batch_id)

@@ -2,8 +2,9 @@
 
 :class:`BatchState` is the state topic's value and the body of ``GET /v1/batches/{id}``; its
 status is a :class:`Status`, and each transition has a named constructor or method.
-:class:`StateStore` reads the compacted state topic into memory and follows it: every pod knows each
-batch's latest state, which makes "forward each batch once" hold across restarts and pods.
+:class:`StateStore` holds the latest state of the batches whose jobs partitions this pod owns
+(the state topic is co-partitioned with the jobs topic), which makes "forward each batch once"
+hold across restarts, rebalances and pods.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Collection
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -20,8 +22,8 @@ import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from forwarder.config import Settings
-from forwarder.errors import KAFKA_BACKOFF, BatchNotReady, ForwarderError, KafkaError
-from forwarder.kafka import kafka_errors, make_reader, topic_partitions
+from forwarder.errors import KAFKA_BACKOFF, BatchNotReady, ConfigError, ForwarderError, KafkaError
+from forwarder.kafka import kafka_errors, make_reader, partition_for, topic_partitions
 from forwarder.observability import Metrics
 
 log = structlog.get_logger("forwarder.state")
@@ -156,71 +158,173 @@ class BatchState(msgspec.Struct, kw_only=True):
 
 
 class StateStore:
-    """The state topic, read from the beginning into memory and followed."""
+    """The state of the batches this pod owns, restored from the state topic and followed.
+
+    The state topic is co-partitioned with the jobs topic (same partition count, keyed by batch
+    id, Kafka's murmur2 partitioner), so state partition ``p`` holds the batches whose jobs go to
+    jobs partition ``p``.  :meth:`own` restores the partitions a rebalance gives this pod before
+    their jobs run and drops the ones it took away: memory grows with what a pod owns, not with
+    the group's history.  :meth:`find` reads any other batch's partition from the broker.
+    """
 
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self._settings = settings
         self._metrics = metrics
-        self._states: dict[str, BatchState] = {}
+        self._topic = settings.state_topic
+        self._states: dict[int, dict[str, BatchState]] = {}  # by state partition
+        self._partition_count = 0
         self._consumer: AIOKafkaConsumer | None = None
         # End offsets come from a second client: on the follower's own connection a ListOffsets
         # request queues behind its idle fetch (a long poll of fetch_max_wait_ms, 500 ms), which
         # made every sync(), so every job, wait half a second.
         self._end_reader: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
-        self._partitions: list[TopicPartition] = []
         self._progress = asyncio.Condition()
         self._retention = settings.state_retention_hours * 3600.0
         self._pruned_at = time.monotonic()
-        self.ready = asyncio.Event()
+        self.ready = asyncio.Event()  # the state of the first assignment is restored
+
+    def partition_of(self, batch_id: str) -> int:
+        """The state (and jobs) partition of ``batch_id``."""
+        return partition_for(batch_id.encode(), self._partition_count)
+
+    @property
+    def owned(self) -> list[int]:
+        """The partitions whose state this pod holds."""
+        return sorted(self._states)
+
+    def owns(self, batch_id: str) -> bool:
+        """True when ``batch_id``'s partition is this pod's."""
+        return bool(self._partition_count) and self.partition_of(batch_id) in self._states
 
     def get(self, batch_id: str) -> BatchState | None:
-        """The latest known state of ``batch_id``."""
-        return self._states.get(batch_id)
+        """The latest state of ``batch_id`` if this pod owns it (None: unknown or not ours)."""
+        held = self._states.get(self.partition_of(batch_id)) if self._partition_count else None
+        return held.get(batch_id) if held is not None else None
 
     def put(self, state: BatchState) -> None:
         """Remember a state this process just wrote (the topic will echo it later)."""
-        self._states[state.batch_id] = state
-        self._metrics.state_batches.set(len(self._states))
+        if self.owns(state.batch_id):
+            self._states[self.partition_of(state.batch_id)][state.batch_id] = state
+            self._count()
 
     def waiting(self) -> list[BatchState]:
-        """Batches parked until Datagrid finishes them."""
-        return [s for s in self._states.values() if s.status is Status.WAITING]
+        """Owned batches parked until Datagrid finishes them."""
+        return [
+            state
+            for held in self._states.values()
+            for state in held.values()
+            if state.status is Status.WAITING
+        ]
+
+    def __len__(self) -> int:
+        return sum(len(held) for held in self._states.values())
+
+    def _count(self) -> None:
+        self._metrics.state_batches.set(len(self))
 
     def prune(self, now: datetime | None = None) -> int:
         """Forget finished batches older than the retention (waiting and forwarding ones stay);
         returns how many were forgotten."""
         self._pruned_at = time.monotonic()
         cutoff = (now or datetime.now(UTC)).timestamp() - self._retention
-        old = []
-        for batch_id, state in self._states.items():
-            finished = parse_time(state.finished_at)
-            done = state.status in (Status.FORWARDED, Status.FAILED)
-            if done and finished is not None and finished.timestamp() < cutoff:
-                old.append(batch_id)
-        for batch_id in old:
-            del self._states[batch_id]
-        self._metrics.state_batches.set(len(self._states))
-        return len(old)
+        forgotten = 0
+        for held in self._states.values():
+            old = []
+            for batch_id, state in held.items():
+                finished = parse_time(state.finished_at)
+                done = state.status in (Status.FORWARDED, Status.FAILED)
+                if done and finished is not None and finished.timestamp() < cutoff:
+                    old.append(batch_id)
+            for batch_id in old:
+                del held[batch_id]
+            forgotten += len(old)
+        self._count()
+        return forgotten
 
     async def start(self) -> None:
-        """Assign every partition of the state topic, read it to the end, then keep following."""
+        """Connect, and check that the state topic is co-partitioned with the jobs topic."""
         settings = self._settings
-        self._consumer = consumer = make_reader(settings)
-        self._end_reader = end_reader = make_reader(settings)  # its end offsets are the LSO too
+        self._consumer = make_reader(settings)
+        self._end_reader = make_reader(settings)  # its end offsets are the LSO too
         with kafka_errors("reading the state topic"):
-            await consumer.start()
-            await end_reader.start()
-            partitions = await topic_partitions(settings, settings.state_topic)
-            if not partitions:
-                raise KafkaError(f"state topic {settings.state_topic} has no partitions")
-            self._partitions = [TopicPartition(settings.state_topic, p) for p in partitions]
-            consumer.assign(self._partitions)
-            await consumer.seek_to_beginning(*self._partitions)
-        self._task = asyncio.create_task(self._follow(), name="state-store")
-        await self.sync()
-        self.prune()
+            await self._consumer.start()
+            await self._end_reader.start()
+        state = await topic_partitions(settings, self._topic)
+        jobs = await topic_partitions(settings, settings.jobs_topic)
+        if not state:
+            raise KafkaError(f"state topic {self._topic} has no partitions")
+        if len(state) != len(jobs):
+            raise ConfigError(
+                f"state topic {self._topic} has {len(state)} partitions and jobs topic "
+                f"{settings.jobs_topic} has {len(jobs)}: they must have the same number, as each "
+                "pod keeps the state of its own jobs partitions (create the state topic with "
+                f"{len(jobs)} partitions and name it in FORWARDER_STATE_TOPIC)"
+            )
+        self._partition_count = len(state)
+
+    async def own(self, partitions: Collection[int]) -> None:
+        """Hold exactly ``partitions`` (this pod's jobs partitions after a rebalance): restore the
+        new ones from the beginning of the state topic, drop the others, then keep following."""
+        consumer = self._consumer
+        assert consumer is not None
+        wanted = set(partitions)
+        added = wanted - set(self._states)
+        dropped = set(self._states) - wanted
+        if added or dropped:
+            await self._stop_following()
+            tps = {p: TopicPartition(self._topic, p) for p in wanted}
+            with kafka_errors("assigning state partitions"):
+                # assign() forgets positions: the partitions kept resume where they were.
+                kept = {p: await consumer.position(tps[p]) for p in wanted - added}
+                consumer.assign(list(tps.values()))
+                for p, position in kept.items():
+                    consumer.seek(tps[p], position)
+                if added:
+                    await consumer.seek_to_beginning(*(tps[p] for p in added))
+            for p in dropped:
+                del self._states[p]
+            for p in added:
+                self._states[p] = {}
+            started = time.monotonic()
+            if wanted:
+                self._task = asyncio.create_task(self._follow(), name="state-store")
+                await self.sync(within=max(30.0, self._settings.kafka_session_timeout_ms / 1000))
+            self.prune()
+            log.info(
+                "state_restored",
+                partitions=sorted(wanted),
+                added=sorted(added),
+                dropped=sorted(dropped),
+                batches=len(self),
+                duration_s=round(time.monotonic() - started, 3),
+            )
         self.ready.set()
+
+    async def find(self, batch_id: str) -> BatchState | None:
+        """The latest state of any batch: from memory if this pod owns it, else read from its
+        state partition on the broker (a scan of that one partition)."""
+        partition = self.partition_of(batch_id)
+        if partition in self._states:
+            await self.sync()
+            return self._states[partition].get(batch_id)
+        key, found = batch_id.encode(), None
+        tp = TopicPartition(self._topic, partition)
+        reader = make_reader(self._settings)
+        try:
+            with kafka_errors(f"reading the state of {batch_id}"):
+                await reader.start()
+                reader.assign([tp])
+                await reader.seek_to_beginning(tp)
+                end = (await reader.end_offsets([tp]))[tp]
+                while await reader.position(tp) < end:
+                    for records in (await reader.getmany(tp, timeout_ms=1000)).values():
+                        for record in records:
+                            if record.key == key:
+                                found = record.value
+        finally:
+            await reader.stop()
+        return _decode(found, batch_id) if found is not None else None
 
     async def _follow(self) -> None:
         assert self._consumer is not None
@@ -235,33 +339,27 @@ class StateStore:
                 await asyncio.sleep(KAFKA_BACKOFF.delay(failures))
                 continue
             failures = 0
-            for records in batches.values():
-                for record in records:
-                    self._apply(record)
+            for tp, records in batches.items():
+                held = self._states.get(tp.partition)
+                if held is not None:
+                    for record in records:
+                        _apply(held, record)
             if time.monotonic() - self._pruned_at > 60:
                 self.prune()
-            self._metrics.state_batches.set(len(self._states))
+            self._count()
             async with self._progress:
                 self._progress.notify_all()
 
-    def _apply(self, record: ConsumerRecord[Any, Any]) -> None:
-        if record.key is None:
-            return
-        batch_id = record.key.decode("utf-8", "replace")
-        if record.value is None:  # tombstone: forget the batch
-            self._states.pop(batch_id, None)
-            return
-        try:
-            self._states[batch_id] = BatchState.decode(record.value)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            log.warning("state_record_unreadable", batch_id=batch_id, offset=record.offset)
-
     async def sync(self, within: float = 30.0) -> None:
-        """Wait until everything written to the state topic before this call has been read."""
+        """Wait until everything written to the owned state partitions before this call has been
+        read."""
         consumer, end_reader = self._consumer, self._end_reader
         assert consumer is not None and end_reader is not None
+        owned = [TopicPartition(self._topic, p) for p in self._states]
+        if not owned:
+            return
         with kafka_errors("reading state topic offsets"):
-            ends = await end_reader.end_offsets(self._partitions)
+            ends = await end_reader.end_offsets(owned)
         deadline = time.monotonic() + within
         while True:
             with kafka_errors("reading state topic positions"):
@@ -274,14 +372,37 @@ class StateStore:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._progress.wait(), 0.5)
 
-    async def stop(self) -> None:
-        """Stop following (safe to call twice)."""
+    async def _stop_following(self) -> None:
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+
+    async def stop(self) -> None:
+        """Stop following (safe to call twice)."""
+        await self._stop_following()
         for client in (self._consumer, self._end_reader):
             if client is not None:
                 await client.stop()
         self._consumer = self._end_reader = None
+
+
+def _apply(held: dict[str, BatchState], record: ConsumerRecord[Any, Any]) -> None:
+    if record.key is None:
+        return
+    batch_id = record.key.decode("utf-8", "replace")
+    if record.value is None:  # tombstone: forget the batch
+        held.pop(batch_id, None)
+        return
+    state = _decode(record.value, batch_id, record.offset)
+    if state is not None:
+        held[batch_id] = state
+
+
+def _decode(value: bytes, batch_id: str, offset: int | None = None) -> BatchState | None:
+    try:
+        return BatchState.decode(value)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        log.warning("state_record_unreadable", batch_id=batch_id, offset=offset)
+        return None

@@ -191,16 +191,16 @@ class Worker(ConsumerRebalanceListener):  # type: ignore[misc]
         self._metrics.batches_waiting.set(len(self._waiters))
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        """Track the new partitions and adopt the waiting batches they own."""
+        """Restore the state of the partitions now ours (before any of their jobs runs), track
+        them, and adopt their waiting batches."""
+        await self._store.own([tp.partition for tp in assigned])
         for tp in assigned:
             self._offsets.setdefault(tp, PartitionOffsets())
             if self._txn is not None:
                 with contextlib.suppress(KafkaError):  # logged; run_job tries again
                     await self._txn.get(tp)
-        assigned_set = set(assigned)
-        for state in self._store.waiting():
-            owned = self._jobs_partition(state.batch_id) in assigned_set
-            if owned and state.batch_id not in self._waiters:
+        for state in self._store.waiting():  # the store holds only this pod's batches
+            if state.batch_id not in self._waiters:
                 job = Job(
                     state.batch_id, source=state.source or "producer", event_id=state.event_id
                 )
@@ -397,10 +397,6 @@ class Worker(ConsumerRebalanceListener):  # type: ignore[misc]
     def transactions_failure(self) -> str | None:
         """Exactly-once: why the last transactional producer could not start, if it could not."""
         return self._txn.failure if self._txn is not None else None
-
-    def leads(self) -> bool:
-        """True while this process owns jobs partition 0: one pod of the group at a time."""
-        return self._owns(TopicPartition(self._settings.jobs_topic, 0))
 
     # --- helpers -------------------------------------------------------------------------------
     def _owns(self, tp: TopicPartition | None) -> bool:

@@ -289,6 +289,7 @@ def test_state_store_forgets_only_finished_batches_past_the_retention() -> None:
     from forwarder.state import BatchState, StateStore, Status, iso
 
     store = StateStore(_settings(state_retention_hours=24), Metrics(process=False))
+    store._partition_count, store._states = 1, {0: {}}  # as own([0]) leaves it, without a broker
     old = iso(datetime.now(UTC) - timedelta(hours=25))
     recent = iso(datetime.now(UTC) - timedelta(hours=1))
     for batch_id, status, finished in [
