@@ -22,7 +22,8 @@ __all__ = ["LineHead", "LineSplitter", "Oversized", "classify", "is_blank"]
 
 _NL: Final = b"\n"
 _CR: Final = b"\r"
-_WS: Final = b" \t\r\n\f\v"
+#: What a blank line may hold (``is_blank``; the publisher inlines the same test).
+WHITESPACE: Final = b" \t\r\n\f\v"
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +121,7 @@ class LineSplitter:
 
 def is_blank(line: bytes) -> bool:
     """Empty or whitespace-only lines are skipped, never dead-lettered."""
-    return not line or (line[0] in _WS and not line.strip(_WS))
+    return not line or (line[0] in WHITESPACE and not line.strip(WHITESPACE))
 
 
 class LineHead(msgspec.Struct):

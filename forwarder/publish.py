@@ -25,7 +25,8 @@ from aiokafka import AIOKafkaProducer
 from forwarder.config import Settings
 from forwarder.errors import ForwarderError, UpstreamUnavailable
 from forwarder.kafka import RECORD_OVERHEAD_BYTES, TopicLimits, partition_for, translate
-from forwarder.ndjson import LineHead, Oversized, classify, is_blank
+from forwarder.ndjson import WHITESPACE as _WS
+from forwarder.ndjson import LineHead, Oversized, classify
 from forwarder.observability import Metrics, line_status_label
 
 CONTENT_TYPE = ("content-type", b"application/json")
@@ -170,83 +171,105 @@ class Publisher:
         if batch.event_id:
             prefix.append(("datagrid-event-id", batch.event_id.encode()))
         self.result_headers = prefix
+        self.heads: dict[bytes, tuple[tuple[str, bytes], ...]] = {}
         # Every result record's fixed headers, plus the two per-line header names.
         self.fixed_size = headers_size(prefix) + 2 * _HEADER_OVERHEAD + 32
 
-    async def publish(self, lines: Sequence[bytes | Oversized]) -> None:
-        """Number, classify and batch lines; wait while too much is unacknowledged."""
-        progress = self.progress
-        skip_through = progress.acked_through
-        for line in lines:
-            n = self.line_no = self.line_no + 1
-            if n > self.batch.max_lines:
-                raise TooManyLines(f"stream of {self.batch.batch_id} exceeds {n - 1} lines")
-            if n <= skip_through:
-                self._skip(n, line)
-                continue
-            new = n > progress.high_water
-            if isinstance(line, Oversized):
-                self._check_room(new)
-                await self._dead_letter(
-                    n, line.prefix, "too_large", f"line of {line.size} bytes exceeds the limit"
-                )
-            elif is_blank(line):
-                progress.blank_lines += new
-            else:
-                self._check_room(new)
-                await self._line(n, line)
-            self.processed_through = n
-            self.last_line = _raw(line)
-            if new:
-                progress.high_water = n
+    async def publish(self, lines: Sequence[bytes | Oversized]) -> None:  # noqa: C901 - the per-line hot path, flat on purpose (see below)
+        """Number, classify and batch lines; wait while too much is unacknowledged.
+
+        The per-line path of the service: written out flat, with what it reads bound to locals
+        once per chunk (every attribute look-up and call here runs a million times a batch).
+        """
+        progress, batch, config = self.progress, self.batch, self.config
+        skip_through, first_new = progress.acked_through, progress.high_water
+        expected, max_lines, batch_id = batch.expected_lines, batch.max_lines, batch.batch_id
+        statuses, status_of, heads = config.statuses, config.status_of, self.heads
+        limit, fixed_size, partitions = config.results_limit, self.fixed_size, self.partitions
+        open_units = self.open
+        n, last, blank = self.line_no, self.last_line, progress.blank_lines
+        processed = self.processed_through
+        try:
+            for line in lines:
+                n += 1
+                if n > max_lines:
+                    raise TooManyLines(f"stream of {batch_id} exceeds {n - 1} lines")
+                if n <= skip_through:  # already in Kafka: check the re-stream matches, skip it
+                    last = _raw(line)
+                    if n == skip_through and last != progress.boundary:
+                        progress.acked_through = 0
+                        raise StreamDiverged(
+                            f"re-stream of {batch_id} differs at line {n}; re-publishing all lines"
+                        )
+                    processed = n
+                    continue
+                new = n > first_new
+                if isinstance(line, Oversized):
+                    self._check_room(new, n - 1 - blank)
+                    detail = f"line of {line.size} bytes exceeds the limit"
+                    await self._dead_letter(n, line.prefix, "too_large", detail, last)
+                    last = line.prefix
+                elif not line or (line[0] in _WS and not line.strip(_WS)):
+                    blank += new
+                    last = line
+                else:
+                    if new and expected is not None and n - 1 - blank >= expected:
+                        self._check_room(new, n - 1 - blank)
+                    head = classify(line, batch_id)
+                    if isinstance(head, tuple):
+                        await self._dead_letter(n, line, *head, last)
+                        last, processed = line, n
+                        continue
+                    key = cast(str, head.custom_id).encode()
+                    status = head.status
+                    known = statuses.get(status) if type(status) is str else None
+                    status_bytes, label = known or status_of(status)
+                    size = len(line) + len(key) + len(status_bytes) + fixed_size
+                    if size > limit:
+                        await self._dead_letter(
+                            n, line, "too_large", self._too_large(line, size, head), last
+                        )
+                        last, processed = line, n
+                        continue
+                    fixed = heads.get(status_bytes) or self._heads_for(status_bytes)
+                    # A list: aiokafka's C encoder takes no tuple.
+                    headers = [*fixed, ("datagrid-line", b"%d" % n)]
+                    partition = partition_for(key, partitions)
+                    unit = open_units[partition] or self._open(partition, n, last)
+                    if (
+                        unit.builder.append(key=key, value=line, timestamp=None, headers=headers)
+                        is None
+                    ):
+                        # Full: hand it over and start the next one with this line (an empty
+                        # batch takes any record that passed the size check).
+                        await self._submit(partition)
+                        unit = self._open(partition, n, last)
+                        unit.builder.append(key=key, value=line, timestamp=None, headers=headers)
+                    unit.numbers.append(n)
+                    unit.labels.append(label)
+                    last = line
+                processed = n
+        finally:
+            # What was fully handled, for the next chunk, drain() and the next attempt.
+            self.line_no, self.processed_through, self.last_line = n, processed, last
+            progress.blank_lines = blank
+            progress.high_water = max(progress.high_water, processed)
         await self._settle_acks()
 
-    def _skip(self, n: int, line: bytes | Oversized) -> None:
-        """A line an earlier attempt already put in Kafka: check the re-stream matches, skip it."""
-        if n == self.progress.acked_through and _raw(line) != self.progress.boundary:
-            self.progress.acked_through = 0
-            raise StreamDiverged(
-                f"re-stream of {self.batch.batch_id} differs at line {n}; re-publishing all lines"
-            )
-        self.processed_through = n
-        self.last_line = _raw(line)
-
-    def _check_room(self, new: bool) -> None:
+    def _check_room(self, new: bool, result_lines: int) -> None:
         """Refuse a result line past the batch's total before it reaches Kafka."""
         expected = self.batch.expected_lines
-        if new and expected is not None and self.progress.result_lines >= expected:
+        if new and expected is not None and result_lines >= expected:
             raise TooManyLines(
                 f"stream of {self.batch.batch_id} has more than the batch's {expected} lines"
             )
 
-    async def _line(self, n: int, line: bytes) -> None:
-        """A non-blank line: to its partition's record batch, or to the dead-letter topic."""
-        head = classify(line, self.batch.batch_id)
-        if isinstance(head, tuple):
-            await self._dead_letter(n, line, *head)
-            return
-        key = cast(str, head.custom_id).encode()
-        status_bytes, label = self.config.status_of(head.status)
-        size = len(line) + len(key) + len(status_bytes) + self.fixed_size
-        if size > self.config.results_limit:
-            await self._dead_letter(n, line, "too_large", self._too_large(line, size, head))
-            return
-        headers = [
-            *self.result_headers,
-            ("datagrid-status", status_bytes),
-            ("datagrid-line", b"%d" % n),
-        ]
-        partition = partition_for(key, self.partitions)
-        unit = self.open[partition] or self._open(partition, n)
-        if unit.builder.append(key=key, value=line, timestamp=None, headers=headers) is None:
-            # Full: hand it over and start the next one with this line (an empty batch takes
-            # any record that passed the size check).
-            await self._submit(partition)
-            unit = self._open(partition, n)
-            unit.builder.append(key=key, value=line, timestamp=None, headers=headers)
-        unit.size += len(line)
-        unit.numbers.append(n)
-        unit.labels.append(label)
+    def _heads_for(self, status_bytes: bytes) -> tuple[tuple[str, bytes], ...]:
+        """The fixed headers of a result record with this ``datagrid-status`` (cached)."""
+        fixed = (*self.result_headers, ("datagrid-status", status_bytes))
+        if len(self.heads) < 64:
+            self.heads[status_bytes] = fixed
+        return fixed
 
     def _too_large(self, line: bytes, size: int, head: LineHead) -> str:
         status = head.status if isinstance(head.status, str) else ""
@@ -292,8 +315,8 @@ class Publisher:
                 with contextlib.suppress(ForwarderError):  # recorded by _failed; publish raises it
                     await self._submit(partition)
 
-    def _open(self, partition: int, n: int) -> _Unit:
-        unit = _Unit(n, self.last_line, self.producer.create_batch())
+    def _open(self, partition: int, n: int, before: bytes) -> _Unit:
+        unit = _Unit(n, before, self.producer.create_batch())
         self.open[partition] = unit
         return unit
 
@@ -301,6 +324,7 @@ class Publisher:
         unit = self.open[partition]
         assert unit is not None
         self.open[partition] = None
+        unit.size = unit.builder.size()
         try:
             unit.future = await self.producer.send_batch(
                 unit.builder, self.config.results_topic, partition=partition
@@ -312,7 +336,9 @@ class Publisher:
         unit.builder = None
         self._track(unit)
 
-    async def _dead_letter(self, n: int, line: bytes, reason: str, detail: str) -> None:
+    async def _dead_letter(
+        self, n: int, line: bytes, reason: str, detail: str, before: bytes
+    ) -> None:
         headers = [
             ("datagrid-batch-id", self.key_batch),
             ("datagrid-line", str(n).encode()),
@@ -334,7 +360,7 @@ class Publisher:
         headers.append(
             ("forwarder-error-detail", detail.encode("utf-8", "replace")[:_DETAIL_LIMIT])
         )
-        unit = _Unit(n, self.last_line, size=len(value), dead=True)
+        unit = _Unit(n, before, size=len(value), dead=True)
         unit.numbers.append(n)
         unit.labels.append(reason)
         try:
