@@ -282,26 +282,34 @@ async def test_rate_limiter_keeps_to_the_window_and_to_the_servers_word() -> Non
 
 
 def test_state_store_forgets_only_finished_batches_past_the_retention() -> None:
-    """Retention drops old forwarded and failed states; waiting ones are kept whatever their age."""
-    from datetime import UTC, datetime, timedelta
+    """Retention drops forwarded and failed states written before it; waiting and forwarding ones
+    are kept whatever their age (the age is the record's, as the broker's retention.ms counts)."""
+    import time
+
+    from aiokafka import ConsumerRecord
 
     from forwarder.observability import Metrics
-    from forwarder.state import BatchState, StateStore, Status, iso
+    from forwarder.state import BatchState, StateStore, Status, _apply
 
     store = StateStore(_settings(state_retention_hours=24), Metrics(process=False))
     store._partition_count, store._states = 1, {0: {}}  # as own([0]) leaves it, without a broker
-    old = iso(datetime.now(UTC) - timedelta(hours=25))
-    recent = iso(datetime.now(UTC) - timedelta(hours=1))
-    for batch_id, status, finished in [
+    now_ms = int(time.time() * 1000)
+    old, recent = now_ms - 25 * 3_600_000, now_ms - 3_600_000
+    cases = [
         ("old_done", Status.FORWARDED, old),
         ("old_failed", Status.FAILED, old),
-        ("old_waiting", Status.WAITING, None),
+        ("old_waiting", Status.WAITING, old),
+        ("old_forwarding", Status.FORWARDING, old),
         ("recent_done", Status.FORWARDED, recent),
-    ]:
-        store.put(
-            BatchState(batch_id=batch_id, status=status, finished_at=finished, started_at=old)
+    ]
+    for offset, (batch_id, status, written) in enumerate(cases):
+        value = BatchState(batch_id=batch_id, status=status).encode()
+        record = ConsumerRecord(
+            "state", 0, offset, written, 0, batch_id.encode(), value, None, 0, len(value), ()
         )
+        _apply(store._states[0], record)
+    store.put(BatchState(batch_id="just_written", status=Status.FORWARDED))
     assert store.prune() == 2
-    assert {
-        s for s in ("old_done", "old_failed", "old_waiting", "recent_done") if store.get(s)
-    } == {"old_waiting", "recent_done"}
+    kept = {b for b in store._states[0] if store.get(b) is not None}
+    assert kept == {"old_waiting", "old_forwarding", "recent_done", "just_written"}
+    assert [s.batch_id for s in store.waiting()] == ["old_waiting"]
