@@ -1,14 +1,17 @@
 """datagrid-forwarder: Datagrid batch-prediction results into Kafka, once per batch."""
 
 import os
-from importlib.metadata import PackageNotFoundError, version
+import sys
 
-try:
-    __version__ = version("datagrid-forwarder")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
-    __version__ = "0.0.0"
+#: The project's version: pyproject.toml's (a test keeps them equal). A constant, not
+#: importlib.metadata, which costs every command a tenth of a second of start-up.
+__version__ = "0.1.0"
 
 #: The source revision, stamped by the image build (``forwarder_build_info``).
 __revision__ = os.environ.get("DATAGRID_FORWARDER_REVISION", "unknown")
+
+# httpx imports its command-line client (click and rich, installed with litestar: about a tenth
+# of a second) whenever they are importable; the forwarder never runs it, so it is never loaded.
+sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
 
 __all__ = ["__revision__", "__version__"]

@@ -41,7 +41,7 @@ from forwarder.config import Delivery, Settings
 from forwarder.core import open_core
 from forwarder.errors import KAFKA_BACKOFF, ConfigError, ForwarderError, KafkaError
 from forwarder.jobs import Job, JobQueue
-from forwarder.kafka import make_jobs_consumer, make_producer
+from forwarder.kafka import make_producer
 from forwarder.observability import Metrics
 from forwarder.reconcile import Reconciler
 from forwarder.state import BatchState, StateStore
@@ -164,8 +164,8 @@ class Services:
             settings,
             core.pipeline,
             store,
+            self.queue,
             metrics,
-            consumer_factory=lambda: make_jobs_consumer(settings),
             transactional_producer=transactional,
         )
         stack.push_async_callback(worker.stop)

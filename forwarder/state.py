@@ -109,9 +109,10 @@ class BatchState(msgspec.Struct, kw_only=True):
         not_ready: BatchNotReady,
         checks: int,
     ) -> BatchState:
-        """A batch that Datagrid has not finished yet, checked ``checks`` times so far."""
+        """A batch that Datagrid has not finished yet, checked ``checks`` times so far; or, once
+        its ``expires_at`` has passed (Datagrid will never finish it), a failed one."""
         expires_at = (not_ready.problem or {}).get("expires_at")
-        return cls(
+        state = cls(
             batch_id=batch_id,
             status=Status.WAITING,
             source=source,
@@ -121,11 +122,13 @@ class BatchState(msgspec.Struct, kw_only=True):
             started_at=utcnow(),
             error={"code": "batch_not_ready", "detail": str(not_ready), "expires_at": expires_at},
         )
-
-    @property
-    def expired_unfinished(self) -> bool:
-        """A waiting batch whose ``expires_at`` has passed: Datagrid will never finish it."""
-        return self.status is Status.WAITING and is_past((self.error or {}).get("expires_at"))
+        if is_past(expires_at):
+            state.fail(not_ready)
+            state.error = {
+                "code": "batch_expired_unfinished",
+                "detail": f"batch still {not_ready.batch_status!r} after expires_at {expires_at}",
+            }
+        return state
 
     def fail(self, exc: BaseException) -> None:
         """Mark the batch ``failed`` because of ``exc`` (its code, detail and upstream problem)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -30,8 +31,8 @@ from forwarder.errors import (
     InvalidBatchId,
     KafkaError,
 )
-from forwarder.jobs import Job, parse_job
-from forwarder.kafka import TransactionalProducers, kafka_errors, partition_for
+from forwarder.jobs import Job, JobQueue, parse_job
+from forwarder.kafka import TransactionalProducers, kafka_errors, make_jobs_consumer, partition_for
 from forwarder.observability import Metrics
 from forwarder.pipeline import Pipeline, Transaction
 from forwarder.state import BatchState, StateStore, Status
@@ -95,21 +96,18 @@ class Worker(ConsumerRebalanceListener):  # type: ignore[misc]
         settings: Settings,
         pipeline: Pipeline,
         store: StateStore,
+        queue: JobQueue,
         metrics: Metrics,
         *,
-        consumer_factory: Callable[[], AIOKafkaConsumer],
         transactional_producer: Callable[[str], AIOKafkaProducer] | None = None,
     ) -> None:
         self._settings = settings
         self._pipeline = pipeline
         self._store = store
+        self._queue = queue
         self._metrics = metrics
-        self._consumer_factory = consumer_factory
-        self._txn = (
-            TransactionalProducers(settings.consumer_group, transactional_producer)
-            if transactional_producer is not None
-            else None
-        )
+        make = transactional_producer
+        self._txn = TransactionalProducers(settings.consumer_group, make) if make else None
         self._consumer: AIOKafkaConsumer | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._tasks: dict[asyncio.Task[None], tuple[TopicPartition, int, float]] = {}
@@ -127,7 +125,7 @@ class Worker(ConsumerRebalanceListener):  # type: ignore[misc]
     # --- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
         """Join the consumer group and start the loop."""
-        self._consumer = self._consumer_factory()
+        self._consumer = make_jobs_consumer(self._settings)
         self._consumer.subscribe([self._settings.jobs_topic], listener=self)
         with kafka_errors("starting the jobs consumer"):
             await self._consumer.start()
@@ -258,9 +256,23 @@ class Worker(ConsumerRebalanceListener):  # type: ignore[misc]
             log.error("job_invalid", partition=tp.partition, offset=record.offset, error=str(exc))
             self._metrics.batches.labels(outcome="invalid").inc()
         else:
-            if not await self._run_until_done(job, tp, record.offset):
+            if record.key != job.batch_id.encode() and not self._store.owns(job.batch_id):
+                await self._reroute(job, tp)
+            elif not await self._run_until_done(job, tp, record.offset):
                 return  # handed off: the partition's new owner redoes the job
         await self._commit(tp, record.offset)
+
+    async def _reroute(self, job: Job, tp: TopicPartition) -> None:
+        """A job not keyed by its batch id (another producer's) sits in a partition whose state
+        does not hold its batch: queue it again, keyed, so that its batch's owner dedupes it."""
+        for failures in itertools.count(1):
+            try:
+                await self._queue.put(job)
+                log.info("job_rerouted", batch_id=job.batch_id, from_partition=tp.partition)
+                return
+            except KafkaError as exc:
+                log.warning("job_reroute_failed", batch_id=job.batch_id, error=str(exc))
+                await asyncio.sleep(KAFKA_BACKOFF.delay(failures))
 
     async def _run_until_done(
         self, job: Job, tp: TopicPartition | None = None, offset: int | None = None
@@ -321,7 +333,8 @@ class Worker(ConsumerRebalanceListener):  # type: ignore[misc]
     async def _run_locked(self, job: Job, txn: Transaction | None) -> None:
         logger = log.bind(batch_id=job.batch_id, event_id=job.event_id, source=job.source)
         if not job.replay:
-            await self._store.sync()
+            # No read of the state topic here: this pod restored its partitions' state when it
+            # got them and is their only writer since, keeping what it writes (put below).
             known = self._store.get(job.batch_id)
             parked = known is not None and known.status is Status.WAITING
             if known is not None and (known.done or (parked and job.batch_id in self._waiters)):
@@ -343,13 +356,6 @@ class Worker(ConsumerRebalanceListener):  # type: ignore[misc]
         state = BatchState.waiting(
             job.batch_id, source=job.source, event_id=job.event_id, not_ready=exc, checks=checks
         )
-        if state.expired_unfinished:
-            expires_at = (state.error or {}).get("expires_at")
-            state.fail(exc)
-            state.error = {
-                "code": "batch_expired_unfinished",
-                "detail": f"batch still {exc.batch_status!r} after expires_at {expires_at}",
-            }
         await self._pipeline.record(state, txn)
         self._store.put(state)
         if state.status is Status.FAILED:
@@ -437,8 +443,3 @@ class Worker(ConsumerRebalanceListener):  # type: ignore[misc]
                 self._metrics.jobs_lag.labels(partition=str(tp.partition)).set(lag)
         oldest = min((queued for _, _, queued in self._tasks.values()), default=None)
         self._metrics.jobs_lag_seconds.set(0 if oldest is None else max(time.time() - oldest, 0))
-
-    @property
-    def draining(self) -> bool:
-        """True once drain started."""
-        return self._stopping.is_set()

@@ -856,6 +856,14 @@ def test_chart_app_version_is_the_project_version() -> None:
     assert chart["appVersion"] == project["version"]
 
 
+def test_package_version_is_the_project_version() -> None:
+    """``forwarder.__version__`` (a constant, for start-up time) is pyproject.toml's version."""
+    import forwarder
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert forwarder.__version__ == project["version"]
+
+
 def test_helm_test_pod_runs_the_release_image() -> None:
     """The helm test pod needs no second image: it runs the release's own (pinned) image."""
     values = yaml.safe_load((CHART / "values.yaml").read_text())

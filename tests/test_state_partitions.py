@@ -11,9 +11,11 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from forwarder.config import Settings
+from forwarder.kafka import partition_for
 from tests.fake_datagrid import FakeDatagrid
 from tests.service_helpers import Forwarder, forwarder_env, run_forwarder, wait_until
 
@@ -28,6 +30,21 @@ def _create_topic(bootstrap: str, name: str, partitions: int) -> None:
             await admin.close()
 
     asyncio.run(create())
+
+
+def _write_unkeyed_jobs(settings: Settings, partitions: dict[str, int]) -> None:
+    async def write() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers)
+        await producer.start()
+        try:
+            for batch, partition in partitions.items():
+                await producer.send_and_wait(
+                    settings.jobs_topic, batch.encode(), partition=partition
+                )
+        finally:
+            await producer.stop()
+
+    asyncio.run(write())
 
 
 def _gauge(fwd: Forwarder, name: str) -> float:
@@ -70,7 +87,7 @@ def test_two_pods_hold_their_own_partitions_and_answer_for_all(
     make_settings: Callable[..., Settings], fake_datagrid: FakeDatagrid, tmp_path: Path
 ) -> None:
     """Two pods in one group split the state; each answers GET for every batch; re-queued
-    batches are duplicates on whichever pod takes the request."""
+    batches, and unkeyed jobs in the wrong partition, are duplicates, never forwarded again."""
     settings = make_settings(kafka_topic_partitions=4, consumer_group=f"g-{uuid.uuid4().hex[:8]}")
     batches = [f"bpred_{uuid.uuid4().hex[:12]}" for _ in range(12)]
     for batch in batches:
@@ -107,6 +124,15 @@ def test_two_pods_hold_their_own_partitions_and_answer_for_all(
             60,
             "every re-queued batch counted as a duplicate",
         )
+        # Another producer's jobs: bare ids, unkeyed, each in a partition not its batch's. They
+        # are moved to their batch's partition and deduped there, never forwarded again.
+        _write_unkeyed_jobs(settings, {b: (partition_for(b.encode(), 4) + 1) % 4 for b in batches})
+        wait_until(
+            lambda: sum(len(p.events("batch_duplicate")) for p in pods) == 2 * len(batches),
+            60,
+            "every unkeyed job counted as a duplicate",
+        )
+        assert sum(len(p.events("job_rerouted")) for p in pods) == len(batches)
         assert sum(len(p.events("batch_forwarded")) for p in pods) == len(batches)
     finally:
         for pod in pods:
