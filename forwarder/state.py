@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 from collections.abc import Collection
 from datetime import UTC, datetime
@@ -274,15 +275,32 @@ class StateStore:
 
     async def own(self, partitions: Collection[int]) -> None:
         """Hold exactly ``partitions`` (this pod's jobs partitions after a rebalance): restore the
-        new ones from the beginning of the state topic, drop the others, then keep following."""
+        new ones from the beginning of the state topic, drop the others, then keep following.
+
+        Returns only once restored, however long that takes (retrying while Kafka fails): the
+        rebalance waits for it, so no job of these partitions runs without its batch's state.
+        """
+        for failures in itertools.count(1):
+            try:
+                await self._restore(set(partitions))
+                break
+            except KafkaError as exc:
+                log.warning("state_restore_failed", error=str(exc))
+                await asyncio.sleep(KAFKA_BACKOFF.delay(failures))
+        self.ready.set()
+
+    async def _restore(self, wanted: set[int]) -> None:
         consumer = self._consumer
         assert consumer is not None
-        wanted = set(partitions)
-        added = wanted - set(self._states)
-        dropped = set(self._states) - wanted
-        if added or dropped:
-            await self._stop_following()
-            tps = {p: TopicPartition(self._topic, p) for p in wanted}
+        added, dropped = wanted - set(self._states), set(self._states) - wanted
+        if not added and not dropped:
+            return
+        started = time.monotonic()
+        await self._stop_following()
+        tps = {p: TopicPartition(self._topic, p) for p in wanted}
+        for p in dropped:
+            del self._states[p]
+        try:
             with kafka_errors("assigning state partitions"):
                 # assign() forgets positions: the partitions kept resume where they were.
                 kept = {p: await consumer.position(tps[p]) for p in wanted - added}
@@ -291,24 +309,24 @@ class StateStore:
                     consumer.seek(tps[p], position)
                 if added:
                     await consumer.seek_to_beginning(*(tps[p] for p in added))
-            for p in dropped:
-                del self._states[p]
             for p in added:
                 self._states[p] = {}
-            started = time.monotonic()
             if wanted:
                 self._task = asyncio.create_task(self._follow(), name="state-store")
-                await self.sync(within=max(30.0, self._settings.kafka_session_timeout_ms / 1000))
-            self.prune()
-            log.info(
-                "state_restored",
-                partitions=sorted(wanted),
-                added=sorted(added),
-                dropped=sorted(dropped),
-                batches=len(self),
-                duration_s=round(time.monotonic() - started, 3),
-            )
-        self.ready.set()
+                await self.sync(within=None)
+        except BaseException:
+            for p in added:  # half restored: the next try starts them over
+                self._states.pop(p, None)
+            raise
+        self.prune()
+        log.info(
+            "state_restored",
+            partitions=sorted(wanted),
+            added=sorted(added),
+            dropped=sorted(dropped),
+            batches=len(self),
+            duration_s=round(time.monotonic() - started, 3),
+        )
 
     async def find(self, batch_id: str) -> BatchState | None:
         """The latest state of any batch: from memory if this pod owns it, else read from its
@@ -359,9 +377,9 @@ class StateStore:
             async with self._progress:
                 self._progress.notify_all()
 
-    async def sync(self, within: float = 30.0) -> None:
+    async def sync(self, within: float | None = 30.0) -> None:
         """Wait until everything written to the owned state partitions before this call has been
-        read."""
+        read (for at most ``within`` s; None: as long as it takes)."""
         consumer, end_reader = self._consumer, self._end_reader
         assert consumer is not None and end_reader is not None
         owned = [TopicPartition(self._topic, p) for p in self._states]
@@ -369,7 +387,7 @@ class StateStore:
             return
         with kafka_errors("reading state topic offsets"):
             ends = await end_reader.end_offsets(owned)
-        deadline = time.monotonic() + within
+        deadline = time.monotonic() + within if within is not None else float("inf")
         while True:
             with kafka_errors("reading state topic positions"):
                 behind = [tp for tp, end in ends.items() if await consumer.position(tp) < end]
