@@ -15,6 +15,10 @@ retry loop waits by one :class:`Backoff` value (base, cap, jitter).
     ├── NotFound                 no such resource                                           (404)
     ├── UpstreamError            Datagrid answered badly or not at all
     │   ├── UpstreamUnavailable  429, 408, 5xx, timeouts, broken streams   (retriable)
+    │   │   ├── StreamDiverged   a re-stream differs from the lines already in Kafka
+    │   │   ├── IncompleteStream fewer result lines than request_counts.total
+    │   │   ├── TooManyLines     more result lines than the batch can have
+    │   │   └── BatchTimeout     past FORWARDER_BATCH_TIMEOUT_SECONDS             (permanent)
     │   ├── BatchNotReady        batch not terminal yet (409 or its status) (retriable, later)
     │   └── UpstreamRejected     401, 403, 404, 410, 422, other 4xx        (permanent)
     └── KafkaError               broker refused or unreachable (retriable per cause)        (503)
@@ -152,6 +156,29 @@ class UpstreamUnavailable(UpstreamError):
 
     retry = Retry.BACKOFF
     code = "upstream_unavailable"
+
+
+class StreamDiverged(UpstreamUnavailable):
+    """A re-stream did not start with the lines already acknowledged: start over from line 1."""
+
+
+class IncompleteStream(UpstreamUnavailable):
+    """The stream ended with fewer result lines than the batch's ``request_counts.total``."""
+
+    code = "incomplete"
+
+
+class TooManyLines(UpstreamUnavailable):
+    """The stream holds more lines than the batch can have."""
+
+    code = "too_many_lines"
+
+
+class BatchTimeout(UpstreamUnavailable):
+    """The batch did not finish within ``FORWARDER_BATCH_TIMEOUT_SECONDS``."""
+
+    code = "batch_timeout"
+    retry = Retry.NEVER
 
 
 class BatchNotReady(UpstreamError):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import ssl
 import struct
 import time
 from collections import deque
@@ -125,11 +124,8 @@ _MURMUR_SEED = 0x9747B28C
 
 
 def py_murmur2(data: bytes) -> int:
-    """Kafka's murmur2 (Java ``Utils.murmur2``) as an unsigned 32-bit integer, in Python.
-
-    The fallback where the ``murmurhash2`` wheel is missing; one ``struct.unpack_from`` for all
-    4-byte words instead of four indexings each.
-    """
+    """Kafka's murmur2 (Java ``Utils.murmur2``) as an unsigned 32-bit integer, in Python: the
+    fallback without the ``murmurhash2`` wheel (one ``struct.unpack_from`` for all words)."""
     length = len(data)
     m = 0x5BD1E995
     h = 0x9747B28C ^ length
@@ -151,12 +147,8 @@ def py_murmur2(data: bytes) -> int:
     return h ^ (h >> 15)
 
 
-def _py_hash(data: bytes, _seed: int) -> int:
-    return py_murmur2(data)
-
-
 #: murmur2(data, seed): the compiled one when the wheel is installed, else the Python one.
-_hash: Callable[[bytes, int], int] = _c_murmur2 if _c_murmur2 is not None else _py_hash
+_hash: Callable[[bytes, int], int] = _c_murmur2 or (lambda data, _seed: py_murmur2(data))
 
 
 def murmur2(data: bytes) -> int:
@@ -178,22 +170,17 @@ def connection_options(settings: Settings) -> dict[str, Any]:
         "client_id": "datagrid-forwarder",
     }
     if settings.kafka_security_protocol in ("SSL", "SASL_SSL"):
-        options["ssl_context"] = _ssl_context(settings)
+        options["ssl_context"] = create_ssl_context(
+            cafile=settings.kafka_ssl_cafile,
+            certfile=settings.kafka_ssl_certfile,
+            keyfile=settings.kafka_ssl_keyfile,
+        )
     if settings.kafka_security_protocol.startswith("SASL"):
         options["sasl_mechanism"] = settings.kafka_sasl_mechanism
         options["sasl_plain_username"] = settings.kafka_sasl_username
         assert settings.kafka_sasl_password is not None  # checked by Settings
         options["sasl_plain_password"] = settings.kafka_sasl_password.get_secret_value()
     return options
-
-
-def _ssl_context(settings: Settings) -> ssl.SSLContext:
-    context: ssl.SSLContext = create_ssl_context(
-        cafile=settings.kafka_ssl_cafile,
-        certfile=settings.kafka_ssl_certfile,
-        keyfile=settings.kafka_ssl_keyfile,
-    )
-    return context
 
 
 def topic_specs(settings: Settings) -> dict[str, dict[str, str]]:

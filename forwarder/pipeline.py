@@ -33,7 +33,9 @@ from forwarder.datagrid import (
 from forwarder.errors import (
     Backoff,
     BatchNotReady,
+    BatchTimeout,
     ForwarderError,
+    IncompleteStream,
     KafkaError,
     Retry,
     UpstreamUnavailable,
@@ -48,19 +50,6 @@ log = structlog.get_logger("forwarder.pipeline")
 
 #: Blank lines a stream may hold besides its result lines before it counts as runaway.
 BLANK_LINE_ALLOWANCE = 10_000
-
-
-class IncompleteStream(UpstreamUnavailable):
-    """The stream ended with fewer result lines than the batch's ``request_counts.total``."""
-
-    code = "incomplete"
-
-
-class BatchTimeout(UpstreamUnavailable):
-    """The batch did not finish within ``FORWARDER_BATCH_TIMEOUT_SECONDS``."""
-
-    code = "batch_timeout"
-    retry = Retry.NEVER
 
 
 @dataclass(frozen=True, slots=True)

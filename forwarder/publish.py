@@ -16,14 +16,14 @@ import contextlib
 import time
 from array import array
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 from aiokafka import AIOKafkaProducer
 
 from forwarder.config import Settings
-from forwarder.errors import ForwarderError, UpstreamUnavailable
+from forwarder.errors import ForwarderError, StreamDiverged, TooManyLines
 from forwarder.kafka import RECORD_OVERHEAD_BYTES, TopicLimits, partition_for, translate
 from forwarder.ndjson import WHITESPACE as _WS
 from forwarder.ndjson import LineHead, Oversized, classify
@@ -33,16 +33,6 @@ CONTENT_TYPE = ("content-type", b"application/json")
 #: Bytes Kafka adds per header besides its key and value (two varint lengths), counted generously.
 _HEADER_OVERHEAD = 10
 _DETAIL_LIMIT = 1024
-
-
-class StreamDiverged(UpstreamUnavailable):
-    """A re-stream did not start with the lines already acknowledged: start over from line 1."""
-
-
-class TooManyLines(UpstreamUnavailable):
-    """The stream holds more lines than the batch can have."""
-
-    code = "too_many_lines"
 
 
 def headers_size(headers: Sequence[tuple[str, bytes]]) -> int:
@@ -161,7 +151,8 @@ class Publisher:
         self.open: list[_Unit | None] = [None] * partitions
         self.in_flight: deque[_Unit] = deque()
         self.in_flight_bytes = 0
-        self.acked: list[_Unit] = []  # counted at the end, once the re-stream boundary is known
+        self.acked: list[_Unit] = []  # acknowledged, not counted yet (see _count)
+        self.handing: list[_Unit] = []  # being handed to the producer: neither open nor in flight
         self.failed_from: int | None = None  # first line of the earliest unit Kafka refused
         self.failed_boundary = b""
         self.failure: ForwarderError | None = None
@@ -291,16 +282,17 @@ class Publisher:
 
     def linger(self) -> None:
         """After a chunk: if lines wait in record batches that are not full, hand them over once
-        the upstream has been quiet for the linger (the producer's linger, for batches we build).
-
-        A timer re-armed per chunk, not a task per chunk: a flowing stream only pays for the
-        re-arm, and a paused one still gets its lines into Kafka.
-        """
-        if self._timer is not None:
-            self._timer.cancel()
+        the upstream has been quiet for the linger (the producer's linger, for batches we build):
+        a timer re-armed per chunk, so a paused stream still gets its lines into Kafka."""
+        self._stop_timer()
         if any(unit is not None for unit in self.open):
             loop = asyncio.get_running_loop()
             self._timer = loop.call_later(self.config.linger, self._linger_expired)
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _linger_expired(self) -> None:
         self._timer = None
@@ -316,25 +308,17 @@ class Publisher:
                     await self._submit(partition)
 
     def _open(self, partition: int, n: int, before: bytes) -> _Unit:
-        unit = _Unit(n, before, self.producer.create_batch())
-        self.open[partition] = unit
+        unit = self.open[partition] = _Unit(n, before, self.producer.create_batch())
         return unit
 
     async def _submit(self, partition: int) -> None:
         unit = self.open[partition]
         assert unit is not None
-        self.open[partition] = None
-        unit.size = unit.builder.size()
-        try:
-            unit.future = await self.producer.send_batch(
-                unit.builder, self.config.results_topic, partition=partition
-            )
-        except Exception as exc:
-            # Whatever it is (aiokafka asserts on a partition that vanished), the unit's lines
-            # are not in Kafka: record it, so the attempt fails and the stream resumes before it.
-            raise self._failed(unit, exc) from exc
+        self.open[partition], unit.size = None, unit.builder.size()
+        topic = self.config.results_topic
+        send = self.producer.send_batch(unit.builder, topic, partition=partition)
+        await self._hand_over(unit, send)
         unit.builder = None
-        self._track(unit)
 
     async def _dead_letter(
         self, n: int, line: bytes, reason: str, detail: str, before: bytes
@@ -363,21 +347,25 @@ class Publisher:
         unit = _Unit(n, before, size=len(value), dead=True)
         unit.numbers.append(n)
         unit.labels.append(reason)
+        topic = self.config.dead_letter_topic
+        send = self.producer.send(topic, value, self.key_batch, headers=headers)
+        await self._hand_over(unit, send)
+
+    async def _hand_over(self, unit: _Unit, send: Awaitable[asyncio.Future[Any]]) -> None:
+        """Give ``unit`` to the producer and track its acknowledgement.  Whatever the producer
+        raises (aiokafka asserts on a partition that vanished), the unit's lines are not in Kafka:
+        record it, so the attempt fails and the stream resumes before them."""
+        self.handing.append(unit)
         try:
-            unit.future = await self.producer.send(
-                self.config.dead_letter_topic, value, self.key_batch, headers=headers
-            )
+            future = unit.future = await send
         except Exception as exc:
             raise self._failed(unit, exc) from exc
-        self._track(unit)
-
-    def _track(self, unit: _Unit) -> None:
+        finally:
+            self.handing.remove(unit)
         self.in_flight.append(unit)
         self.in_flight_bytes += unit.size
-        sent = time.perf_counter()
-        observe = self.config.metrics.produce_latency.observe
-        assert unit.future is not None
-        unit.future.add_done_callback(lambda _f: observe(time.perf_counter() - sent))
+        sent, observe = time.perf_counter(), self.config.metrics.produce_latency.observe
+        future.add_done_callback(lambda _f: observe(time.perf_counter() - sent))
 
     def _failed(self, unit: _Unit, exc: BaseException) -> ForwarderError:
         """Kafka refused (or never got) ``unit``: lines from its first on are not acknowledged."""
@@ -399,27 +387,25 @@ class Publisher:
             self._failed(unit, exc)
             return
         self.acked.append(unit)
+        if len(self.acked) >= 64:
+            self._count(self._unsettled_from(), final=False)
 
     def abandon(self) -> None:
         """The attempt was cancelled (a rebalance or shutdown gave its job away): hand nothing
         more to Kafka, so the job's next owner does not find extra copies of unsent lines."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._stop_timer()
         self.open = [None] * self.partitions
 
     async def drain(self) -> None:
         """Hand over the open batches, wait for every acknowledgement, settle the counts and the
         prefix that the next attempt may skip."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._stop_timer()
         if self._flushing is not None:
             await asyncio.wait({self._flushing})
         await self._submit_open()
         while self.in_flight:
             await self._ack_oldest()
-        self._count()
+        self._count(self.failed_from or self.line_no + 1, final=True)
         progress = self.progress
         if self.failed_from is not None:
             # Everything before the earliest refused line is in Kafka (or blank).
@@ -432,22 +418,32 @@ class Publisher:
         if self.failure is not None:
             raise self.failure
 
-    def _count(self) -> None:
-        """Count each acknowledged line once: lines at or past the earliest refused one will be
-        published again by the next attempt, which counts them then."""
-        limit = self.failed_from if self.failed_from is not None else self.line_no + 1
+    def _unsettled_from(self) -> int:
+        """The first line a failure may still send again (the first of any unit not acked)."""
+        pending = [unit.first_line for unit in (*self.open, *self.handing, *self.in_flight) if unit]
+        if self.failed_from is not None:
+            pending.append(self.failed_from)
+        return min(pending, default=self.processed_through + 1)
+
+    def _count(self, limit: int, *, final: bool) -> None:
+        """Count each acknowledged line before ``limit`` once: lines at or past the earliest
+        refused one are published again by the next attempt, which counts them then.  Before the
+        end (``final`` false), units holding lines past ``limit`` wait, so memory stays flat."""
         progress = self.progress
+        waiting = []
         for unit in self.acked:
             counter = progress.dead_letters if unit.dead else progress.lines
             if unit.numbers[-1] < limit:
                 counter.update(unit.labels)
+            elif not final:
+                waiting.append(unit)
             else:
                 counter.update(
                     label
                     for number, label in zip(unit.numbers, unit.labels, strict=True)
                     if number < limit
                 )
-        self.acked.clear()
+        self.acked = waiting
 
 
 def _raw(line: bytes | Oversized) -> bytes:

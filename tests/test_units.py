@@ -18,6 +18,7 @@ from forwarder.errors import (
     BatchNotReady,
     ConfigError,
     Fenced,
+    ForwarderError,
     InvalidBatchId,
     KafkaError,
     Retry,
@@ -313,3 +314,80 @@ def test_state_store_forgets_only_finished_batches_past_the_retention() -> None:
     kept = {b for b in store._states[0] if store.get(b) is not None}
     assert kept == {"old_waiting", "old_forwarding", "recent_done", "just_written"}
     assert [s.batch_id for s in store.waiting()] == ["old_waiting"]
+
+
+class _Producer:
+    """A producer stand-in for the publisher's bookkeeping: real aiokafka record batches, acks at
+    once, except the first record batch of ``fail_partition``, which is refused."""
+
+    def __init__(self, fail_partition: int | None) -> None:
+        self.fail_partition, self.units = fail_partition, 0
+
+    def create_batch(self) -> object:
+        from aiokafka.producer.message_accumulator import BatchBuilder
+
+        return BatchBuilder(16_384, 0)
+
+    async def send_batch(self, builder: object, topic: str, partition: int) -> asyncio.Future[None]:
+        self.units += 1
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if partition == self.fail_partition:
+            self.fail_partition = None
+            future.set_exception(OSError("refused"))
+        else:
+            future.set_result(None)
+        return future
+
+
+@pytest.mark.parametrize("fail_partition", [None, 0])
+def test_publisher_counts_each_acknowledged_line_once_and_holds_little(
+    fail_partition: int | None,
+) -> None:
+    """Lines are counted as their units are acknowledged (memory stays flat), but never those at
+    or past the first refused line, which the next attempt publishes and counts again; here the
+    refused record batch (partition 0, one line in 100) was opened long before many others that
+    Kafka acknowledged first."""
+    from forwarder.kafka import TopicLimits, partition_for
+    from forwarder.observability import Metrics
+    from forwarder.publish import Batch, Progress, PublishConfig, Publisher
+
+    keys = (f"id-{i}" for i in range(10**6))
+    sparse = (k for k in keys if partition_for(k.encode(), 6) == 0 or fail_partition is None)
+    dense = (k for k in (f"key-{i}" for i in range(10**6)) if partition_for(k.encode(), 6) != 0)
+    pad = b"x" * 200
+    skewed = fail_partition is not None  # else keys spread evenly, as custom ids do
+    lines = [
+        b'{"custom_id":"%s","status":"succeeded","pad":"%s"}'
+        % (next(sparse if i % 100 == 50 or not skewed else dense).encode(), pad)
+        for i in range(20_000)
+    ]
+    limits = TopicLimits(1_048_588, 1_048_588)
+    config = PublishConfig.build(_settings(), limits, Metrics(process=False))
+    progress, held = Progress(), []
+
+    async def run() -> None:
+        producer = _Producer(fail_partition)
+        publisher = Publisher(config, producer, Batch("bpred_x", None), progress, 6)  # type: ignore[arg-type]
+        try:
+            for start in range(0, len(lines), 500):
+                await publisher.publish(lines[start : start + 500])
+                held.append(len(publisher.acked))
+        except ForwarderError:
+            assert fail_partition is not None  # the refusal surfaces mid-stream, as in the pipeline
+        try:
+            await publisher.drain()
+        except ForwarderError:
+            assert fail_partition is not None
+        assert producer.units > 64  # so counting as acknowledged happened before any refusal
+        counted = sum(progress.lines.values())
+        if fail_partition is None:
+            assert counted == len(lines) and progress.acked_through == len(lines)
+            # Counted as acknowledged, not kept to the end (with keys spread evenly, no record
+            # batch stays open long; a sparse partition's open batch holds counting back).
+            assert max(held) < 64 + 6
+        else:
+            # Every line before the refused batch's first is counted, none after it.
+            assert publisher.failed_from == 51
+            assert counted == progress.acked_through == 50
+
+    asyncio.run(run())
