@@ -44,7 +44,8 @@ from forwarder.jobs import Job, JobQueue
 from forwarder.kafka import make_producer
 from forwarder.observability import Metrics
 from forwarder.reconcile import Reconciler
-from forwarder.state import BatchState, StateStore
+from forwarder.state import BatchState
+from forwarder.store import StateStore
 from forwarder.webhooks import RecentEvents, datagrid_webhook
 from forwarder.worker import Worker
 
@@ -73,7 +74,7 @@ class Services:
         """Named readiness checks; ready only when all hold."""
         checks = {
             "kafka": self.kafka_ok,
-            "state_loaded": self.store is not None and self.store.ready.is_set(),
+            "state_loaded": self.store is not None and self.store.loaded,
             "worker_assigned": self.worker is not None and self.worker.assigned.is_set(),
             "not_draining": not self.draining,
         }

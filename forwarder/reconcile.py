@@ -20,7 +20,8 @@ from forwarder.datagrid import TERMINAL_STATUSES, DatagridClient, check_batch_id
 from forwarder.errors import ForwarderError, InvalidBatchId
 from forwarder.jobs import Job, JobQueue
 from forwarder.observability import Metrics
-from forwarder.state import StateStore, parse_time
+from forwarder.state import parse_time
+from forwarder.store import StateStore
 
 log = structlog.get_logger("forwarder.reconcile")
 
@@ -50,8 +51,8 @@ class Reconciler:
         """Every interval, reconcile this pod's partitions, if it owns any (until cancelled)."""
         while True:
             await asyncio.sleep(self._interval)
-            if not self._store.owned:
-                continue
+            if not self._store.owned or not self._store.loaded:
+                continue  # no partitions, or their state is still being restored
             try:
                 await self.reconcile()
             except ForwarderError as exc:

@@ -35,7 +35,8 @@ from forwarder.jobs import Job, JobQueue, parse_job
 from forwarder.kafka import TransactionalProducers, kafka_errors, make_jobs_consumer, partition_for
 from forwarder.observability import Metrics
 from forwarder.pipeline import Pipeline, Transaction
-from forwarder.state import BatchState, StateStore, Status
+from forwarder.state import BatchState, Status
+from forwarder.store import StateStore
 
 log = structlog.get_logger("forwarder.worker")
 
@@ -115,6 +116,7 @@ class Worker(ConsumerRebalanceListener):  # type: ignore[misc]
         self._ends: dict[TopicPartition, int] = {}  # end offsets read from the broker
         self._ends_at = 0.0
         self._waiters: dict[str, asyncio.Task[None]] = {}
+        self._adopting: asyncio.Task[None] | None = None
         self._batch_locks = KeyedLock()
         self._slots = asyncio.Semaphore(settings.concurrency)
         self._stopping = asyncio.Event()
@@ -132,10 +134,8 @@ class Worker(ConsumerRebalanceListener):  # type: ignore[misc]
         self._loop_task = asyncio.create_task(self._loop(), name="jobs-loop")
 
     async def drain(self, grace: float) -> None:
-        """Stop taking jobs; let in-flight batches finish for ``grace`` s, then abandon them.
-
-        Abandoned jobs stay uncommitted, so another pod (or this one, restarted) redoes them.
-        """
+        """Stop taking jobs; let in-flight batches finish for ``grace`` s, then abandon them
+        (uncommitted, so another pod, or this one restarted, redoes them)."""
         self._stopping.set()
         if self._loop_task is not None:
             await self._loop_task
@@ -144,7 +144,7 @@ class Worker(ConsumerRebalanceListener):  # type: ignore[misc]
         if running:
             log.info("draining", batches=len(running), timeout_s=grace)
             await self._finish_or_abandon(running, grace, "drain_timeout_abandoned")
-        for waiter in self._waiters.values():
+        for waiter in [*self._waiters.values(), *filter(None, [self._adopting])]:
             waiter.cancel()
         self._waiters.clear()
 
@@ -189,21 +189,25 @@ class Worker(ConsumerRebalanceListener):  # type: ignore[misc]
         self._metrics.batches_waiting.set(len(self._waiters))
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        """Restore the state of the partitions now ours (before any of their jobs runs), track
-        them, and adopt their waiting batches."""
+        """Start restoring the state of the partitions now ours (each job waits for its own
+        partition's), track them, and adopt their waiting batches once restored."""
         await self._store.own([tp.partition for tp in assigned])
         for tp in assigned:
             self._offsets.setdefault(tp, PartitionOffsets())
             if self._txn is not None:
                 with contextlib.suppress(KafkaError):  # logged; run_job tries again
                     await self._txn.get(tp)
+        # (an earlier adoption still running only parks batches this pod holds, once each)
+        self._adopting = asyncio.create_task(self._adopt_waiting(assigned), name="adopt")
+        self.assigned.set()
+
+    async def _adopt_waiting(self, assigned: list[TopicPartition]) -> None:
+        for tp in assigned:
+            await self._store.restored_partition(tp.partition)
         for state in self._store.waiting():  # the store holds only this pod's batches
             if state.batch_id not in self._waiters:
-                job = Job(
-                    state.batch_id, source=state.source or "producer", event_id=state.event_id
-                )
-                self._park(job, delay=0.0)
-        self.assigned.set()
+                source = state.source or "producer"
+                self._park(Job(state.batch_id, source=source, event_id=state.event_id), 0.0)
 
     # --- the loop ------------------------------------------------------------------------------
     async def _loop(self) -> None:
@@ -333,8 +337,9 @@ class Worker(ConsumerRebalanceListener):  # type: ignore[misc]
     async def _run_locked(self, job: Job, txn: Transaction | None) -> None:
         logger = log.bind(batch_id=job.batch_id, event_id=job.event_id, source=job.source)
         if not job.replay:
-            # No read of the state topic here: this pod restored its partitions' state when it
-            # got them and is their only writer since, keeping what it writes (put below).
+            # No read of the state topic here: this pod restores its partitions' state when it
+            # gets them and is their only writer since, keeping what it writes (put below).
+            await self._store.restored(job.batch_id)
             known = self._store.get(job.batch_id)
             parked = known is not None and known.status is Status.WAITING
             if known is not None and (known.done or (parked and job.batch_id in self._waiters)):

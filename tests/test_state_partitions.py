@@ -77,7 +77,7 @@ def test_created_state_topic_takes_the_existing_jobs_topic_partition_count(
     fwd = Forwarder(settings, tmp_path).start()
     try:
         fwd.wait_ready()
-        restored = fwd.events("state_restored")
+        restored = fwd.events("state_partitions")
         assert restored and restored[-1]["partitions"] == [0, 1, 2, 3, 4]
     finally:
         fwd.stop()
@@ -99,8 +99,8 @@ def test_two_pods_hold_their_own_partitions_and_answer_for_all(
 
         def split() -> bool:  # both pods in the group, two partitions each
             return all(
-                pod.events("state_restored")
-                and len(pod.events("state_restored")[-1]["partitions"]) == 2
+                pod.events("state_partitions")
+                and len(pod.events("state_partitions")[-1]["partitions"]) == 2
                 for pod in pods
             )
 

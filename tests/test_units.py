@@ -290,7 +290,8 @@ def test_state_store_forgets_only_finished_batches_past_the_retention() -> None:
     from aiokafka import ConsumerRecord
 
     from forwarder.observability import Metrics
-    from forwarder.state import BatchState, StateStore, Status, _apply
+    from forwarder.state import BatchState, Status
+    from forwarder.store import StateStore, _apply
 
     store = StateStore(_settings(state_retention_hours=24), Metrics(process=False))
     store._partition_count, store._states = 1, {0: {}}  # as own([0]) leaves it, without a broker

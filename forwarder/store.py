@@ -1,0 +1,351 @@
+"""The state store: the latest state of the batches whose jobs partitions this pod owns.
+
+The state topic is co-partitioned with the jobs topic, so each pod restores only its own
+partitions' state (``StateStore.own`` on every rebalance) and follows it; that is what makes
+"forward each batch once" hold across restarts, rebalances and pods, with memory that grows with
+what a pod owns.  States are held encoded and decoded when read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import gc
+import itertools
+import time
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+import structlog
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+
+from forwarder.config import Settings
+from forwarder.errors import KAFKA_BACKOFF, ConfigError, KafkaError
+from forwarder.kafka import kafka_errors, make_reader, partition_for, topic_partitions
+from forwarder.observability import Metrics
+from forwarder.state import BatchState, Status
+
+log = structlog.get_logger("forwarder.store")
+
+
+class StateStore:
+    """The state of the batches this pod owns, restored from the state topic and followed.
+
+    The state topic is co-partitioned with the jobs topic (same partition count, keyed by batch
+    id, Kafka's murmur2 partitioner), so state partition ``p`` holds the batches whose jobs go to
+    jobs partition ``p``.  :meth:`own` restores the partitions a rebalance gives this pod before
+    their jobs run and drops the ones it took away: memory grows with what a pod owns, not with
+    the group's history.  :meth:`find` reads any other batch's partition from the broker.
+    """
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._topic = settings.state_topic
+        # By state partition: batch id -> (record timestamp in ms, the record's JSON). Kept
+        # encoded (about half the memory of decoded states) and decoded when read.
+        self._states: dict[int, dict[str, tuple[int, bytes]]] = {}
+        self._partition_count = 0
+        self._consumer: AIOKafkaConsumer | None = None
+        # End offsets come from a second client: on the follower's own connection a ListOffsets
+        # request queues behind its idle fetch (a long poll of fetch_max_wait_ms, 500 ms), which
+        # made every sync(), so every job, wait half a second.
+        self._end_reader: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._progress = asyncio.Condition()
+        self._retention = settings.state_retention_hours * 3600.0
+        self._pruned_at = time.monotonic()
+        self._restoring: dict[int, _Restore] = {}  # partitions being read up to their end
+        self.assigned = False  # own() was called: the worker joined its group
+
+    def partition_of(self, batch_id: str) -> int:
+        """The state (and jobs) partition of ``batch_id``."""
+        return partition_for(batch_id.encode(), self._partition_count)
+
+    @property
+    def owned(self) -> list[int]:
+        """The partitions whose state this pod holds."""
+        return sorted(self._states)
+
+    def owns(self, batch_id: str) -> bool:
+        """True when ``batch_id``'s partition is this pod's."""
+        return bool(self._partition_count) and self.partition_of(batch_id) in self._states
+
+    def get(self, batch_id: str) -> BatchState | None:
+        """The latest state of ``batch_id`` if this pod owns it (None: unknown or not ours)."""
+        held = self._states.get(self.partition_of(batch_id)) if self._partition_count else None
+        entry = held.get(batch_id) if held is not None else None
+        return _decode(entry[1], batch_id) if entry is not None else None
+
+    def put(self, state: BatchState) -> None:
+        """Remember a state this process just wrote (the topic will echo it later)."""
+        if self.owns(state.batch_id):
+            entry = (int(time.time() * 1000), state.encode())
+            self._states[self.partition_of(state.batch_id)][state.batch_id] = entry
+            self._count()
+
+    def waiting(self) -> list[BatchState]:
+        """Owned batches parked until Datagrid finishes them."""
+        found = []
+        for held in self._states.values():
+            for batch_id, (_, value) in held.items():
+                if _WAITING in value:  # a cheap filter; the decoded status decides
+                    state = _decode(value, batch_id)
+                    if state is not None and state.status is Status.WAITING:
+                        found.append(state)
+        return found
+
+    def __len__(self) -> int:
+        return sum(len(held) for held in self._states.values())
+
+    def _count(self) -> None:
+        self._metrics.state_batches.set(len(self))
+
+    def prune(self, now: datetime | None = None) -> int:
+        """Forget finished batches whose state was written longer than the retention ago (as the
+        broker's ``retention.ms`` counts); waiting and forwarding ones stay.  Returns how many
+        were forgotten."""
+        self._pruned_at = time.monotonic()
+        cutoff = ((now or datetime.now(UTC)).timestamp() - self._retention) * 1000
+        forgotten = 0
+        for held in self._states.values():
+            old = [
+                batch_id
+                for batch_id, (written, value) in held.items()
+                if written < cutoff and _UNFINISHED not in value and _WAITING not in value
+            ]
+            for batch_id in old:
+                del held[batch_id]
+            forgotten += len(old)
+        self._count()
+        return forgotten
+
+    async def start(self) -> None:
+        """Connect, and check that the state topic is co-partitioned with the jobs topic."""
+        settings = self._settings
+        self._consumer = make_reader(settings)
+        self._end_reader = make_reader(settings)  # its end offsets are the LSO too
+        with kafka_errors("reading the state topic"):
+            await self._consumer.start()
+            await self._end_reader.start()
+        state = await topic_partitions(settings, self._topic)
+        jobs = await topic_partitions(settings, settings.jobs_topic)
+        if not state:
+            raise KafkaError(f"state topic {self._topic} has no partitions")
+        if len(state) != len(jobs):
+            raise ConfigError(
+                f"state topic {self._topic} has {len(state)} partitions and jobs topic "
+                f"{settings.jobs_topic} has {len(jobs)}: they must have the same number, as each "
+                "pod keeps the state of its own jobs partitions (create the state topic with "
+                f"{len(jobs)} partitions and name it in FORWARDER_STATE_TOPIC)"
+            )
+        self._partition_count = len(state)
+
+    async def own(self, partitions: Collection[int]) -> None:
+        """Hold exactly ``partitions`` (this pod's jobs partitions after a rebalance): drop the
+        others, and restore the new ones from the beginning of the state topic in the background
+        (:meth:`restored` waits for one), so a rebalance is never held up by a restore that the
+        next one may make useless.  Retries while Kafka fails."""
+        for failures in itertools.count(1):
+            try:
+                await self._reassign(set(partitions))
+                return
+            except KafkaError as exc:
+                log.warning("state_restore_failed", error=str(exc))
+                await asyncio.sleep(KAFKA_BACKOFF.delay(failures))
+
+    async def _reassign(self, wanted: set[int]) -> None:
+        consumer, end_reader = self._consumer, self._end_reader
+        assert consumer is not None and end_reader is not None
+        added, dropped = wanted - set(self._states), set(self._states) - wanted
+        self.assigned = True
+        if not added and not dropped:
+            return
+        await self._stop_following()
+        for p in dropped:
+            del self._states[p]
+            self._restoring.pop(p, None)
+        tps = {p: TopicPartition(self._topic, p) for p in wanted}
+        try:
+            with kafka_errors("assigning state partitions"):
+                # assign() forgets positions: the partitions kept resume where they were.
+                kept = {p: await consumer.position(tps[p]) for p in wanted - added}
+                consumer.assign(list(tps.values()))
+                for p, position in kept.items():
+                    consumer.seek(tps[p], position)
+                if added:
+                    await consumer.seek_to_beginning(*(tps[p] for p in added))
+                    ends = await end_reader.end_offsets([tps[p] for p in added])
+        except BaseException:
+            for p in added:  # half assigned: the next try starts them over
+                self._restoring.pop(p, None)
+            raise
+        for p in added:
+            self._states[p] = {}
+            self._restoring[p] = _Restore(ends[tps[p]], time.monotonic())
+        if wanted:
+            self._task = asyncio.create_task(self._follow(), name="state-store")
+        if dropped:
+            _release_memory()
+        log.info("state_partitions", partitions=sorted(wanted), added=sorted(added))
+
+    @property
+    def loaded(self) -> bool:
+        """True once the state of every partition this pod owns is restored."""
+        return self.assigned and not self._restoring
+
+    async def restored(self, batch_id: str) -> None:
+        """Wait until the state of ``batch_id``'s partition is restored, if this pod owns it."""
+        await self.restored_partition(self.partition_of(batch_id))
+
+    async def restored_partition(self, partition: int) -> None:
+        """Wait until the state of ``partition`` is restored, if this pod owns it."""
+        restore = self._restoring.get(partition)
+        if restore is not None:
+            await restore.done.wait()
+
+    async def _check_restores(self) -> None:
+        assert self._consumer is not None
+        for p, restore in list(self._restoring.items()):
+            if await self._consumer.position(TopicPartition(self._topic, p)) >= restore.end:
+                del self._restoring[p]
+                restore.done.set()
+                log.info(
+                    "state_restored",
+                    partition=p,
+                    batches=len(self._states.get(p, ())),
+                    duration_s=round(time.monotonic() - restore.started, 3),
+                )
+
+    async def find(self, batch_id: str) -> BatchState | None:
+        """The latest state of any batch: from memory if this pod owns it, else read from its
+        state partition on the broker (a scan of that one partition)."""
+        partition = self.partition_of(batch_id)
+        if partition in self._states:
+            await self.restored(batch_id)
+            await self.sync()
+            return self.get(batch_id)
+        key, found = batch_id.encode(), None
+        tp = TopicPartition(self._topic, partition)
+        reader = make_reader(self._settings)
+        try:
+            with kafka_errors(f"reading the state of {batch_id}"):
+                await reader.start()
+                reader.assign([tp])
+                await reader.seek_to_beginning(tp)
+                end = (await reader.end_offsets([tp]))[tp]
+                while await reader.position(tp) < end:
+                    for records in (await reader.getmany(tp, timeout_ms=1000)).values():
+                        for record in records:
+                            if record.key == key:
+                                found = record.value
+        finally:
+            await reader.stop()
+        return _decode(found, batch_id) if found is not None else None
+
+    async def _follow(self) -> None:
+        assert self._consumer is not None
+        failures = 0
+        while True:
+            try:
+                with kafka_errors("following the state topic"):
+                    batches = await self._consumer.getmany(timeout_ms=500)
+            except KafkaError as exc:
+                failures += 1
+                log.warning("state_store_read_failed", error=str(exc))
+                await asyncio.sleep(KAFKA_BACKOFF.delay(failures))
+                continue
+            failures = 0
+            for tp, records in batches.items():
+                held = self._states.get(tp.partition)
+                if held is not None:
+                    for record in records:
+                        _apply(held, record)
+            with contextlib.suppress(KafkaError), kafka_errors("reading state positions"):
+                await self._check_restores()
+            if time.monotonic() - self._pruned_at > 60:
+                self.prune()
+            self._count()
+            async with self._progress:
+                self._progress.notify_all()
+
+    async def sync(self, within: float = 30.0) -> None:
+        """Wait until everything written to the owned state partitions before this call has been
+        read."""
+        consumer, end_reader = self._consumer, self._end_reader
+        assert consumer is not None and end_reader is not None
+        owned = [TopicPartition(self._topic, p) for p in self._states]
+        if not owned:
+            return
+        with kafka_errors("reading state topic offsets"):
+            ends = await end_reader.end_offsets(owned)
+        deadline = time.monotonic() + within
+        while True:
+            with kafka_errors("reading state topic positions"):
+                behind = [tp for tp, end in ends.items() if await consumer.position(tp) < end]
+            if not behind:
+                return
+            if time.monotonic() > deadline:
+                raise KafkaError("timed out reading the state topic")
+            async with self._progress:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._progress.wait(), 0.5)
+
+    async def _stop_following(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def stop(self) -> None:
+        """Stop following (safe to call twice)."""
+        await self._stop_following()
+        for client in (self._consumer, self._end_reader):
+            if client is not None:
+                await client.stop()
+        self._consumer = self._end_reader = None
+
+
+@dataclass
+class _Restore:
+    """A partition being restored: the end offset to reach, and when it started."""
+
+    end: int
+    started: float
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def _release_memory() -> None:
+    """Hand the memory of dropped partitions back to the system: CPython's small-object arenas
+    go back when empty, glibc's free lists only when trimmed."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _apply(held: dict[str, tuple[int, bytes]], record: ConsumerRecord[Any, Any]) -> None:
+    if record.key is None:
+        return
+    batch_id = record.key.decode("utf-8", "replace")
+    if record.value is None:  # tombstone: forget the batch
+        held.pop(batch_id, None)
+    else:
+        held[batch_id] = (record.timestamp, record.value)
+
+
+#: How the status of a waiting or a forwarding batch reads in its record (msgspec writes no spaces).
+_WAITING = b'"status":"waiting"'
+_UNFINISHED = b'"status":"forwarding"'
+
+
+def _decode(value: bytes, batch_id: str) -> BatchState | None:
+    try:
+        return BatchState.decode(value)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        log.warning("state_record_unreadable", batch_id=batch_id)
+        return None
