@@ -6,7 +6,14 @@ duplicate copies.  Exactly-once must show 0 lost and 0 duplicates; at-least-once
 duplicates counted and explained.  Each case records its numbers (``tests.reliability_report``),
 from which ``python -m tests.reliability_report`` renders the table in ``docs/reliability.md``.
 
-Waiting is by polling with deadlines; the only sleeps are the faults themselves (a stall of N s).
+The shared set-up (settings and topics, the fake's batches, the forwarders, reading the topics
+back, the tally and its record) is one fixture, ``fault``, so each case reads as its scenario.
+
+Waiting is by polling for a state that proves the next step may go (a stream held, lines in
+Kafka, a status), under ceilings that only fire on a hang; the only sleeps are the faults
+themselves (a stall of N s).  Records are counted exactly, by their ``datagrid-line`` header,
+never by the time they were written: a record stamped a moment after another stream started is
+not necessarily that stream's.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from forwarder.config import Delivery, Settings
 from forwarder.state import BatchState
 from forwarder.webhooks import sign
 from tests.fake_datagrid import FakeDatagrid, generate_lines
-from tests.kafka_helpers import read_topic
+from tests.kafka_helpers import Record, read_topic
 from tests.reliability_report import Outcome, Tally, record
 from tests.service_helpers import WEBHOOK_SECRET, Forwarder, event_body, wait_until
 
@@ -40,48 +47,231 @@ MODES = [
     pytest.param(Delivery.EXACTLY_ONCE, id="exactly-once"),
 ]
 
+#: Producer batches small enough that some lines reach Kafka while a stream is held mid-batch,
+#: whether the pipeline sends on linger or only once a partition's record batch is full.
+SMALL_BATCHES: dict[str, Any] = {"kafka_batch_bytes": 16384}
 
-# --- fixtures and helpers ---------------------------------------------------------------------
-
-
-@pytest.fixture
-def forwarders() -> Iterator[list[Forwarder]]:
-    """Every forwarder a test starts is resumed (if paused) and stopped at its end."""
-    started: list[Forwarder] = []
-    yield started
-    for fwd in started:
-        if fwd.process is not None and fwd.process.poll() is None:
-            os.kill(fwd.process.pid, signal.SIGCONT)  # a stopped process cannot handle SIGTERM
-        fwd.stop()
+#: The held batches' shape: 1,000 lines in 4 KB chunks, each held stream stopping after line 300.
+HELD_LINES = 1000
+HELD_AFTER = 300
 
 
-@pytest.fixture
-def reliability(request: pytest.FixtureRequest) -> Callable[..., Outcome]:
-    """Record a case's measured outcome (before its assertions, so failures are recorded too)."""
-    started = time.monotonic()
+# --- the shared set-up: one fixture -----------------------------------------------------------
 
-    def note(case: str, title: str, mode: Delivery | str, tally: Tally, **fields: Any) -> Outcome:
+
+class FaultCase:
+    """One fault case's world: its settings and topics, the fake's batches and what they must
+    leave in the results topic, the forwarders it started, and the record of its outcome.
+
+    ``fault.setup(mode, ...)`` gives the case its settings; ``fault.held_batch(...)`` or
+    ``fault.generated(...)`` its batches; ``fault.start()`` its forwarders (stopped, and resumed
+    first if paused, at the end of the test); ``fault.tally()`` and ``fault.record(...)`` count
+    and record what a ``read_committed`` consumer sees.
+    """
+
+    def __init__(
+        self,
+        make_settings: MakeSettings,
+        fake: FakeDatagrid,
+        log_dir: Path,
+        batch_id: str,
+        nodeid: str,
+        forwarders: list[Forwarder] | None = None,
+        started: float | None = None,
+    ) -> None:
+        self.make_settings = make_settings
+        self.fake = fake
+        self.log_dir = log_dir
+        self.batch_id = batch_id
+        self.nodeid = nodeid
+        self.forwarders: list[Forwarder] = [] if forwarders is None else forwarders
+        self.started = time.monotonic() if started is None else started
+        self.expected: Expected = {}
+        self._settings: Settings | None = None
+        self._mode: Delivery | None = None
+
+    # -- settings --
+
+    def setup(self, mode: Delivery, **overrides: Any) -> Settings:
+        """This case's settings: its own topics and group, ``mode``, ``overrides``."""
+        self._mode = mode
+        self._settings = self.make_settings(delivery=mode, **overrides)
+        return self._settings
+
+    def lane(self, tag: str, mode: Delivery, **overrides: Any) -> FaultCase:
+        """A second case run side by side with this one (topics and group suffixed ``tag``),
+        sharing its forwarders, fake and clock."""
+        base = self.make_settings()
+        other = FaultCase(
+            self.make_settings,
+            self.fake,
+            self.log_dir,
+            f"{self.batch_id}_{tag}",
+            self.nodeid,
+            self.forwarders,
+            self.started,
+        )
+        other.setup(
+            mode,
+            results_topic=f"{base.results_topic}-{tag}",
+            jobs_topic=f"{base.jobs_topic}-{tag}",
+            dead_letter_topic=f"{base.dead_letter_topic}-{tag}",
+            state_topic=f"{base.state_topic}-{tag}",
+            consumer_group=f"{base.consumer_group}-{tag}",
+            **overrides,
+        )
+        return other
+
+    @property
+    def settings(self) -> Settings:
+        """The settings given by :meth:`setup`."""
+        assert self._settings is not None, "call fault.setup(mode, ...) first"
+        return self._settings
+
+    @property
+    def mode(self) -> Delivery:
+        """The delivery mode given by :meth:`setup`."""
+        assert self._mode is not None, "call fault.setup(mode, ...) first"
+        return self._mode
+
+    # -- the fake's batches --
+
+    def generated(self, batch: str, count: int, **fake_spec: Any) -> str:
+        """Configure ``batch`` in the fake as ``count`` generated lines, each with its own
+        ``custom_id``, and expect each of them once in the results topic."""
+        spec = {"count": count, "distinct_ids": count}
+        self.fake.configure(batch, generate=spec, **fake_spec)
+        self.expected.update(expect(batch, spec))
+        return batch
+
+    def held_batch(self, *stall_seconds: float) -> str:
+        """The case's batch (:data:`HELD_LINES` lines in 4 KB chunks) whose first streams, one
+        per value, hold after line :data:`HELD_AFTER` for that many seconds."""
+        faults = [{"kind": "stall", "after_lines": HELD_AFTER, "seconds": s} for s in stall_seconds]
+        return self.generated(self.batch_id, HELD_LINES, chunk_size=4096, faults=faults)
+
+    def results_requests(self, batch: str | None = None) -> list[dict[str, Any]]:
+        """The fake's log of results requests for ``batch`` (the case's batch by default)."""
+        return results_requests(self.fake, batch or self.batch_id)
+
+    def held(self, n: int = 1) -> bool:
+        """True while the ``n``-th results stream of the case's batch is held by the fake."""
+        requests = self.results_requests()
+        return len(requests) >= n and requests[n - 1]["outcome"] == "stalled"
+
+    # -- forwarders --
+
+    def start(self, **env: str) -> Forwarder:
+        """Start one more ``forwarder serve`` with the case's settings (not waiting for it)."""
+        fwd = Forwarder(self.settings, self.log_dir, name=f"fwd{len(self.forwarders)}", **env)
+        self.forwarders.append(fwd.start())
+        return fwd
+
+    def queue(self, fwd: Forwarder, *batches: str) -> None:
+        """Queue ``batches`` (the case's batch by default) through ``fwd``'s API."""
+        for batch in batches or (self.batch_id,):
+            assert fwd.queue(batch).status_code == 202, batch
+
+    def stop_all(self) -> None:
+        """Stop every forwarder started (resumed first: a stopped process cannot handle
+        SIGTERM); safe to call twice."""
+        for fwd in self.forwarders:
+            if fwd.process is not None and fwd.process.poll() is None:
+                os.kill(fwd.process.pid, signal.SIGCONT)
+            fwd.stop()
+
+    # -- waiting --
+
+    def wait(self, predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+        """``wait_until``, failing with the batch's upstream requests and the forwarders' logs."""
+        try:
+            return wait_until(predicate, timeout, what, interval=0.2)
+        except AssertionError as exc:
+            keys = ("timestamp", "status", "outcome", "lines_sent", "fault")
+            requests = [{k: r.get(k) for k in keys} for r in self.results_requests()]
+            raise AssertionError(f"{exc}\nresults requests: {requests}\n{self.tails()}") from None
+
+    def wait_held_with_lines(self, n: int = 1, timeout: float = 30) -> None:
+        """Wait until the ``n``-th stream is held and at least 100 of its lines are in the log
+        (committed or not): proven by lines written ``n`` times, never by when they were."""
+
+        def proven() -> bool:
+            if not self.held(n):
+                return False
+            copies = line_copies(self.settings, self.batch_id)
+            return sum(1 for c in copies.values() if c >= n) >= 100
+
+        self.wait(proven, timeout, f"stream {n} held after line {HELD_AFTER}, its lines in Kafka")
+
+    def wait_forwarded(
+        self, batches: list[str], timeout: float, fwds: list[Forwarder] | None = None
+    ) -> None:
+        """Wait until some live forwarder reports every batch ``forwarded``; show logs if not."""
+        wait_forwarded(self.forwarders if fwds is None else fwds, batches, timeout)
+
+    def tails(self) -> str:
+        """The end of every forwarder's log, for failure messages."""
+        return "\n".join(f"--- {f.log_path.name}\n{f.tail(25)}" for f in self.forwarders)
+
+    # -- reading back --
+
+    def log_count(self) -> int:
+        """Records written to the results topic so far, committed or not."""
+        return log_count(self.settings)
+
+    def line_copies(self, batch: str | None = None) -> Counter[int]:
+        """Records of ``batch`` in the results topic (committed or not) per line number."""
+        return line_copies(self.settings, batch or self.batch_id)
+
+    def tally(self, *batches: str) -> tuple[Tally, int]:
+        """What read_committed consumers see of the lines expected of ``batches`` (all the
+        case's batches by default), and how many dead letters exist."""
+        wanted = set(batches)
+        expected = {k: v for k, v in self.expected.items() if not wanted or k[0] in wanted}
+        return tally(self.settings, expected)
+
+    def forwarded_states(self, batch: str | None = None) -> list[BatchState]:
+        """Committed ``forwarded`` state records of ``batch`` (the case's batch by default)."""
+        return [s for s in states(self.settings, batch or self.batch_id) if s.status == "forwarded"]
+
+    def record(
+        self, case: str, title: str, counts: Tally, dead: int, explanation: str, **details: Any
+    ) -> Outcome:
+        """Record the case's measured outcome (before its assertions, so failures are recorded
+        too) and return it."""
         outcome = Outcome.from_tally(
-            tally,
+            counts,
             suite="faults",
             case=case,
             title=title,
-            mode=str(mode),
-            seconds=round(time.monotonic() - started, 1),
-            test=request.node.nodeid,
-            **fields,
+            mode=str(self.mode),
+            seconds=round(time.monotonic() - self.started, 1),
+            test=self.nodeid,
+            dead_letters=dead,
+            explanation=explanation,
+            details=details,
         )
         record(outcome)
         return outcome
 
-    return note
+
+@pytest.fixture
+def fault(
+    make_settings: MakeSettings,
+    fake_datagrid: FakeDatagrid,
+    tmp_path: Path,
+    batch_id: str,
+    request: pytest.FixtureRequest,
+) -> Iterator[FaultCase]:
+    """The case's world (see :class:`FaultCase`); every forwarder it started is stopped after."""
+    case = FaultCase(make_settings, fake_datagrid, tmp_path, batch_id, request.node.nodeid)
+    try:
+        yield case
+    finally:
+        case.stop_all()
 
 
-def start(forwarders: list[Forwarder], settings: Settings, log_dir: Path, **env: str) -> Forwarder:
-    """Start one more ``forwarder serve`` (not waiting for readiness)."""
-    fwd = Forwarder(settings, log_dir, name=f"fwd{len(forwarders)}", **env).start()
-    forwarders.append(fwd)
-    return fwd
+# --- reading topics and the fake back ---------------------------------------------------------
 
 
 def expect(batch_id: str, spec: dict[str, Any]) -> Expected:
@@ -108,51 +298,43 @@ def tally(settings: Settings, expected: Expected) -> tuple[Tally, int]:
     return Tally.of(mine, expected), len(dead)
 
 
-def _in_log(settings: Settings) -> list[tuple[str, float]]:
-    """(``datagrid-batch-id``, create time in s) of every data record in the results topic as
-    read_uncommitted sees them (open and aborted transactions too)."""
-    records = asyncio.run(
+def _in_log(settings: Settings) -> list[Record]:
+    """Every data record in the results topic as read_uncommitted sees them (open and aborted
+    transactions too)."""
+    return asyncio.run(
         read_topic(
             settings.kafka_bootstrap_servers,
             settings.results_topic,
             isolation_level="read_uncommitted",
         )
     )
-    return [(r.headers.get("datagrid-batch-id", b"").decode(), r.timestamp / 1000) for r in records]
 
 
 def log_counts(settings: Settings) -> Counter[str]:
     """Records written to the results topic so far per batch, committed or not."""
-    records = _in_log(settings)
-    return Counter(batch for batch, _ in records)
-
-
-def written_between(settings: Settings, start: float, end: float = float("inf")) -> int:
-    """Records written to the results topic (committed or not) created in [start, end)."""
-    records = _in_log(settings)
-    return sum(1 for _, created in records if start <= created < end)
+    return Counter(r.headers.get("datagrid-batch-id", b"").decode() for r in _in_log(settings))
 
 
 def log_count(settings: Settings) -> int:
     """Records written to the results topic so far, committed or not."""
-    return log_counts(settings).total()
+    return len(_in_log(settings))
+
+
+def line_copies(settings: Settings, batch: str) -> Counter[int]:
+    """Records of ``batch`` in the results topic (committed or not) per ``datagrid-line``: an
+    attempt writes each line at most once, so a line's count is the number of attempts that
+    wrote it, whenever they did."""
+    return Counter(
+        int(r.headers["datagrid-line"])
+        for r in _in_log(settings)
+        if r.headers.get("datagrid-batch-id", b"").decode() == batch
+    )
 
 
 def states(settings: Settings, batch_id: str) -> list[BatchState]:
     """Committed state records of ``batch_id``, oldest first."""
     records = asyncio.run(read_topic(settings.kafka_bootstrap_servers, settings.state_topic))
     return [BatchState.decode(r.value) for r in records if r.key == batch_id.encode() and r.value]
-
-
-#: Producer batches small enough that some lines reach Kafka while a stream is held mid-batch,
-#: whether the pipeline sends on linger or only once a partition's record batch is full.
-SMALL_BATCHES: dict[str, Any] = {"kafka_batch_bytes": 16384}
-
-
-def held(fake: FakeDatagrid, batch_id: str, n: int = 1) -> bool:
-    """True while the ``n``-th results stream of ``batch_id`` is stalled mid-body by the fake."""
-    requests = results_requests(fake, batch_id)
-    return len(requests) >= n and requests[n - 1]["outcome"] == "stalled"
 
 
 def results_requests(fake: FakeDatagrid, batch_id: str) -> list[dict[str, Any]]:
@@ -192,24 +374,6 @@ def wait_forwarded(fwds: list[Forwarder], batch_ids: list[str], timeout: float) 
         raise AssertionError(f"{exc}\n{tails}") from None
 
 
-def waiting_for(
-    predicate: Callable[[], Any],
-    timeout: float,
-    what: str,
-    fwds: list[Forwarder],
-    fake: FakeDatagrid,
-    batch_id: str,
-) -> Any:
-    """``wait_until``, failing with the batch's upstream requests and the forwarders' logs."""
-    try:
-        return wait_until(predicate, timeout, what, interval=0.2)
-    except AssertionError as exc:
-        keys = ("timestamp", "status", "outcome", "lines_sent", "fault")
-        requests = [{k: r.get(k) for k in keys} for r in results_requests(fake, batch_id)]
-        tails = "\n".join(f"--- {f.log_path.name}\n{f.tail(25)}" for f in fwds)
-        raise AssertionError(f"{exc}\nresults requests: {requests}\n{tails}") from None
-
-
 def fenced_or_aborted(fwd: Forwarder) -> list[dict[str, Any]]:
     """Log records showing ``fwd``'s transaction could not commit (fenced, or aborted on error)."""
     names = {
@@ -219,6 +383,11 @@ def fenced_or_aborted(fwd: Forwarder) -> list[dict[str, Any]]:
         "batch_attempt_failed",
     }
     return [r for r in fwd.logs() if r.get("event") in names]
+
+
+def copies_by_count(copies: Counter[int], lines: range) -> dict[int, int]:
+    """How many of ``lines`` were written 0, 1, 2... times: ``{times: lines}``."""
+    return dict(sorted(Counter(copies[n] for n in lines).items()))
 
 
 def test_tally_counts_seen_duplicates_lost_and_altered() -> None:
@@ -237,42 +406,29 @@ def test_tally_counts_seen_duplicates_lost_and_altered() -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
-def test_kill_9_mid_batch_then_restart(
-    mode: Delivery,
-    make_settings: MakeSettings,
-    fake_datagrid: FakeDatagrid,
-    forwarders: list[Forwarder],
-    reliability: Callable[..., Outcome],
-    tmp_path: Path,
-    batch_id: str,
-) -> None:
+def test_kill_9_mid_batch_then_restart(mode: Delivery, fault: FaultCase) -> None:
     """SIGKILL while a batch streams (upstream held after 300 of 1,000 lines, some of them in
     Kafka); a restarted process forwards everything: exactly-once shows each line once,
     at-least-once re-sends exactly the lines the dead process had written."""
-    settings = make_settings(delivery=mode, datagrid_read_timeout=30.0, **SMALL_BATCHES)
-    spec = {"count": 1000, "distinct_ids": 1000}
-    fake_datagrid.configure(
-        batch_id,
-        generate=spec,
-        chunk_size=4096,
-        faults=[{"kind": "stall", "after_lines": 300, "seconds": 30}],
-    )
-    fwd = start(forwarders, settings, tmp_path).wait_ready()
-    assert fwd.queue(batch_id).status_code == 202
-    wait_until(
-        lambda: held(fake_datagrid, batch_id) and log_count(settings) >= 100,
-        30,
-        "the stream held after line 300, lines in Kafka",
-    )
+    fault.setup(mode, datagrid_read_timeout=30.0, **SMALL_BATCHES)
+    fault.held_batch(30)
+    fwd = fault.start().wait_ready()
+    fault.queue(fwd)
+    fault.wait_held_with_lines()
     assert fwd.process is not None
     fwd.process.kill()
     assert fwd.wait_exit(10) == -signal.SIGKILL
-    written_by_dead = log_count(settings)  # acknowledged (at-least-once) or in an open txn
+    seen_at_kill = fault.log_count()  # acknowledged (at-least-once) or in an open txn
 
-    restarted = start(forwarders, settings, tmp_path).wait_ready(90)
-    wait_forwarded([restarted], [batch_id], 60)
-    counts, dead = tally(settings, expect(batch_id, spec))
-    forwarded = [s for s in states(settings, batch_id) if s.status == "forwarded"]
+    restarted = fault.start().wait_ready(90)
+    fault.wait_forwarded([fault.batch_id], 60, [restarted])
+    counts, dead = fault.tally()
+    forwarded = fault.forwarded_states()
+    # Counted once everything is written, not at the kill: a produce request the dead process
+    # had sent may reach the log a moment after its exit. The restart streams once, writing
+    # each line once, so every record beyond the batch's lines is the dead process's.
+    copies = fault.line_copies()
+    written_by_dead = copies.total() - HELD_LINES
     if mode is Delivery.EXACTLY_ONCE:
         explanation = (
             f"the dead process's open transaction ({written_by_dead} lines written) was aborted "
@@ -283,21 +439,23 @@ def test_kill_9_mid_batch_then_restart(
             f"{counts.duplicates} duplicates = the {written_by_dead} lines the killed process had "
             "written: its job offset was uncommitted, so the restart re-sent the batch"
         )
-    outcome = reliability(
+    outcome = fault.record(
         "kill-9-mid-batch",
         "kill -9 mid-batch (upstream held after line 300 of 1000), restart",
-        mode,
         counts,
-        dead_letters=dead,
-        explanation=explanation,
-        details={"written_before_kill": written_by_dead, "forwarded_states": len(forwarded)},
+        dead,
+        explanation,
+        written_before_kill=written_by_dead,
+        forwarded_states=len(forwarded),
     )
     assert outcome.guarantee_met, outcome
-    assert dead == 0 and len(forwarded) == 1
-    assert written_by_dead >= 100
+    assert dead == 0 and len(forwarded) == 1, forwarded
+    # The dead process wrote only lines it had read (at most line 300), each once.
+    assert copies_by_count(copies, range(HELD_AFTER + 1, HELD_LINES + 1)) == {1: 700}, copies
+    assert set(copies.values()) <= {1, 2}, copies
+    assert written_by_dead >= seen_at_kill >= 100
     if mode is Delivery.EXACTLY_ONCE:
         assert counts.duplicates == 0
-        assert log_count(settings) >= 1000 + written_by_dead  # the aborted copy is in the log
     else:
         assert counts.duplicates == written_by_dead
 
@@ -306,14 +464,7 @@ def test_kill_9_mid_batch_then_restart(
 
 
 @pytest.mark.slow
-def test_broker_outage_mid_batch(
-    make_settings: MakeSettings,
-    fake_datagrid: FakeDatagrid,
-    forwarders: list[Forwarder],
-    reliability: Callable[..., Outcome],
-    tmp_path: Path,
-    batch_id: str,
-) -> None:
+def test_broker_outage_mid_batch(fault: FaultCase, tmp_path: Path) -> None:
     """The broker stops while a batch streams in each mode and restarts seconds later: /readyz
     says 503 (kafka false) during the outage, 200 after, and both batches arrive complete.
 
@@ -324,59 +475,40 @@ def test_broker_outage_mid_batch(
     broker = rig.Broker.on_free_ports(tmp_path / "kafka")
     broker.start(wait=120)
     try:
-        _broker_outage(
-            broker, make_settings, fake_datagrid, forwarders, reliability, tmp_path, batch_id
-        )
+        _broker_outage(broker, fault)
     finally:
-        for fwd in forwarders:
-            fwd.stop()
+        fault.stop_all()
         broker.stop()
 
 
-def _broker_outage(
-    broker: Any,
-    make_settings: MakeSettings,
-    fake: FakeDatagrid,
-    forwarders: list[Forwarder],
-    reliability: Callable[..., Outcome],
-    tmp_path: Path,
-    batch_id: str,
-) -> None:
-    spec = {"count": 1500, "distinct_ids": 1500}
-    runs: dict[Delivery, tuple[Settings, str, Forwarder]] = {}
-    for mode in (Delivery.AT_LEAST_ONCE, Delivery.EXACTLY_ONCE):
-        tag = "eos" if mode is Delivery.EXACTLY_ONCE else "alo"
-        base = make_settings()
-        settings = make_settings(
+def _broker_outage(broker: Any, fault: FaultCase) -> None:
+    lanes: dict[Delivery, FaultCase] = {}
+    for mode, tag in ((Delivery.AT_LEAST_ONCE, "alo"), (Delivery.EXACTLY_ONCE, "eos")):
+        lane = fault.lane(
+            tag,
+            mode,
             kafka_bootstrap_servers=broker.bootstrap,
-            delivery=mode,
             datagrid_read_timeout=30.0,
-            results_topic=f"{base.results_topic}-{tag}",
-            jobs_topic=f"{base.jobs_topic}-{tag}",
-            dead_letter_topic=f"{base.dead_letter_topic}-{tag}",
-            state_topic=f"{base.state_topic}-{tag}",
-            consumer_group=f"{base.consumer_group}-{tag}",
             **SMALL_BATCHES,
         )
-        batch = f"{batch_id}_{tag}"
         # ~150 chunks of ~10 lines, 0.1 s apart: lines keep arriving through the outage.
-        fake.configure(batch, generate=spec, chunk_size=3000, drip_delay=0.1)
-        runs[mode] = (settings, batch, start(forwarders, settings, tmp_path))
-    for _, _, fwd in runs.values():
+        lane.generated(lane.batch_id, 1500, chunk_size=3000, drip_delay=0.1)
+        lanes[mode] = lane
+    fwds = {mode: lane.start() for mode, lane in lanes.items()}
+    for fwd in fwds.values():
         fwd.wait_ready(90)
-    for _, batch, fwd in runs.values():
-        assert fwd.queue(batch).status_code == 202
-    for settings, _, _ in runs.values():
-        wait_until(lambda s=settings: log_count(s) >= 200, 30, "lines in Kafka before the outage")
+    for mode, lane in lanes.items():
+        lane.queue(fwds[mode])
+    for lane in lanes.values():
+        lane.wait(lambda lane=lane: lane.log_count() >= 200, 30, "lines in Kafka before the outage")
 
     upstream_sent = {  # the streams are still running when the broker goes
-        mode: results_requests(fake, batch)[-1]["lines_sent"]
-        for mode, (_, batch, _) in runs.items()
+        mode: lane.results_requests()[-1]["lines_sent"] for mode, lane in lanes.items()
     }
     stopped_at = time.monotonic()
     broker.stop()
     down: dict[Delivery, dict[str, Any]] = {}
-    for mode, (_, _, fwd) in runs.items():
+    for mode, fwd in fwds.items():
         response = wait_until(
             lambda f=fwd: (r := _readyz(f)) is not None and r.status_code == 503 and r,
             20,
@@ -384,19 +516,19 @@ def _broker_outage(
         )
         down[mode] = response.json()["checks"]
     broker.start(wait=120)
-    for fwd in (fwd for _, _, fwd in runs.values()):
+    for fwd in fwds.values():
         wait_until(
             lambda f=fwd: (r := _readyz(f)) is not None and r.status_code == 200,
             90,
             "/readyz 200 after the broker is back",
         )
     outage = time.monotonic() - stopped_at
-    wait_forwarded([fwd for _, _, fwd in runs.values()], [b for _, b, _ in runs.values()], 90)
+    wait_forwarded(list(fwds.values()), [lane.batch_id for lane in lanes.values()], 90)
 
     outcomes = []
-    for mode, (settings, batch, _) in runs.items():
-        counts, dead = tally(settings, expect(batch, spec))
-        final = [s for s in states(settings, batch) if s.status == "forwarded"]
+    for mode, lane in lanes.items():
+        counts, dead = lane.tally()
+        final = lane.forwarded_states()
         attempts = final[-1].attempts if final else 0
         explanation = (
             f"broker down {outage:.0f} s mid-stream (readyz 503, kafka=false); the producer held "
@@ -407,32 +539,22 @@ def _broker_outage(
                 f"; {counts.duplicates} duplicates: a produce request the broker wrote but "
                 "could not acknowledge before stopping was re-sent after it came back"
             )
-        outcomes.append(
-            (
-                mode,
-                down[mode],
-                counts,
-                dead,
-                reliability(
-                    "broker-outage-mid-batch",
-                    "broker stopped mid-batch, restarted seconds later",
-                    mode,
-                    counts,
-                    dead_letters=dead,
-                    explanation=explanation,
-                    details={
-                        "outage_seconds": round(outage, 1),
-                        "attempts": attempts,
-                        "upstream_lines_sent_when_stopped": upstream_sent[mode],
-                        "readyz_while_down": down[mode],
-                    },
-                ),
-            )
+        outcome = lane.record(
+            "broker-outage-mid-batch",
+            "broker stopped mid-batch, restarted seconds later",
+            counts,
+            dead,
+            explanation,
+            outage_seconds=round(outage, 1),
+            attempts=attempts,
+            upstream_lines_sent_when_stopped=upstream_sent[mode],
+            readyz_while_down=down[mode],
         )
-    for mode, checks, counts, dead, outcome in outcomes:
+        outcomes.append((mode, counts, dead, outcome))
+    for mode, counts, dead, outcome in outcomes:
         assert outcome.guarantee_met, outcome
-        assert upstream_sent[mode] < spec["count"], upstream_sent  # it was mid-batch
-        assert checks["kafka"] is False, checks
+        assert upstream_sent[mode] < 1500, upstream_sent  # it was mid-batch
+        assert down[mode]["kafka"] is False, down
         assert dead == 0
         if mode is Delivery.EXACTLY_ONCE:
             assert counts.duplicates == 0
@@ -446,6 +568,11 @@ def _readyz(fwd: Forwarder) -> httpx.Response | None:
 
 
 # --- upstream faults --------------------------------------------------------------------------
+
+#: The read timeout the upstream cases run with. The slow drip stays well below it and the
+#: stall well beyond it (margins of seconds, not fractions of one), so a loaded machine that
+#: delays a chunk by a few hundred milliseconds cannot turn one case into the other.
+UPSTREAM_READ_TIMEOUT = 2.0
 
 UPSTREAM_CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "upstream-5xx-burst": (
@@ -473,47 +600,40 @@ UPSTREAM_CASES: dict[str, tuple[str, dict[str, Any]]] = {
         {"faults": [{"kind": "drop", "after_lines": 200, "mid_line": True, "reset": True}]},
     ),
     "upstream-slow-drip": (
-        "slow drip: a chunk every 0.6 s, below the 1 s read timeout",
+        "slow drip: a chunk every 0.6 s, below the 2 s read timeout",
         {"chunk_size": 24000, "drip_delay": 0.6},
     ),
     "upstream-stall-beyond-timeout": (
-        "stall of 3 s after line 250, beyond the 1 s read timeout",
-        {"faults": [{"kind": "stall", "after_lines": 250, "seconds": 3}]},
+        "stall of 6 s after line 250, beyond the 2 s read timeout",
+        {"faults": [{"kind": "stall", "after_lines": 250, "seconds": 6}]},
     ),
 }
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_upstream_faults(
-    mode: Delivery,
-    make_settings: MakeSettings,
-    fake_datagrid: FakeDatagrid,
-    forwarders: list[Forwarder],
-    reliability: Callable[..., Outcome],
-    tmp_path: Path,
-    batch_id: str,
-) -> None:
+def test_upstream_faults(mode: Delivery, fault: FaultCase) -> None:
     """5xx bursts, 429 storms (Retry-After honoured), drops and resets mid-line, a slow drip and
-    a stall past the 1 s read timeout: every batch arrives whole, none twice, with the expected
+    a stall past the 2 s read timeout: every batch arrives whole, none twice, with the expected
     number of attempts."""
-    settings = make_settings(delivery=mode, datagrid_read_timeout=1.0, concurrency=6)
-    spec = {"count": 500, "distinct_ids": 500}
-    batches = {case: f"{batch_id}_{i}" for i, case in enumerate(UPSTREAM_CASES)}
-    for case, (_, faults) in UPSTREAM_CASES.items():
-        fake_datagrid.configure(batches[case], generate=spec, **{"chunk_size": 8192, **faults})
-    fwd = start(forwarders, settings, tmp_path).wait_ready()
-    for batch in batches.values():
-        assert fwd.queue(batch).status_code == 202
-    wait_forwarded([fwd], list(batches.values()), 90)
+    fault.setup(mode, datagrid_read_timeout=UPSTREAM_READ_TIMEOUT, concurrency=6)
+    batches = {
+        case: fault.generated(
+            f"{fault.batch_id}_{i}", 500, **{"chunk_size": 8192, **UPSTREAM_CASES[case][1]}
+        )
+        for i, case in enumerate(UPSTREAM_CASES)
+    }
+    fwd = fault.start().wait_ready()
+    fault.queue(fwd, *batches.values())
+    fault.wait_forwarded(list(batches.values()), 90)
 
     checks = []
-    in_log = log_counts(settings)
+    in_log = log_counts(fault.settings)
     for case, (title, faults) in UPSTREAM_CASES.items():
         batch = batches[case]
-        counts, dead = tally(settings, expect(batch, spec))
+        counts, dead = fault.tally(batch)
         aborted = in_log[batch] - counts.seen - counts.duplicates
         state = fwd.state(batch) or {}
-        requests = results_requests(fake_datagrid, batch)
+        requests = fault.results_requests(batch)
         gaps = [round(b["timestamp"] - a["timestamp"], 2) for a, b in itertools.pairwise(requests)]
         explanation = (
             f"{state.get('attempts')} attempt(s), {state.get('stream_restarts')} stream restart(s)"
@@ -527,14 +647,15 @@ def test_upstream_faults(
                 f"; the broken attempt's transaction ({aborted} lines) was aborted, the retry "
                 "committed all lines from line 1"
             )
-        outcome = reliability(
+        outcome = fault.record(
             case,
             title,
-            mode,
             counts,
-            dead_letters=dead,
-            explanation=explanation,
-            details={"state": state, "request_gaps_s": gaps, "aborted_records": aborted},
+            dead,
+            explanation,
+            state=state,
+            request_gaps_s=gaps,
+            aborted_records=aborted,
         )
         checks.append((case, faults, counts, state, gaps, outcome))
     for case, faults, counts, state, gaps, outcome in checks:
@@ -543,6 +664,7 @@ def test_upstream_faults(
         n_faults = len(faults.get("faults", []))
         assert state["status"] == "forwarded" and state["attempts"] == n_faults + 1, (case, state)
         if case == "upstream-429-storm":
+            # Lower bounds only: a slower machine waits longer, never shorter.
             waits = [1.0, 0.6, 1.0, 0.6, 1.0]
             assert all(g >= w - 0.05 for g, w in zip(gaps, waits, strict=True)), (gaps, waits)
     assert metric(fwd, 'forwarder_upstream_requests_total{code="429"}') == 5
@@ -570,64 +692,47 @@ async def _fire(fwd: Forwarder, bodies: list[bytes]) -> list[int]:
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_fifty_webhooks_at_once(
-    mode: Delivery,
-    make_settings: MakeSettings,
-    fake_datagrid: FakeDatagrid,
-    forwarders: list[Forwarder],
-    reliability: Callable[..., Outcome],
-    tmp_path: Path,
-    batch_id: str,
-) -> None:
+def test_fifty_webhooks_at_once(mode: Delivery, fault: FaultCase) -> None:
     """50 identical deliveries of one webhook at once forward its batch once; then 50 distinct
     batches' webhooks at once are each forwarded once."""
-    settings = make_settings(delivery=mode)
-    spec = {"count": 100, "distinct_ids": 100}
-    fake_datagrid.configure(batch_id, generate=spec)
-    fwd = start(forwarders, settings, tmp_path).wait_ready()
+    fault.setup(mode)
+    batch_id = fault.generated(fault.batch_id, 100)
+    fwd = fault.start().wait_ready()
 
     codes = asyncio.run(_fire(fwd, [event_body(batch_id, f"evt_{batch_id}")] * 50))
     queued = codes.count(202)
     forwarded = 'forwarder_batches_total{outcome="forwarded"}'
     duplicate = 'forwarder_batches_total{outcome="duplicate"}'
-    wait_until(
+    fault.wait(
         lambda: metric(fwd, forwarded) + metric(fwd, duplicate) >= queued,
         60,
         f"all {queued} queued jobs handled",
     )
-    counts, dead = tally(settings, expect(batch_id, spec))
-    same = reliability(
+    counts, dead = fault.tally(batch_id)
+    same = fault.record(
         "webhook-50-identical",
         "50 identical webhook deliveries at once",
-        mode,
         counts,
-        dead_letters=dead,
-        explanation=(
+        dead,
+        (
             f"{queued} answered 202 (queued), {codes.count(200)} 200 (seen already); the "
             f"{queued} jobs forwarded the batch once and counted "
             f"{metric(fwd, duplicate):.0f} duplicate jobs"
         ),
-        details={"codes": {c: codes.count(c) for c in set(codes)}},
+        codes={c: codes.count(c) for c in set(codes)},
     )
 
-    spec_small = {"count": 20, "distinct_ids": 20}
-    many = [f"{batch_id}_{i:02d}" for i in range(50)]
-    for b in many:
-        fake_datagrid.configure(b, generate=spec_small)
+    many = [fault.generated(f"{batch_id}_{i:02d}", 20) for i in range(50)]
     codes_many = asyncio.run(_fire(fwd, [event_body(b, f"evt_{b}") for b in many]))
-    wait_forwarded([fwd], many, 90)
-    expected: Expected = {}
-    for b in many:
-        expected.update(expect(b, spec_small))
-    counts_many, dead_many = tally(settings, expected)
-    distinct = reliability(
+    fault.wait_forwarded(many, 90)
+    counts_many, dead_many = fault.tally(*many)
+    distinct = fault.record(
         "webhook-50-distinct",
         "50 distinct batches' webhooks at once",
-        mode,
         counts_many,
-        dead_letters=dead_many,
-        explanation=f"all 50 answered 202; {metric(fwd, forwarded):.0f} batches forwarded in all",
-        details={"codes": {c: codes_many.count(c) for c in set(codes_many)}},
+        dead_many,
+        f"all 50 answered 202; {metric(fwd, forwarded):.0f} batches forwarded in all",
+        codes={c: codes_many.count(c) for c in set(codes_many)},
     )
 
     assert set(codes) <= {200, 202} and queued >= 1, codes
@@ -643,97 +748,74 @@ def test_fifty_webhooks_at_once(
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
-def test_rebalance_mid_batch(
-    mode: Delivery,
-    make_settings: MakeSettings,
-    fake_datagrid: FakeDatagrid,
-    forwarders: list[Forwarder],
-    reliability: Callable[..., Outcome],
-    tmp_path: Path,
-    batch_id: str,
-) -> None:
+def test_rebalance_mid_batch(mode: Delivery, fault: FaultCase) -> None:
     """A second worker joins while a batch streams, then leaves while it streams again: each
     rebalance abandons the attempt (1 s drain), the next owner redoes it, nothing is lost."""
-    settings = make_settings(
-        delivery=mode, drain_timeout_seconds=1.0, datagrid_read_timeout=60.0, **SMALL_BATCHES
-    )
-    spec = {"count": 1000, "distinct_ids": 1000}
+    fault.setup(mode, drain_timeout_seconds=1.0, datagrid_read_timeout=60.0, **SMALL_BATCHES)
     # The first two streams hold after 300 lines (longer than a worker takes to start), so each
     # rebalance surely lands mid-stream; the third stream runs straight through.
-    stall = {"kind": "stall", "after_lines": 300, "seconds": 45}
-    fake_datagrid.configure(batch_id, generate=spec, chunk_size=4096, faults=[stall, stall])
-    first = start(forwarders, settings, tmp_path).wait_ready()
-    assert first.queue(batch_id).status_code == 202
-
-    waiting_for(
-        lambda: held(fake_datagrid, batch_id, 1) and log_count(settings) >= 100,
-        30,
-        "first stream held, lines in Kafka",
-        forwarders,
-        fake_datagrid,
-        batch_id,
-    )
-    second = start(forwarders, settings, tmp_path).wait_ready()  # joins: rebalance 1
-
-    def second_written() -> int:
-        # Records are stamped when produced: those after the second request are its attempt's.
-        return written_between(settings, results_requests(fake_datagrid, batch_id)[1]["timestamp"])
-
-    waiting_for(
-        lambda: held(fake_datagrid, batch_id, 2) and second_written() >= 100,
-        30,
-        "second stream held, lines of it in Kafka",
-        forwarders,
-        fake_datagrid,
-        batch_id,
-    )
+    fault.held_batch(45, 45)
+    first = fault.start().wait_ready()
+    fault.queue(first)
+    fault.wait_held_with_lines(1)
+    second = fault.start().wait_ready()  # joins: rebalance 1
+    # Lines written twice prove the second stream's lines are in Kafka, whenever they were
+    # stamped (a late flush of the first attempt's lines may carry a later time).
+    fault.wait_held_with_lines(2)
     second.signal(signal.SIGTERM)  # leaves: rebalance 2
     assert second.wait_exit(60) == 0
-    wait_forwarded([first], [batch_id], 60)
+    fault.wait_forwarded([fault.batch_id], 60, [first])
 
-    counts, dead = tally(settings, expect(batch_id, spec))
-    starts = [r["timestamp"] for r in results_requests(fake_datagrid, batch_id)]
-    attempts = len(starts)
-    written = [written_between(settings, a, b) for a, b in itertools.pairwise([*starts, 1e12])]
+    counts, dead = fault.tally()
+    attempts = len(fault.results_requests())
     abandoned = sum(
         len(f.events("rebalance_abandoned")) + len(f.events("drain_timeout_abandoned"))
-        for f in forwarders
+        for f in fault.forwarders
     )
+    # Counted exactly, by line number: an attempt writes each line at most once, so the records
+    # of a line are the attempts that wrote it. Only the last stream got past line 300.
+    copies = fault.line_copies()
+    extra = copies.total() - HELD_LINES
+    held_lines = copies_by_count(copies, range(1, HELD_AFTER + 1))
+    written = "of lines 1-300, " + ", ".join(f"{n} written {k}x" for k, n in held_lines.items())
+    written += ", the rest once"
     if mode is Delivery.EXACTLY_ONCE:
         explanation = (
-            f"{attempts} streams, writing {written} records; each abandoned attempt's "
-            "transaction was aborted (or fenced by the next owner), so read_committed sees the "
-            "final one only"
+            f"{attempts} streams; {written}; each abandoned attempt's transaction ({extra} "
+            "records in all) was aborted (or fenced by the next owner), so read_committed sees "
+            "the final one only"
         )
     else:
         explanation = (
-            f"{attempts} streams, writing {written} records; {counts.duplicates} duplicates = "
-            f"the lines written by the {abandoned} attempts abandoned at a rebalance: their job "
-            "offset stayed uncommitted, so the next owner started over"
+            f"{attempts} streams; {written}; {counts.duplicates} duplicates = the lines written "
+            f"by the {abandoned} attempts abandoned at a rebalance: their job offset stayed "
+            "uncommitted, so the next owner started over"
         )
-    outcome = reliability(
+    outcome = fault.record(
         "rebalance-mid-batch",
         "second worker joins, then leaves, while the batch streams",
-        mode,
         counts,
-        dead_letters=dead,
-        explanation=explanation,
-        details={"streams": attempts, "abandoned": abandoned, "written_per_stream": written},
+        dead,
+        explanation,
+        streams=attempts,
+        abandoned=abandoned,
+        abandoned_records=extra,
+        lines_1_300_by_times_written=held_lines,
     )
     assert outcome.guarantee_met, outcome
-    # Each rebalance abandoned one stream held at line 300. Counted exactly, never by timestamps
-    # (a record stamped a moment after the next stream started is not the next stream's): every
-    # record in the log beyond the batch's 1000 lines is a duplicate, and an abandoned stream
-    # wrote at most the 300 lines it had read.
+    # Each rebalance abandoned one stream held at line 300: every line past it was written once
+    # (by the last stream), every line up to it at most once per stream, and the abandoned
+    # streams wrote the 100 or more lines waited for above.
     assert dead == 0 and attempts >= 3 and abandoned == attempts - 1
-    in_log = log_count(settings)
+    assert set(copies) == set(range(1, HELD_LINES + 1)), sorted(set(copies))[:5]
+    assert copies_by_count(copies, range(HELD_AFTER + 1, HELD_LINES + 1)) == {1: 700}, copies
+    assert max(copies.values()) <= attempts, held_lines
+    assert 100 <= extra <= HELD_AFTER * abandoned, held_lines
     if mode is Delivery.EXACTLY_ONCE:
-        assert counts.duplicates == 0 and in_log >= 1000
+        assert counts.duplicates == 0
     else:
-        assert counts.duplicates == in_log - 1000, (in_log, written)
-        assert 0 <= counts.duplicates <= 300 * abandoned, written
-    forwarded = [s for s in states(settings, batch_id) if s.status == "forwarded"]
-    assert len(forwarded) == 1
+        assert counts.duplicates == extra, (extra, held_lines)
+    assert len(fault.forwarded_states()) == 1
 
 
 # --- zombie fencing ---------------------------------------------------------------------------
@@ -741,37 +823,19 @@ def test_rebalance_mid_batch(
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
-def test_paused_worker_is_fenced(
-    mode: Delivery,
-    make_settings: MakeSettings,
-    fake_datagrid: FakeDatagrid,
-    forwarders: list[Forwarder],
-    reliability: Callable[..., Outcome],
-    tmp_path: Path,
-    batch_id: str,
-) -> None:
+def test_paused_worker_is_fenced(mode: Delivery, fault: FaultCase) -> None:
     """A worker frozen with SIGSTOP mid-batch loses its partitions after the session timeout;
     the other worker forwards the batch; resumed with SIGCONT, the zombie's late transaction is
     fenced (exactly-once: each line once) or its late lines are duplicates (at-least-once)."""
-    settings = make_settings(
-        delivery=mode, datagrid_read_timeout=30.0, drain_timeout_seconds=1.0, **SMALL_BATCHES
+    settings = fault.setup(
+        mode, datagrid_read_timeout=30.0, drain_timeout_seconds=1.0, **SMALL_BATCHES
     )
-    spec = {"count": 1000, "distinct_ids": 1000}
-    fake_datagrid.configure(
-        batch_id,
-        generate=spec,
-        chunk_size=4096,
-        faults=[{"kind": "stall", "after_lines": 300, "seconds": 8}],
-    )
-    a = start(forwarders, settings, tmp_path).wait_ready()
-    b = start(forwarders, settings, tmp_path).wait_ready()
+    fault.held_batch(8)
+    a = fault.start().wait_ready()
+    b = fault.start().wait_ready()
     wait_until(a.ready, 30, "first worker ready after the second joined")
-    assert a.queue(batch_id).status_code == 202
-    wait_until(
-        lambda: held(fake_datagrid, batch_id) and log_count(settings) >= 100,
-        30,
-        "the stream held after line 300, lines in Kafka",
-    )
+    fault.queue(a)
+    fault.wait_held_with_lines()
     owner = wait_until(
         lambda: next((f for f in (a, b) if metric(f, "forwarder_batches_in_flight") == 1), None),
         10,
@@ -782,20 +846,20 @@ def test_paused_worker_is_fenced(
     os.kill(owner.process.pid, signal.SIGSTOP)
     paused_at = time.monotonic()
     try:
-        wait_forwarded([other], [batch_id], 90)
+        fault.wait_forwarded([fault.batch_id], 90, [other])
         takeover = time.monotonic() - paused_at
         written_by_zombie = log_count(settings) - 1000  # before the pause; the rest is the taker's
     finally:
         os.kill(owner.process.pid, signal.SIGCONT)
     if mode is Delivery.EXACTLY_ONCE:
-        fenced = wait_until(lambda: fenced_or_aborted(owner), 60, "the zombie's transaction fails")
+        fenced = fault.wait(lambda: fenced_or_aborted(owner), 60, "the zombie's transaction fails")
     else:
         # The zombie carries on until it notices it lost the partition (or finishes).
-        wait_until(lambda: metric(owner, "forwarder_batches_in_flight") == 0, 60, "the zombie done")
+        fault.wait(lambda: metric(owner, "forwarder_batches_in_flight") == 0, 60, "the zombie done")
         fenced = []
     in_log = log_count(settings)
 
-    counts, dead = tally(settings, expect(batch_id, spec))
+    counts, dead = fault.tally()
     if mode is Delivery.EXACTLY_ONCE:
         explanation = (
             f"taken over {takeover:.0f} s after SIGSTOP; the new owner's init_transactions fenced "
@@ -814,25 +878,24 @@ def test_paused_worker_is_fenced(
             + (" (its offset commit then failed)" if commit_failed else "")
             + "; without transactions nothing fences a zombie"
         )
-    outcome = reliability(
+    outcome = fault.record(
         "zombie-worker-sigstop",
         "worker frozen (SIGSTOP) mid-batch, partition taken over, then resumed (SIGCONT)",
-        mode,
         counts,
-        dead_letters=dead,
-        explanation=explanation,
-        details={
-            "takeover_seconds": round(takeover, 1),
-            "written_before_pause": written_by_zombie,
-            "records_in_log": in_log,
-            "zombie_events": sorted({r["event"] for r in fenced}),
-        },
+        dead,
+        explanation,
+        takeover_seconds=round(takeover, 1),
+        written_before_pause=written_by_zombie,
+        records_in_log=in_log,
+        zombie_events=sorted({r["event"] for r in fenced}),
     )
     assert outcome.guarantee_met, outcome
     assert dead == 0 and written_by_zombie >= 100
     if mode is Delivery.EXACTLY_ONCE:
         assert counts.duplicates == 0
-        assert [s.status for s in states(settings, batch_id)] == ["forwarded"]  # the new owner's
+        assert [s.status for s in states(settings, fault.batch_id)] == [
+            "forwarded"
+        ]  # the new owner's
         assert not owner.events("batch_forwarded")
     else:
         assert counts.duplicates >= written_by_zombie
