@@ -182,6 +182,23 @@ def test_signature_timestamp_must_be_ascii_digits(t: str) -> None:
         verify_signature(header, body, [b"s"], now=time.time(), tolerance=300)
 
 
+@pytest.mark.parametrize(
+    ("offset", "accepted"),
+    [(-300, True), (300, True), (-301, False), (301, False), (-300.5, False), (300.5, False)],
+)
+def test_signature_tolerance_edge_is_exact(offset: float, accepted: bool) -> None:
+    """A signature stamped exactly 300 s before or after now passes; a moment more fails (the
+    edge, checked at a fixed ``now`` instead of over HTTP, where it moves with the clock)."""
+    body, now = b"{}", 1_700_000_000.0
+    t = 1_700_000_000
+    header = f"t={t},v1={sign(b's', t, body)}"
+    if accepted:
+        assert verify_signature(header, body, [b"s"], now=now + offset, tolerance=300) == t
+    else:
+        with pytest.raises(SignatureError, match="tolerance"):
+            verify_signature(header, body, [b"s"], now=now + offset, tolerance=300)
+
+
 def _settings(**values: object) -> Settings:
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
 
