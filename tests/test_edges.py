@@ -489,7 +489,20 @@ def test_results_topic_recreated_with_fewer_partitions_mid_batch(
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(2)
+
+    # Recreate once the stream has begun, not after a fixed 2 s: a slow start (imports, Kafka
+    # connections) on a loaded machine would otherwise recreate the topic before the batch.
+    def streaming() -> bool:
+        if any(
+            r["batch_id"] == batch_id and r["path"].endswith("/results") and r["lines_sent"]
+            for r in fake_datagrid.requests()
+        ):
+            return True
+        if proc.poll() is not None:
+            raise AssertionError(f"forward ended before streaming: {proc.communicate()}")
+        return False
+
+    wait_until(streaming, 120, "the forward streaming the batch", interval=0.05)
     asyncio.run(_recreate(settings.kafka_bootstrap_servers, settings.results_topic, 2))
     _, err = proc.communicate(timeout=240)
     # aiokafka refusing a partition that vanished is handled (the attempt fails, its lines are
