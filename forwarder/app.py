@@ -148,7 +148,7 @@ class Services:
     ) -> None:
         settings, metrics = self.settings, self.metrics
         core = await stack.enter_async_context(open_core(settings, metrics, transport=transport))
-        self.queue = JobQueue(core.producer, settings.jobs_topic)
+        self.queue = JobQueue(lambda: core.producer.current, settings.jobs_topic)
         self.kafka_ok = True
         store = StateStore(settings, metrics)
         stack.push_async_callback(store.stop)
@@ -176,7 +176,7 @@ class Services:
             reconciler = Reconciler(settings, core.datagrid, self.queue, store, metrics)
             task = asyncio.create_task(reconciler.run(), name="reconciler")
             stack.callback(task.cancel)
-        probe = asyncio.create_task(_probe_kafka(core.producer, self))
+        probe = asyncio.create_task(_probe_kafka(lambda: core.producer.current, self))
         stack.callback(probe.cancel)
         log.info(
             "started",
@@ -316,11 +316,13 @@ class _Protocol(H11Protocol):
         super().connection_lost(exc)
 
 
-async def _probe_kafka(producer: AIOKafkaProducer, services: Services, every: float = 2.0) -> None:
+async def _probe_kafka(
+    producer: Callable[[], AIOKafkaProducer], services: Services, every: float = 2.0
+) -> None:
     """Keep ``kafka_ok`` true only while the cluster answers metadata requests."""
     while True:
         try:
-            await asyncio.wait_for(producer.client.fetch_all_metadata(), timeout=5)
+            await asyncio.wait_for(producer().client.fetch_all_metadata(), timeout=5)
             ok = True
         except Exception as exc:  # any failure means "not reachable now"
             ok = False

@@ -10,13 +10,13 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 
 import httpx
-from aiokafka import AIOKafkaProducer
 
 from forwarder.config import Settings
 from forwarder.datagrid import DatagridClient
-from forwarder.kafka import TopicLimits, kafka_errors, make_producer, prepare_topics
+from forwarder.kafka import TopicLimits, prepare_topics
 from forwarder.observability import Metrics
 from forwarder.pipeline import Pipeline
+from forwarder.producers import SharedProducer
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class Core:
     settings: Settings
     metrics: Metrics
     limits: TopicLimits
-    producer: AIOKafkaProducer
+    producer: SharedProducer
     datagrid: DatagridClient
     pipeline: Pipeline
 
@@ -42,10 +42,9 @@ async def open_core(
     settings.require_api_key()  # before any connection: a missing key is a setting error
     async with AsyncExitStack() as stack:
         limits = await prepare_topics(settings)
-        producer = make_producer(settings, limits)
+        producer = SharedProducer(settings, limits)
         stack.push_async_callback(producer.stop)
-        with kafka_errors("starting the producer"):
-            await producer.start()
+        await producer.start()
         datagrid = DatagridClient(settings, metrics, transport=transport)
         stack.push_async_callback(datagrid.aclose)
         pipeline = Pipeline(settings, datagrid, producer, limits, metrics)

@@ -23,6 +23,7 @@ retry loop waits by one :class:`Backoff` value (base, cap, jitter).
     │   └── UpstreamRejected     401, 403, 404, 410, 422, other 4xx        (permanent)
     └── KafkaError               broker refused or unreachable (retriable per cause)        (503)
         ├── TopicMissing         a topic does not exist and may not be created
+        ├── ProducerFailed       the producer stopped for good: replace it, retry
         └── Fenced               another process took over our transactional id (exactly-once)
 
 Third-party exceptions (httpx, aiokafka) are translated where they are caught, with ``from exc``.
@@ -216,6 +217,16 @@ class TopicMissing(KafkaError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, retriable=False)
+
+
+class ProducerFailed(KafkaError):
+    """The producer stopped for good (aiokafka's sender ends at OUT_OF_ORDER_SEQUENCE_NUMBER,
+    which a broker restart that lost the producer's state causes): replace it, then retry."""
+
+    code = "producer_failed"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retriable=True)
 
 
 class Fenced(KafkaError):

@@ -8,6 +8,8 @@ Kafka acknowledged them; :func:`enqueue_jobs` is the ``enqueue`` command.  The c
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import msgspec
 from aiokafka import AIOKafkaProducer
 
@@ -57,7 +59,7 @@ def parse_job(value: bytes | None) -> Job:
 class JobQueue:
     """Writes jobs to the jobs topic through a shared producer."""
 
-    def __init__(self, producer: AIOKafkaProducer, topic: str) -> None:
+    def __init__(self, producer: Callable[[], AIOKafkaProducer], topic: str) -> None:
         self._producer = producer
         self._topic = topic
 
@@ -65,7 +67,9 @@ class JobQueue:
         """Queue ``job``; returns only after Kafka acknowledged it (durable)."""
         check_batch_id(job.batch_id)
         with kafka_errors(f"queueing {job.batch_id}"):
-            future = await self._producer.send(self._topic, job.encode(), key=job.batch_id.encode())
+            future = await self._producer().send(
+                self._topic, job.encode(), key=job.batch_id.encode()
+            )
             await future
 
 
@@ -79,7 +83,7 @@ async def enqueue_jobs(
     try:
         with kafka_errors("enqueue"):
             await producer.start()
-        queue = JobQueue(producer, settings.jobs_topic)
+        queue = JobQueue(lambda: producer, settings.jobs_topic)
         for batch_id in batch_ids:
             await queue.put(Job(batch_id=batch_id, source=source, replay=replay))
     finally:

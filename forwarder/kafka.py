@@ -21,15 +21,27 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError, ProducerFenced
+from aiokafka.errors import (
+    KafkaConnectionError,
+    KafkaTimeoutError,
+    OutOfOrderSequenceNumber,
+    ProducerFenced,
+)
 from aiokafka.errors import KafkaError as AIOKafkaError
 from aiokafka.helpers import create_ssl_context
 
 from forwarder.config import Settings
-from forwarder.errors import ConfigError, Fenced, ForwarderError, KafkaError, TopicMissing
+from forwarder.errors import (
+    ConfigError,
+    Fenced,
+    ForwarderError,
+    KafkaError,
+    ProducerFailed,
+    TopicMissing,
+)
 
 _c_murmur2: Callable[[bytes, int], int] | None
 try:  # Kafka's murmur2 in C: the same function, about ten times faster than the one below.
@@ -101,6 +113,8 @@ def translate(exc: BaseException, what: str) -> ForwarderError:
         return exc
     if isinstance(exc, ProducerFenced):
         return Fenced(f"{what}: another process took over this transactional id")
+    if isinstance(exc, OutOfOrderSequenceNumber):
+        return ProducerFailed(f"{what}: {type(exc).__name__}: {exc}")
     if isinstance(exc, KafkaConnectionError) and (problem := _recent_kafka_log.login_problem()):
         return ConfigError(f"{what}: {problem}")
     # A record that timed out waiting for the broker (an outage longer than the request timeout)
@@ -383,61 +397,3 @@ def make_jobs_consumer(settings: Settings, **overrides: Any) -> AIOKafkaConsumer
         **overrides,
     }
     return AIOKafkaConsumer(settings.jobs_topic, **options)
-
-
-class TransactionalProducers:
-    """Exactly-once: one transactional producer per jobs partition, started on first use.
-
-    Its id is derived from the partition, so starting it (``init_transactions``) fences whichever
-    process owned the partition before (a zombie's late commit then fails).  A producer that failed
-    is discarded and replaced, never reused: after a fatal error or a fencing its state is final.
-    """
-
-    def __init__(self, group: str, make: Callable[[str], AIOKafkaProducer]) -> None:
-        self._group = group
-        self._make = make
-        self._producers: dict[TopicPartition, AIOKafkaProducer] = {}
-        self._locks: dict[TopicPartition, asyncio.Lock] = {}
-        self._starting = asyncio.Lock()
-        #: Why the last producer could not start (say, a missing transactional-id ACL).
-        self.failure: str | None = None
-
-    def lock(self, tp: TopicPartition) -> asyncio.Lock:
-        """The partition's lock: one transaction at a time per producer."""
-        return self._locks.setdefault(tp, asyncio.Lock())
-
-    async def get(self, tp: TopicPartition) -> AIOKafkaProducer:
-        """The partition's producer, started if needed."""
-        producer = self._producers.get(tp)
-        if producer is not None:
-            return producer
-        async with self._starting:  # starts are rare: one at a time is fine
-            producer = self._producers.get(tp)
-            if producer is None:
-                producer = self._make(f"{self._group}-{tp.topic}-{tp.partition}")
-                try:
-                    with kafka_errors(f"starting the producer of {tp}"):
-                        await producer.start()
-                except KafkaError as exc:
-                    await producer.stop()
-                    self.failure = f"exactly-once transactions cannot start: {exc}"
-                    log.error(
-                        "transactional_producer_failed", partition=tp.partition, error=str(exc)
-                    )
-                    raise
-                self.failure = None
-                self._producers[tp] = producer
-        return producer
-
-    async def discard(self, tp: TopicPartition) -> None:
-        """Stop and forget the partition's producer (revoked, failed or fenced)."""
-        self._locks.pop(tp, None)
-        producer = self._producers.pop(tp, None)
-        if producer is not None:
-            with contextlib.suppress(Exception):  # a broken producer may fail to stop cleanly
-                await producer.stop()
-
-    async def close(self) -> None:
-        """Stop every producer."""
-        for tp in list(self._producers):
-            await self.discard(tp)

@@ -37,12 +37,14 @@ from forwarder.errors import (
     ForwarderError,
     IncompleteStream,
     KafkaError,
+    ProducerFailed,
     Retry,
     UpstreamUnavailable,
 )
 from forwarder.kafka import TopicLimits, kafka_errors
 from forwarder.ndjson import LineSplitter
 from forwarder.observability import Metrics, Redactor
+from forwarder.producers import SharedProducer
 from forwarder.publish import Batch, Progress, PublishConfig, Publisher
 from forwarder.state import BatchState, Status, iso, parse_time, utcnow
 
@@ -79,13 +81,13 @@ class Pipeline:
         self,
         settings: Settings,
         datagrid: DatagridClient,
-        producer: AIOKafkaProducer,
+        producer: SharedProducer,
         limits: TopicLimits,
         metrics: Metrics,
     ) -> None:
         self._settings = settings
         self._datagrid = datagrid
-        self._producer = producer
+        self._shared = producer
         self._metrics = metrics
         self._publish = PublishConfig.build(settings, limits, metrics)
         self._backoff = Backoff(settings.retry_base_seconds, settings.retry_max_seconds)
@@ -114,7 +116,7 @@ class Pipeline:
         state = BatchState.forwarding(batch_id, source=source, event_id=event_id, delivery=delivery)
         attempt = _Attempt(
             state,
-            txn.producer if txn else self._producer,
+            txn.producer if txn else self._shared.current,
             log.bind(batch_id=batch_id, event_id=event_id, source=source),
         )
         started = time.perf_counter()
@@ -157,6 +159,9 @@ class Pipeline:
                 state.status = Status.FORWARDED
                 return
             except ForwarderError as exc:
+                if isinstance(exc, ProducerFailed) and txn is None:
+                    await self._shared.replace(attempt.producer)
+                    attempt.producer = self._shared.current
                 if exc.retry is Retry.BACKOFF and attempt.number < settings.max_attempts:
                     await self._before_retry(attempt, exc)
                     continue
@@ -259,7 +264,7 @@ class Pipeline:
         """Write ``state`` to the state topic (with the job's offsets, in a transaction, if
         given)."""
         if txn is None:
-            await self._send_state(state, self._producer)
+            await self._send_state(state, self._shared.current)
             return
         with kafka_errors(f"recording state of {state.batch_id}"):
             async with txn.producer.transaction():

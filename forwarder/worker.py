@@ -32,9 +32,10 @@ from forwarder.errors import (
     KafkaError,
 )
 from forwarder.jobs import Job, JobQueue, parse_job
-from forwarder.kafka import TransactionalProducers, kafka_errors, make_jobs_consumer, partition_for
+from forwarder.kafka import kafka_errors, make_jobs_consumer, partition_for
 from forwarder.observability import Metrics
 from forwarder.pipeline import Pipeline, Transaction
+from forwarder.producers import TransactionalProducers
 from forwarder.state import BatchState, Status
 from forwarder.store import StateStore
 

@@ -212,6 +212,28 @@ async def test_retries_then_drop_midway_forwards_each_line_once(
     assert metric(metrics, "forwarder_stream_restarts_total") == 1
 
 
+async def test_a_producer_that_failed_for_good_is_replaced_and_the_batch_forwarded(
+    make_settings: MakeSettings, fake_datagrid: FakeDatagrid, batch_id: str
+) -> None:
+    """After a broker restart that lost the producer's state, aiokafka's sender stops for good
+    (OUT_OF_ORDER_SEQUENCE_NUMBER) and fails every later send: the forwarder starts a new
+    producer and forwards the batch, each line once."""
+    from aiokafka.errors import OutOfOrderSequenceNumber
+
+    settings = make_settings()
+    spec = {"count": 300, "distinct_ids": 300}
+    fake_datagrid.configure(batch_id, generate=spec)
+    async with open_core(settings, Metrics(process=False)) as core:
+        failed = core.producer.current
+        # What aiokafka's sender leaves behind when it dies at that error (Sender._fail_all).
+        failed._message_accumulator.fail_all(OutOfOrderSequenceNumber())
+        state = await core.pipeline.forward(batch_id)
+        assert core.producer.current is not failed
+    assert state.status == "forwarded" and state.attempts == 2
+    records = await read_topic(settings.kafka_bootstrap_servers, settings.results_topic)
+    assert sorted(r.value for r in records) == sorted(generate_lines(batch_id, spec))
+
+
 def run_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     """Run the real ``forwarder`` command with ``settings`` passed through the environment."""
     return run_forwarder(forwarder_env(settings), *args)
