@@ -1,0 +1,380 @@
+"""Scale-out suite: three ``forwarder serve`` processes in one group over a large state topic.
+
+The state topic is preloaded with 300,000 forwarded batches (records as ``BatchState.encode()``
+writes them, keyed by batch id, partitioned with Kafka's murmur2 like the jobs topic) before the
+pods start. Then batches are queued while one pod is killed with ``kill -9`` mid-batch and all
+three are restarted one by one (SIGTERM, exit, start, ready) with jobs still arriving. The results
+topic is read back with ``read_committed`` and counted per (batch, line): nothing may be lost; in
+at-least-once mode the duplicates are counted and printed, in exactly-once mode there are none.
+
+Every wait is on a counter, a gauge or a state (polling with generous deadlines), never a sleep
+that assumes a fast machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from forwarder.config import Delivery, Settings
+from forwarder.kafka import partition_for
+from forwarder.state import BatchState, Status, utcnow
+from tests.fake_datagrid import FakeDatagrid, generate_lines
+from tests.kafka_helpers import read_topic
+from tests.reliability_report import Tally
+from tests.service_helpers import API_TOKEN, Forwarder, wait_until
+
+PARTITIONS = 6
+PRELOADED = 300_000
+LINES = 120  # per queued batch; streamed slowly (below) so that batches are in flight for seconds
+STREAM = {"chunk_size": 4096, "drip_delay": 0.1}  # ~13 lines per chunk: ~1 s per stream
+MODES = [
+    pytest.param(Delivery.AT_LEAST_ONCE, id="at-least-once"),
+    pytest.param(Delivery.EXACTLY_ONCE, id="exactly-once"),
+]
+
+
+# --- preloading the state topic (also used by bench/scaling.py) -----------------------------
+
+
+def preloaded_id(tag: str, index: int) -> str:
+    """The batch id of the ``index``-th preloaded state record."""
+    return f"bpred_pre{tag}{index:07d}"
+
+
+async def preload_state(
+    bootstrap: str,
+    topic: str,
+    count: int,
+    *,
+    partitions: int = PARTITIONS,
+    tag: str = "",
+    retention_hours: float = 720.0,
+) -> list[str]:
+    """Create ``topic`` (``partitions``, compact+delete) and write ``count`` forwarded batches'
+    states to it, keyed by batch id and partitioned with murmur2 (as the jobs are); return the ids.
+
+    Written with ``create_batch``/``send_batch`` per partition: 300,000 records take seconds.
+    """
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        config = {
+            "cleanup.policy": "compact,delete",
+            "retention.ms": str(int(retention_hours * 3_600_000)),
+        }
+        response = await admin.create_topics(
+            [NewTopic(topic, num_partitions=partitions, replication_factor=1, topic_configs=config)]
+        )
+        for name, code, *_ in response.topic_errors:
+            assert code == 0, f"creating {name}: error {code}"
+    finally:
+        await admin.close()
+    now = utcnow()
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", max_batch_size=512 * 1024, linger_ms=0
+    )
+    await producer.start()
+    ids = [preloaded_id(tag, i) for i in range(count)]
+    try:
+        pending: list[asyncio.Future[Any]] = []
+        batches: dict[int, Any] = {}
+        for batch_id in ids:
+            key = batch_id.encode()
+            value = BatchState(
+                batch_id=batch_id,
+                status=Status.FORWARDED,
+                lines={"succeeded": 100},
+                expected_lines=100,
+                attempts=1,
+                batch_status="completed",
+                source="webhook",
+                event_id=f"evt_{batch_id}",
+                delivery="at-least-once",
+                started_at=now,
+                finished_at=now,
+                terminal_at=now,
+            ).encode()
+            partition = partition_for(key, partitions)
+            batch = batches.get(partition)
+            if batch is None:
+                batch = batches[partition] = producer.create_batch()
+            if batch.append(key=key, value=value, timestamp=None) is None:
+                pending.append(await producer.send_batch(batch, topic, partition=partition))
+                batch = batches[partition] = producer.create_batch()
+                batch.append(key=key, value=value, timestamp=None)
+            if len(pending) >= 32:  # bound what is buffered: await the oldest sends
+                await asyncio.gather(*pending)
+                pending.clear()
+        for partition, batch in batches.items():
+            if batch.record_count():
+                pending.append(await producer.send_batch(batch, topic, partition=partition))
+        await asyncio.gather(*pending)
+    finally:
+        await producer.stop()
+    return ids
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pods() -> Iterator[list[Forwarder]]:
+    """Every forwarder a test starts is stopped at its end (killed ones are already gone)."""
+    started: list[Forwarder] = []
+    yield started
+    for pod in started:
+        pod.stop()
+
+
+def alive(pod: Forwarder) -> bool:
+    """The pod's process is running."""
+    return pod.process is not None and pod.process.poll() is None
+
+
+def metric(pod: Forwarder, sample: str) -> float:
+    """A sample's value from the pod's /metrics (0 if absent or the pod does not answer)."""
+    try:
+        text = pod.http.get("/metrics").text
+    except httpx.TransportError:
+        return 0.0
+    for line in text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+IN_FLIGHT = "forwarder_batches_in_flight"
+DUPLICATE = 'forwarder_batches_total{outcome="duplicate"}'
+
+
+class Feeder:
+    """Queues batches with POST /v1/batches, round robin over the live pods (skipping one that
+    does not answer), and remembers the batches that were accepted (202)."""
+
+    def __init__(self, pods: list[Forwarder], fake: FakeDatagrid, tag: str) -> None:
+        self.pods = pods
+        self.fake = fake
+        self.tag = tag
+        self.accepted: list[str] = []
+        self._next = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._failure: BaseException | None = None
+        self._clients: dict[str, httpx.Client] = {}
+
+    def spec(self) -> dict[str, Any]:
+        """The fake's spec of every queued batch."""
+        return {"generate": {"count": LINES, "distinct_ids": LINES}, **STREAM}
+
+    def queue_one(self) -> str:
+        """Configure one new batch at the fake and queue it at some live pod; return its id."""
+        with self._lock:
+            batch_id = f"bpred_scale{self.tag}{len(self.accepted) + 1:04d}"
+            self.fake.configure(batch_id, **self.spec())
+            for _ in range(2 * len(self.pods)):
+                pod = self.pods[self._next % len(self.pods)]
+                self._next += 1
+                if not alive(pod):
+                    continue
+                client = self._clients.setdefault(
+                    pod.url, httpx.Client(base_url=pod.url, timeout=10)
+                )
+                try:
+                    response = client.post(
+                        "/v1/batches",
+                        json={"batch_id": batch_id},
+                        headers={"Authorization": f"Bearer {API_TOKEN}"},
+                    )
+                except httpx.TransportError:
+                    continue
+                if response.status_code == 202:
+                    self.accepted.append(batch_id)
+                    return batch_id
+            raise AssertionError(f"no live pod accepted {batch_id}")
+
+    def queue(self, n: int) -> None:
+        """Queue ``n`` batches now."""
+        for _ in range(n):
+            self.queue_one()
+
+    def start_trickle(self, every: float) -> None:
+        """Keep queueing one batch every ``every`` seconds in a thread, until :meth:`stop`."""
+
+        def run() -> None:
+            try:
+                while not self._stop.wait(every):
+                    self.queue_one()
+            except BaseException as exc:  # re-raised by stop(), in the test's thread
+                self._failure = exc
+
+        self._thread = threading.Thread(target=run, name="feeder", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the trickle; raise what made it fail, if anything did."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        for client in self._clients.values():
+            client.close()
+        if self._failure is not None:
+            raise AssertionError(f"queueing failed: {self._failure}") from self._failure
+
+
+def wait_all_forwarded(pods: list[Forwarder], batch_ids: list[str], timeout: float) -> None:
+    """Wait until a live pod reports every batch ``forwarded`` (asking each batch only until it
+    is); fail with the pods' log tails."""
+    pending = set(batch_ids)
+
+    def done() -> bool:
+        live = [p for p in pods if alive(p)]
+        for batch_id in sorted(pending):
+            for pod in live:
+                try:
+                    state = pod.state(batch_id)
+                except httpx.TransportError:
+                    continue
+                if state is not None and state.get("status") == "forwarded":
+                    pending.discard(batch_id)
+                    break
+        return not pending
+
+    try:
+        wait_until(done, timeout, f"{len(batch_ids)} batches forwarded", interval=0.5)
+    except AssertionError as exc:
+        tails = "\n".join(f"--- {p.log_path.name}\n{p.tail(15)}" for p in pods)
+        raise AssertionError(f"{exc}; still pending: {sorted(pending)[:10]}\n{tails}") from None
+
+
+def counted(settings: Settings, batch_ids: list[str]) -> tuple[Tally, dict[str, int], int]:
+    """The read_committed view of the results: the tally against every expected line, the
+    duplicate copies per batch, and the dead letters."""
+    expected = {
+        (b, f"cid-{i:08d}".encode()): line
+        for b in batch_ids
+        for i, line in enumerate(generate_lines(b, {"count": LINES, "distinct_ids": LINES}))
+    }
+    bootstrap = settings.kafka_bootstrap_servers
+    records = asyncio.run(read_topic(bootstrap, settings.results_topic, timeout=120))
+    mine = [(r.headers.get("datagrid-batch-id", b"").decode(), r.key, r.value) for r in records]
+    per_batch: dict[str, int] = {}
+    for batch_id, _, _ in mine:
+        per_batch[batch_id] = per_batch.get(batch_id, 0) + 1
+    extra = {b: n - LINES for b, n in per_batch.items() if n > LINES}
+    dead = asyncio.run(read_topic(bootstrap, settings.dead_letter_topic, timeout=60))
+    return Tally.of(mine, expected), extra, len(dead)
+
+
+# --- the test --------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", MODES)
+def test_three_pods_kill_and_rolling_restart(
+    mode: Delivery,
+    make_settings: Callable[..., Settings],
+    fake_datagrid: FakeDatagrid,
+    pods: list[Forwarder],
+    tmp_path: Path,
+) -> None:
+    """Three pods over 300,000 preloaded states: a kill -9 mid-batch and a rolling restart under
+    load lose no line; exactly-once has no duplicate; preloaded batches are not forwarded again."""
+    began = time.monotonic()
+    settings = make_settings(
+        delivery=mode,
+        kafka_topic_partitions=PARTITIONS,
+        drain_timeout_seconds=2.0,
+        kafka_session_timeout_ms=6000,
+        datagrid_requests_per_minute=0,  # the limiter is not under test; it would pace the run
+        reconcile_interval_seconds=0,
+        datagrid_read_timeout=30.0,
+    )
+    tag = uuid.uuid4().hex[:6]
+    t0 = time.monotonic()
+    preloaded = asyncio.run(
+        preload_state(settings.kafka_bootstrap_servers, settings.state_topic, PRELOADED, tag=tag)
+    )
+    preload_s = time.monotonic() - t0
+
+    def pod(name: str) -> Forwarder:
+        started = Forwarder(settings, tmp_path, name=name)
+        pods.append(started)
+        return started
+
+    t0 = time.monotonic()
+    group = [pod(f"pod{i}").start() for i in range(3)]
+    for member in group:
+        member.wait_ready(timeout=180)
+    ready_s = time.monotonic() - t0
+    assert metric(group[0], "forwarder_state_batches") > 0
+
+    feeder = Feeder(group, fake_datagrid, tag)
+    try:
+        # Phase 1: 30 batches, and kill -9 a pod while it streams one of them.
+        feeder.queue(30)
+        victim = group[1]
+        wait_until(lambda: metric(victim, IN_FLIGHT) >= 1, 120, "the victim streaming a batch")
+        assert victim.process is not None
+        os.kill(victim.process.pid, signal.SIGKILL)
+        assert victim.wait_exit(30) == -signal.SIGKILL
+        # Phase 2: 30 more while the group is one short, then the killed pod comes back.
+        feeder.queue(30)
+        group[1] = pod("pod1-back").start().wait_ready(timeout=180)
+        # Phase 3: a rolling restart, one pod at a time, with a batch queued every 0.5 s.
+        feeder.start_trickle(0.5)
+        for index in range(3):
+            old = group[index]
+            old.signal(signal.SIGTERM)
+            assert old.wait_exit(120) == 0, old.tail()
+            group[index] = pod(f"pod{index}-rolled").start().wait_ready(timeout=180)
+    finally:
+        feeder.stop()
+    batch_ids = list(feeder.accepted)
+    assert len(batch_ids) >= 60
+
+    wait_all_forwarded(group, batch_ids, 300)
+
+    # Preloaded batches queued again are duplicates: never asked of Datagrid, never forwarded.
+    again = preloaded[:: PRELOADED // 6][:6]
+    duplicates_before = sum(metric(p, DUPLICATE) for p in group)
+    for index, batch_id in enumerate(again):
+        assert group[index % 3].queue(batch_id).status_code == 202
+    wait_until(
+        lambda: sum(metric(p, DUPLICATE) for p in group) >= duplicates_before + len(again),
+        120,
+        "the re-queued preloaded batches counted as duplicates",
+    )
+    asked = {r["batch_id"] for r in fake_datagrid.requests()}
+    assert not asked & set(again)
+
+    tally, extra, dead = counted(settings, batch_ids)
+    results = asyncio.run(read_topic(settings.kafka_bootstrap_servers, settings.results_topic))
+    assert not {r.headers.get("datagrid-batch-id", b"").decode() for r in results} & set(again)
+    print(
+        f"\n[{mode}] {len(batch_ids)} batches x {LINES} lines over {PRELOADED} preloaded states "
+        f"(preload {preload_s:.1f} s, 3 pods ready {ready_s:.1f} s, case "
+        f"{time.monotonic() - began:.0f} s): lost {tally.lost}, duplicates {tally.duplicates} "
+        f"in {len(extra)} batches {extra}, unexpected {tally.unexpected}, dead letters {dead}"
+    )
+    assert tally.lost == 0 and tally.unexpected == 0 and dead == 0, tally
+    if mode is Delivery.EXACTLY_ONCE:
+        assert tally.duplicates == 0, extra
+    else:
+        # At-least-once promises no loss, not no duplicates: a copy can only come from a batch
+        # streamed again after its attempt was cut (the kill or a rebalance), so whole batches'
+        # worth at most.
+        assert all(0 < n <= LINES * 8 for n in extra.values()), extra
