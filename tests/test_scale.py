@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import threading
 import time
@@ -235,15 +236,27 @@ class Feeder:
             raise AssertionError(f"queueing failed: {self._failure}") from self._failure
 
 
+def owned_partitions(pod: Forwarder) -> set[int]:
+    """The jobs partitions a pod reports a lag for, i.e. the ones it is assigned."""
+    try:
+        text = pod.http.get("/metrics").text
+    except httpx.TransportError:
+        return set()
+    return {int(p) for p in re.findall(r'^forwarder_jobs_lag\{partition="(\d+)"\}', text, re.M)}
+
+
 def wait_all_forwarded(pods: list[Forwarder], batch_ids: list[str], timeout: float) -> None:
     """Wait until a live pod reports every batch ``forwarded`` (asking each batch only until it
-    is); fail with the pods' log tails."""
+    is, and its owner first: another pod answers by scanning a state partition); fail with the
+    pods' log tails."""
     pending = set(batch_ids)
 
     def done() -> bool:
         live = [p for p in pods if alive(p)]
+        owner = {part: pod for pod in live for part in owned_partitions(pod)}
         for batch_id in sorted(pending):
-            for pod in live:
+            first = owner.get(partition_for(batch_id.encode(), PARTITIONS))
+            for pod in [first] if first is not None else live:
                 try:
                     state = pod.state(batch_id)
                 except httpx.TransportError:
