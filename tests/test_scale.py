@@ -177,15 +177,17 @@ class Feeder:
         self._failure: BaseException | None = None
         self._clients: dict[str, httpx.Client] = {}
 
-    def spec(self) -> dict[str, Any]:
-        """The fake's spec of every queued batch."""
-        return {"generate": {"count": LINES, "distinct_ids": LINES}, **STREAM}
+    def spec(self, hold: float = 0) -> dict[str, Any]:
+        """The fake's spec of a queued batch; ``hold`` > 0 stalls its first stream that many
+        seconds after 40 lines (so that it is surely in flight when a pod is killed)."""
+        faults = [{"kind": "stall", "after_lines": 40, "seconds": hold}] if hold else []
+        return {"generate": {"count": LINES, "distinct_ids": LINES}, **STREAM, "faults": faults}
 
-    def queue_one(self) -> str:
+    def queue_one(self, hold: float = 0) -> str:
         """Configure one new batch at the fake and queue it at some live pod; return its id."""
         with self._lock:
             batch_id = f"bpred_scale{self.tag}{len(self.accepted) + 1:04d}"
-            self.fake.configure(batch_id, **self.spec())
+            self.fake.configure(batch_id, **self.spec(hold))
             for _ in range(2 * len(self.pods)):
                 pod = self.pods[self._next % len(self.pods)]
                 self._next += 1
@@ -207,10 +209,10 @@ class Feeder:
                     return batch_id
             raise AssertionError(f"no live pod accepted {batch_id}")
 
-    def queue(self, n: int) -> None:
-        """Queue ``n`` batches now."""
+    def queue(self, n: int, hold: float = 0) -> None:
+        """Queue ``n`` batches now (each held ``hold`` seconds mid-stream, see :meth:`spec`)."""
         for _ in range(n):
-            self.queue_one()
+            self.queue_one(hold)
 
     def start_trickle(self, every: float) -> None:
         """Keep queueing one batch every ``every`` seconds in a thread, until :meth:`stop`."""
@@ -337,16 +339,22 @@ def test_three_pods_kill_and_rolling_restart(
 
     feeder = Feeder(group, fake_datagrid, tag)
     try:
-        # Phase 1: 30 batches, and kill -9 a pod while it streams one of them.
-        feeder.queue(30)
-        victim = group[1]
-        wait_until(lambda: metric(victim, IN_FLIGHT) >= 1, 120, "the victim streaming a batch")
+        # Phase 1: 30 batches, the last 6 held mid-stream for 20 s (queueing can take longer
+        # than forwarding on a busy machine), and kill -9 a pod while it streams one of them.
+        feeder.queue(24)
+        feeder.queue(6, hold=20)
+
+        def streaming() -> Forwarder | None:
+            return next((p for p in group if metric(p, IN_FLIGHT) >= 1), None)
+
+        victim = wait_until(streaming, 120, "a pod streaming a batch")
         assert victim.process is not None
         os.kill(victim.process.pid, signal.SIGKILL)
         assert victim.wait_exit(30) == -signal.SIGKILL
         # Phase 2: 30 more while the group is one short, then the killed pod comes back.
         feeder.queue(30)
-        group[1] = pod("pod1-back").start().wait_ready(timeout=180)
+        back = group.index(victim)
+        group[back] = pod(f"pod{back}-back").start().wait_ready(timeout=180)
         # Phase 3: a rolling restart, one pod at a time, with a batch queued every second.
         feeder.start_trickle(1.0)
         for index in range(3):
