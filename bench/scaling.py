@@ -626,7 +626,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
     )
     for ax in axes[:2]:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ready:
+            ax.legend(fontsize=8)
     if tput:
         pods = [r["pods"] for r in tput]
         values = [r["lines_per_s"] for r in tput]
