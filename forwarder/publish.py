@@ -195,8 +195,10 @@ class Publisher:
                     processed = n
                     continue
                 new = n > first_new
+                past_total = new and expected is not None and n - 1 - blank >= expected
                 if isinstance(line, Oversized):
-                    self._check_room(new, n - 1 - blank)
+                    if past_total:  # refused before it reaches Kafka
+                        raise self._too_many_lines()
                     detail = f"line of {line.size} bytes exceeds the limit"
                     await self._dead_letter(n, line.prefix, "too_large", detail, last)
                     last = line.prefix
@@ -204,8 +206,8 @@ class Publisher:
                     blank += new
                     last = line
                 else:
-                    if new and expected is not None and n - 1 - blank >= expected:
-                        self._check_room(new, n - 1 - blank)
+                    if past_total:  # refused before it reaches Kafka
+                        raise self._too_many_lines()
                     head = classify(line, batch_id)
                     if isinstance(head, tuple):
                         await self._dead_letter(n, line, *head, last)
@@ -247,13 +249,11 @@ class Publisher:
             progress.high_water = max(progress.high_water, processed)
         await self._settle_acks()
 
-    def _check_room(self, new: bool, result_lines: int) -> None:
-        """Refuse a result line past the batch's total before it reaches Kafka."""
+    def _too_many_lines(self) -> TooManyLines:
         expected = self.batch.expected_lines
-        if new and expected is not None and result_lines >= expected:
-            raise TooManyLines(
-                f"stream of {self.batch.batch_id} has more than the batch's {expected} lines"
-            )
+        return TooManyLines(
+            f"stream of {self.batch.batch_id} has more than the batch's {expected} lines"
+        )
 
     def _heads_for(self, status_bytes: bytes) -> tuple[tuple[str, bytes], ...]:
         """The fixed headers of a result record with this ``datagrid-status`` (cached)."""
