@@ -71,21 +71,25 @@ class StateStore:
         """The partitions whose state this pod holds."""
         return sorted(self._states)
 
+    def _held(self, batch_id: str) -> dict[str, tuple[int, bytes]] | None:
+        """The states of ``batch_id``'s partition, if this pod holds it."""
+        return self._states.get(self.partition_of(batch_id)) if self._partition_count else None
+
     def owns(self, batch_id: str) -> bool:
         """True when ``batch_id``'s partition is this pod's."""
-        return bool(self._partition_count) and self.partition_of(batch_id) in self._states
+        return self._held(batch_id) is not None
 
     def get(self, batch_id: str) -> BatchState | None:
         """The latest state of ``batch_id`` if this pod owns it (None: unknown or not ours)."""
-        held = self._states.get(self.partition_of(batch_id)) if self._partition_count else None
+        held = self._held(batch_id)
         entry = held.get(batch_id) if held is not None else None
         return _decode(entry[1], batch_id) if entry is not None else None
 
     def put(self, state: BatchState) -> None:
         """Remember a state this process just wrote (the topic will echo it later)."""
-        if self.owns(state.batch_id):
-            entry = (int(time.time() * 1000), state.encode())
-            self._states[self.partition_of(state.batch_id)][state.batch_id] = entry
+        held = self._held(state.batch_id)
+        if held is not None:
+            held[state.batch_id] = (int(time.time() * 1000), state.encode())
             self._count()
 
     def waiting(self) -> list[BatchState]:
@@ -166,24 +170,21 @@ class StateStore:
         if not added and not dropped:
             return
         await self._stop_following()
+        tps = {p: TopicPartition(self._topic, p) for p in wanted}
+        # Nothing held changes before this succeeds: a retry finds the same partitions to add
+        # and to drop, and starts following again.
+        with kafka_errors("assigning state partitions"):
+            # assign() forgets positions: the partitions kept resume where they were.
+            kept = {p: await consumer.position(tps[p]) for p in wanted - added}
+            consumer.assign(list(tps.values()))
+            for p, position in kept.items():
+                consumer.seek(tps[p], position)
+            if added:
+                await consumer.seek_to_beginning(*(tps[p] for p in added))
+                ends = await end_reader.end_offsets([tps[p] for p in added])
         for p in dropped:
             del self._states[p]
             self._restoring.pop(p, None)
-        tps = {p: TopicPartition(self._topic, p) for p in wanted}
-        try:
-            with kafka_errors("assigning state partitions"):
-                # assign() forgets positions: the partitions kept resume where they were.
-                kept = {p: await consumer.position(tps[p]) for p in wanted - added}
-                consumer.assign(list(tps.values()))
-                for p, position in kept.items():
-                    consumer.seek(tps[p], position)
-                if added:
-                    await consumer.seek_to_beginning(*(tps[p] for p in added))
-                    ends = await end_reader.end_offsets([tps[p] for p in added])
-        except BaseException:
-            for p in added:  # half assigned: the next try starts them over
-                self._restoring.pop(p, None)
-            raise
         for p in added:
             self._states[p] = {}
             self._restoring[p] = _Restore(ends[tps[p]], time.monotonic())
