@@ -6,10 +6,12 @@ state).  They produce the *same records* as the service: same topic, same key (`
 same value (the line's bytes), same partition (Kafka's murmur2) and by default the same four
 headers (batch id, content type, line status, line number).
 
-The one thing they take from ``forwarder/`` is Kafka's partitioner, ``forwarder.kafka.murmur2`` /
-``partition_for`` (``bench.check_records`` compares it with aiokafka's murmur2).  They always import
-it from the work tree, even under ``--ref``: see ``Rig.baseline_env``.  That import pulls in
-``forwarder.config`` (pydantic-settings): about 0.1 CPU-s and 12 MB of start-up per baseline run.
+The one thing the aiokafka baselines take from ``forwarder/`` is Kafka's partitioner,
+``forwarder.kafka.partition_for`` (``bench.check_records`` compares it with aiokafka's murmur2),
+imported where it is used, not here: it pulls in ``forwarder.config`` (pydantic-settings, about
+0.1 CPU-s and 12 MB of start-up), which the confluent-kafka baseline, whose librdkafka partitions
+by itself, does without.  They always import it from the work tree, even under ``--ref``: see
+``Rig.baseline_env``.
 """
 
 from __future__ import annotations
@@ -21,16 +23,12 @@ from typing import Any
 import httpx
 import msgspec
 
-from forwarder.kafka import murmur2, partition_for
-
 __all__ = [
     "CONTENT_TYPE",
     "PRODUCER_OPTIONS",
     "Head",
     "decode_head",
-    "murmur2",
     "parser",
-    "partition_for",
     "stream_lines",
 ]
 

@@ -12,14 +12,8 @@ import sys
 
 from aiokafka import AIOKafkaProducer
 
-from bench._common import (
-    CONTENT_TYPE,
-    PRODUCER_OPTIONS,
-    decode_head,
-    parser,
-    partition_for,
-    stream_lines,
-)
+from bench._common import CONTENT_TYPE, PRODUCER_OPTIONS, decode_head, parser, stream_lines
+from forwarder.kafka import partition_for
 
 
 async def run(args: object) -> int:

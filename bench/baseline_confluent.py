@@ -15,22 +15,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
-import msgspec
 from confluent_kafka import KafkaError, Message, Producer
 
-# Not bench._common: that imports forwarder.kafka (for murmur2, which librdkafka brings itself),
-# and with it pydantic-settings, which would add ~0.1 s to this script's start-up.
-CONTENT_TYPE = ("content-type", b"application/json")
-
-
-class Head(msgspec.Struct):
-    """The two fields a forwarder needs from a line (the rest is skipped, not decoded)."""
-
-    custom_id: str
-    status: str | None = None
-
-
-decode_head = msgspec.json.Decoder(Head).decode
+from bench._common import CONTENT_TYPE, decode_head
 
 
 def parser(description: str) -> argparse.ArgumentParser:

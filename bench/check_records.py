@@ -5,8 +5,8 @@
 Forwards one small batch with each contender (fresh topics), reads every topic back and compares,
 per line number, the partition, key, value and headers with what ``forwarder forward`` wrote.
 (kcat is compared on partition, key and value only: it cannot send per-line headers.)  Also checks
-``forwarder.kafka.murmur2`` (the service's partitioner, which the baselines and the harness borrow
-through ``bench._common``) against aiokafka's on random keys.  Exit 1 on any difference.
+``forwarder.kafka.murmur2`` (the service's partitioner, which the aiokafka baselines and the
+harness borrow) against aiokafka's on random keys.  Exit 1 on any difference.
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from pathlib import Path
 
 from aiokafka.partitioner import murmur2 as aiokafka_murmur2
 
-from bench._common import murmur2
 from bench.data import Workload
 from bench.harness import BenchFailure, log, measure
 from bench.oneshot import contender_command
 from bench.testbed import Rig
+from forwarder.kafka import murmur2
 from tests.kafka_helpers import read_topic
 
 #: The service first: it is the reference the others are compared with.

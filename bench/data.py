@@ -14,7 +14,7 @@ from typing import Any
 
 import msgspec
 
-from bench._common import partition_for
+from forwarder.kafka import partition_for
 from tests.fake_datagrid import generate_lines
 
 #: The chunk size the fake serves the body in.

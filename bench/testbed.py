@@ -202,7 +202,8 @@ class Rig:
     def baseline_env(self, names: dict[str, str]) -> dict[str, str]:
         """The baselines' environment: the work tree's ``forwarder.kafka`` even under ``--ref``.
 
-        They only borrow its partitioner (``bench._common``), which commits before a4beb8e lack.
+        They only borrow its partitioner (``forwarder.kafka.partition_for``), which commits
+        before a4beb8e lack.
         """
         env = self.service_env(names)
         env["PYTHONPATH"] = str(REPO)
