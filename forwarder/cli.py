@@ -8,14 +8,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import sys
 import textwrap
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING
 
+import structlog
+
 from forwarder import __version__
-from forwarder.config import Delivery, Settings, describe_variables, load_settings
+from forwarder.config import (
+    Delivery,
+    Settings,
+    describe_variables,
+    load_settings,
+    service_links,
+)
 from forwarder.datagrid import check_batch_id
 from forwarder.errors import Backoff, BatchNotReady, ConfigError, ForwarderError, InvalidBatchId
 from forwarder.kafka import kafka_errors, make_producer
@@ -94,11 +103,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             from forwarder.app import serve
 
             configure_logging(settings.log_format, settings.log_level, redactor=redactor)
+            _log_service_links()
             return serve(settings)
         # One-shot commands keep stdout for their summary; logs go to stderr.
         configure_logging(
             settings.log_format, settings.log_level, stream=sys.stderr, redactor=redactor
         )
+        _log_service_links()
         if args.command == "forward":
             return asyncio.run(_forward(settings, args.batch_ids, args.wait))
         return asyncio.run(_enqueue(settings, args.batch_ids, args.replay))
@@ -113,6 +124,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
+
+
+def _log_service_links() -> None:
+    """Say once, at debug, which Kubernetes service-link variables were taken for no setting."""
+    if links := service_links(os.environ):
+        structlog.get_logger("forwarder.config").debug("service_links_ignored", variables=links)
 
 
 async def _forward(settings: Settings, batch_ids: list[str], wait: float) -> int:

@@ -10,6 +10,7 @@ import difflib
 import os
 import re
 import ssl
+from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Literal
@@ -355,36 +356,99 @@ def known_variables() -> frozenset[str]:
     }
 
 
-def _dotenv_names(path: Path = Path(".env")) -> list[str]:
+def _dotenv_values(path: Path = Path(".env")) -> dict[str, str]:
     if not path.is_file():
-        return []
-    names = []
+        return {}
+    values = {}
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        name = line.strip().removeprefix("export ").partition("=")[0].strip()
+        name, _, value = line.strip().removeprefix("export ").partition("=")
+        name = name.strip()
         if name and not name.startswith("#"):
-            names.append(name)
-    return names
+            values[name] = value.strip().strip("'\"")
+    return values
 
 
-def check_unknown_variables(names: list[str]) -> None:
-    """Refuse ``FORWARDER_*`` names that are no setting (a typo would silently keep a default)."""
-    known = known_variables()
-    unknown = sorted(
-        {n for n in names if n.upper().startswith(ENV_PREFIX) and n.upper() not in known}
+#: What Kubernetes injects into every pod for each Service in its namespace (docker-link style
+#: variables), when the Service's name maps onto our prefix: a Service ``forwarder`` gives
+#: ``FORWARDER_SERVICE_HOST``, ``FORWARDER_PORT``, ``FORWARDER_PORT_8080_TCP_ADDR``...; one named
+#: ``forwarder-metrics`` gives ``FORWARDER_METRICS_SERVICE_HOST`` and so on.  Each suffix has a
+#: fixed value shape, which is checked too: a misspelt setting (``FORWARDER_HTTPS_PORT=8080``)
+#: has the name but not the value of a link (``tcp://10.0.0.1:8080``), and is still refused.
+_IP = r"(?:[0-9.]+|[0-9A-Fa-f:]+)"
+_LINK = rf"(?:tcp|udp|sctp)://(?:{_IP}|\[{_IP}\]):\d+"
+_SERVICE_LINKS = (
+    (re.compile(r"_SERVICE_HOST\Z"), re.compile(rf"{_IP}\Z")),
+    (re.compile(r"_SERVICE_PORT(?:_[A-Z0-9_]+)?\Z"), re.compile(r"\d+\Z")),
+    (re.compile(r"_PORT\Z"), re.compile(rf"{_LINK}\Z")),
+    (re.compile(r"_PORT_\d+_(?:TCP|UDP|SCTP)\Z"), re.compile(rf"{_LINK}\Z")),
+    (re.compile(r"_PORT_\d+_(?:TCP|UDP|SCTP)_PROTO\Z"), re.compile(r"(?:tcp|udp|sctp)\Z")),
+    (re.compile(r"_PORT_\d+_(?:TCP|UDP|SCTP)_PORT\Z"), re.compile(r"\d+\Z")),
+    (re.compile(r"_PORT_\d+_(?:TCP|UDP|SCTP)_ADDR\Z"), re.compile(rf"{_IP}\Z")),
+)
+
+
+def is_service_link(name: str, value: str) -> bool:
+    """True when ``name=value`` is a variable Kubernetes injected for a Service, not a setting."""
+    return any(
+        suffix.search(name) is not None and shape.match(value) is not None
+        for suffix, shape in _SERVICE_LINKS
     )
+
+
+def service_links(environ: Mapping[str, str]) -> list[str]:
+    """The ``FORWARDER_*`` variables in ``environ`` that are Kubernetes service links, ignored."""
+    known = known_variables()
+    return sorted(
+        name
+        for name, value in environ.items()
+        if name.upper().startswith(ENV_PREFIX)
+        and name.upper() not in known
+        and is_service_link(name.upper(), value)
+    )
+
+
+def check_unknown_variables(environ: Mapping[str, str]) -> None:
+    """Refuse ``FORWARDER_*`` names that are no setting (a typo would silently keep a default);
+    Kubernetes service links (:func:`is_service_link`) are not settings and pass."""
+    known = known_variables()
+    unknown = {
+        name
+        for name, value in environ.items()
+        if name.upper().startswith(ENV_PREFIX)
+        and name.upper() not in known
+        and not is_service_link(name.upper(), value)
+    }
     if unknown:
         problems = []
-        for name in unknown:
+        for name in sorted(unknown):
             close = difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.75)
             hint = f" (did you mean {close[0]}?)" if close else ""
             problems.append(f"{name}: unknown variable{hint}")
         raise ConfigError("; ".join(problems))
 
 
+def _check_links_on_settings(environ: Mapping[str, str]) -> None:
+    """A Service named, say, ``forwarder-http`` makes Kubernetes inject ``FORWARDER_HTTP_PORT=
+    tcp://...``, which lands on a real setting: say so, rather than "not a valid integer"."""
+    for name in sorted(known_variables() & {n.upper() for n in environ}):
+        value = next(v for n, v in environ.items() if n.upper() == name)
+        if is_service_link(name, value):
+            service = name.removesuffix("_PORT").lower().replace("_", "-")
+            raise ConfigError(
+                f"{name}: holds a Kubernetes service link ({value.split(':')[0]}://...), not a "
+                f"setting: a Service named {service!r} shares the variable's name; set "
+                "enableServiceLinks: false in the pod spec (the chart does)"
+            )
+
+
 def load_settings(**overrides: object) -> Settings:
     """Build :class:`Settings` from the environment (and ``./.env``), turning validation errors
-    into one line each; unknown ``FORWARDER_*`` variables are refused, naming the closest."""
-    check_unknown_variables([*os.environ, *_dotenv_names()])
+    into one line each; unknown ``FORWARDER_*`` variables are refused, naming the closest.
+
+    Kubernetes service-link variables are ignored (:func:`service_links` names them)."""
+    environ = {**_dotenv_values(), **os.environ}
+    check_unknown_variables(environ)
+    _check_links_on_settings(environ)
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:

@@ -1000,3 +1000,16 @@ def test_release_actions_are_pinned_to_commits() -> None:
     for action, comment in uses:
         assert re.fullmatch(r"[\w.-]+/[\w.-]+@[0-9a-f]{40}", action), action
         assert re.fullmatch(r"\s+# v\d+\.\d+\.\d+", comment), action
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_pods_get_no_service_links(scenario: str) -> None:
+    """Every pod the chart makes turns off Kubernetes service links: the release `forwarder` makes
+    a Service whose links (FORWARDER_PORT, ...) would otherwise reach the settings loader."""
+    pods = [workload(render(scenario))[0]]
+    pods += [o["spec"] for o in render(scenario) if o["kind"] == "Pod"]
+    pods += [
+        o["spec"]["template"]["spec"] for o in render(scenario) if o["kind"] in ("Job", "CronJob")
+    ]
+    for pod in pods:
+        assert pod["enableServiceLinks"] is False
