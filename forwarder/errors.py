@@ -1,7 +1,15 @@
 """One error tree for the forwarder, and the retry policy as data.
 
-Every error says what to do about it with :attr:`ForwarderError.retry` (a :class:`Retry`); every
-retry loop waits by one :class:`Backoff` value (base, cap, jitter).
+Every error says what to do about it with :attr:`ForwarderError.retry` (a :class:`Retry`), set once
+where the error is made or translated (``kafka.translate``, the Datagrid client, job parsing);
+``retry.retry`` is the one loop that acts on it, waiting by a :class:`Backoff` (base, cap, jitter).
+The three outcomes that matter to an operator:
+
+- *retriable* (``BACKOFF``): bounded attempts, capped jittered backoff, ``Retry-After`` honoured;
+- *permanent for this batch* (``NEVER``): the batch's state is ``failed`` with the error's code;
+- *permanent for this pod's configuration* (``CONFIG``): a topic missing, a record the topic can
+  never take, an authorization refused. Nothing is failed or dropped: the step waits at the backoff
+  cap, the pod is not ready (``/readyz`` names the reason), and it resumes once the cause is mended.
 
 ::
 
@@ -13,6 +21,7 @@ retry loop waits by one :class:`Backoff` value (base, cap, jitter).
     ├── Unauthorized             missing or wrong bearer token                              (401)
     ├── SignatureError           missing, malformed, wrong or stale webhook signature       (401)
     ├── NotFound                 no such resource                                           (404)
+    ├── InvalidJob               a jobs-topic record that is no job           (logged, skipped)
     ├── UpstreamError            Datagrid answered badly or not at all
     │   ├── UpstreamUnavailable  429, 408, 5xx, timeouts, broken streams   (retriable)
     │   │   ├── StreamDiverged   a re-stream differs from the lines already in Kafka
@@ -22,7 +31,8 @@ retry loop waits by one :class:`Backoff` value (base, cap, jitter).
     │   ├── BatchNotReady        batch not terminal yet (409 or its status) (retriable, later)
     │   └── UpstreamRejected     401, 403, 404, 410, 422, other 4xx        (permanent)
     └── KafkaError               broker refused or unreachable (retriable per cause)        (503)
-        ├── TopicMissing         a topic does not exist and may not be created
+        ├── KafkaConfigProblem   the cluster refuses what this pod is set up to do     (config)
+        │   └── TopicMissing     a topic does not exist and may not be created
         ├── ProducerFailed       the producer stopped for good: replace it, retry
         └── Fenced               another process took over our transactional id (exactly-once)
 
@@ -46,6 +56,9 @@ class Retry(Enum):
     BACKOFF = "backoff"  # transient: try again after a capped, jittered delay
     LATER = "later"  # not ready yet: park durably and check again on a timer
     HAND_OFF = "hand_off"  # another process owns the work now: stop, commit nothing
+    #: Permanent for this pod's configuration: never as if transient (no attempt is spent, the
+    #: wait is the cap), the pod is not ready and says why; the step resumes once it is mended.
+    CONFIG = "config"
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +102,12 @@ class ConfigError(ForwarderError):
     """A setting is missing or invalid; the message names the variable."""
 
     code = "config_error"
+
+
+class InvalidJob(ForwarderError):
+    """A jobs-topic record that is no job (undecodable, too deep, fields too long, a bad id)."""
+
+    code = "invalid_job"
 
 
 class InvalidBatchId(ForwarderError):
@@ -205,18 +224,29 @@ class KafkaError(ForwarderError):
     code = "kafka_error"
     http_status = 503
 
-    def __init__(self, message: str, *, retriable: bool = True) -> None:
+    def __init__(self, message: str, *, retriable: bool = True, topic: str | None = None) -> None:
         super().__init__(message)
         self.retry = Retry.BACKOFF if retriable else Retry.NEVER
+        #: The topic the failed request was for, when one was (to say which one is unwritable).
+        self.topic = topic
 
 
-class TopicMissing(KafkaError):
+class KafkaConfigProblem(KafkaError):
+    """The cluster refuses what this pod is configured to do: a record larger than the topic
+    takes, an authorization refused, a topic missing or invalid. Retrying soon cannot help; the
+    pod is not ready until someone mends it (``Retry.CONFIG``)."""
+
+    code = "kafka_config"
+
+    def __init__(self, message: str, *, topic: str | None = None) -> None:
+        super().__init__(message, retriable=False, topic=topic)
+        self.retry = Retry.CONFIG
+
+
+class TopicMissing(KafkaConfigProblem):
     """A topic does not exist and ``FORWARDER_KAFKA_CREATE_TOPICS=false`` forbids creating it."""
 
     code = "topic_missing"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, retriable=False)
 
 
 class ProducerFailed(KafkaError):
