@@ -72,6 +72,7 @@ class Pod:
             FORWARDER_RECONCILE_INTERVAL_SECONDS="0",  # it would queue other runs' batches
             FORWARDER_HTTP_HOST="127.0.0.1",
             FORWARDER_HTTP_PORT=str(port),
+            FORWARDER_MANAGEMENT_PORT=str(rig.free_port()),
             FORWARDER_WEBHOOK_SECRETS=WEBHOOK_SECRET,
             FORWARDER_API_TOKENS=API_TOKEN,
             # Not what is measured: the limiter would pace the upstream at 180 requests/min.

@@ -78,6 +78,7 @@ def serve(rig_: Rig, names: dict[str, str], **extra: str) -> Iterator[Serve]:
         FORWARDER_RECONCILE_INTERVAL_SECONDS="0",
         FORWARDER_HTTP_HOST="127.0.0.1",
         FORWARDER_HTTP_PORT=str(port),
+        FORWARDER_MANAGEMENT_PORT=str(rig.free_port()),
         FORWARDER_WEBHOOK_SECRETS=WEBHOOK_SECRET,
         FORWARDER_API_TOKENS=API_TOKEN,
         **extra,

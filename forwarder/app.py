@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -33,17 +34,22 @@ from forwarder import __revision__, __version__
 from forwarder.api import (
     ROUTES,
     Backend,
+    healthz,
     http_middleware,
     problem_response,
+    readyz,
     request_id_middleware,
 )
+from forwarder.api import metrics as metrics_route
 from forwarder.config import Delivery, Settings
 from forwarder.core import open_core
-from forwarder.errors import KAFKA_BACKOFF, ConfigError, ForwarderError, KafkaError
-from forwarder.jobs import Job, JobQueue
+from forwarder.errors import KAFKA_BACKOFF, ConfigError, ForwarderError, KafkaError, Retry
+from forwarder.health import Health
+from forwarder.jobs import Job, JobQueue, deployment_of
 from forwarder.kafka import make_producer
-from forwarder.observability import Metrics
+from forwarder.observability import HEALTH_COMPONENTS, Metrics
 from forwarder.reconcile import Reconciler
+from forwarder.retry import Policy, retry
 from forwarder.state import BatchState
 from forwarder.store import StateStore
 from forwarder.webhooks import RecentEvents, datagrid_webhook
@@ -69,14 +75,18 @@ class Services:
     fatal: BaseException | None = None
     problem: str | None = None  # the last start-up or Kafka failure, for /readyz
     on_fatal: Callable[[BaseException], None] = lambda exc: None
+    health: Health = field(default_factory=Health)
 
     def readiness(self) -> dict[str, bool]:
         """Named readiness checks; ready only when all hold."""
+        problems = self.health.problems
         checks = {
             "kafka": self.kafka_ok,
             "state_loaded": self.store is not None and self.store.loaded,
             "worker_assigned": self.worker is not None and self.worker.assigned.is_set(),
             "not_draining": not self.draining,
+            # Each topic this pod writes or reads takes what it is sent (health.Health).
+            **{component: component not in problems for component in HEALTH_COMPONENTS},
         }
         if self.settings.delivery is Delivery.EXACTLY_ONCE:
             checks["transactions"] = (
@@ -88,6 +98,8 @@ class Services:
         """Why the service is not ready, in one line (None when nothing went wrong)."""
         if self.worker is not None and self.worker.transactions_failure is not None:
             return self.worker.transactions_failure
+        if problems := self.health.problems:
+            return "; ".join(f"{component}: {why}" for component, why in problems.items())
         return self.problem
 
     async def enqueue(self, job: Job) -> None:
@@ -118,39 +130,43 @@ class Services:
 
     async def run(self, transport: httpx.AsyncBaseTransport | None = None) -> None:
         """Open every resource in order (retrying while Kafka is unreachable), then hold them
-        until cancelled, closing them in reverse order."""
-        failures = 0
-        while True:
+        until cancelled, closing them in reverse order.  A permanent failure at start (a setting,
+        a topic missing with creation off) stops the process."""
+
+        async def open_and_hold() -> None:
             try:
                 async with AsyncExitStack() as stack:
                     await self._open(stack, transport)
-                    failures = 0
                     self.problem = None
                     await asyncio.Event().wait()  # hold until cancelled
             except ForwarderError as exc:
                 self.kafka_ok = False
                 self.problem = str(exc)
-                if not exc.retriable:
-                    log.error("startup_failed", error=str(exc))
-                    self.fatal = exc
-                    self.on_fatal(exc)
-                    return
-                failures += 1
-                delay = KAFKA_BACKOFF.delay(failures)
-                log.warning("startup_retry", error=str(exc), retry_in=round(delay, 3))
-                await asyncio.sleep(delay)
+                raise
             finally:
                 self.queue = None
                 self.worker = None
+
+        try:
+            policy = Policy("startup_retry", KAFKA_BACKOFF, retry_on=frozenset({Retry.BACKOFF}))
+            await retry(open_and_hold, policy)
+        except ForwarderError as exc:
+            log.error("startup_failed", error=str(exc))
+            self.fatal = exc
+            self.on_fatal(exc)
 
     async def _open(
         self, stack: AsyncExitStack, transport: httpx.AsyncBaseTransport | None
     ) -> None:
         settings, metrics = self.settings, self.metrics
-        core = await stack.enter_async_context(open_core(settings, metrics, transport=transport))
-        self.queue = JobQueue(lambda: core.producer.current, settings.jobs_topic)
+        core = await stack.enter_async_context(
+            open_core(settings, metrics, transport=transport, health=self.health)
+        )
+        self.queue = JobQueue(
+            lambda: core.producer.current, settings.jobs_topic, deployment_of(settings)
+        )
         self.kafka_ok = True
-        store = StateStore(settings, metrics)
+        store = StateStore(settings, metrics, self.health)
         stack.push_async_callback(store.stop)
         await store.start()
         self.store = store
@@ -218,6 +234,7 @@ def create_app(
     services = Services(
         settings=settings,
         metrics=metrics,
+        health=Health(metrics),
         webhook_secrets=[s.get_secret_value().encode() for s in settings.webhook_secrets],
         api_tokens=[t.get_secret_value().encode() for t in settings.api_tokens],
     )
@@ -335,13 +352,45 @@ async def _probe_kafka(
         await asyncio.sleep(every)
 
 
-class _DrainingServer(uvicorn.Server):
-    """uvicorn, but the first SIGTERM drains the workers (readiness off) before HTTP stops."""
+def create_management_app(services: Services) -> Litestar:
+    """Liveness, readiness and metrics alone, for the management port: a listener of their own
+    without the public one's connection cap, so that idle keep-alive connections or a scanner on
+    the webhook port never make a probe fail (and the kubelet restart a pod that is only busy)."""
+    return Litestar(
+        route_handlers=[healthz, readyz, metrics_route],
+        dependencies={"services": Provide(_provider(services), sync_to_thread=False)},
+        exception_handlers={HTTPException: problem_response, Exception: problem_response},
+        openapi_config=None,
+        logging_config=None,
+    )
 
-    def __init__(self, config: uvicorn.Config, services: Services) -> None:
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn, but the first SIGTERM drains the workers (readiness off) before HTTP stops; the
+    management listener (if any) runs beside it in the same loop and stops after it."""
+
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        services: Services,
+        management: uvicorn.Server | None = None,
+    ) -> None:
         super().__init__(config)
         self._services = services
+        self._management = management
         self._drain_task: asyncio.Task[None] | None = None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        if self._management is None:
+            await super().serve(sockets)
+            return
+        # Its _serve, not serve: this server alone captures the signals.
+        management = asyncio.create_task(self._management._serve(), name="management-http")
+        try:
+            await super().serve(sockets)
+        finally:
+            self._management.should_exit = True
+            await management
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._drain_task is None:
@@ -383,7 +432,21 @@ def serve(settings: Settings) -> int:
         http=protocol,
         limit_concurrency=settings.http_max_connections,
     )
-    server = _DrainingServer(config, services)
+    management = None
+    if settings.management_port:
+        management = uvicorn.Server(
+            uvicorn.Config(
+                create_management_app(services),
+                host=settings.http_host,
+                port=settings.management_port,
+                log_config=None,
+                access_log=False,
+                lifespan="off",
+                server_header=False,
+                timeout_keep_alive=5,
+            )
+        )
+    server = _DrainingServer(config, services, management)
     server.run()
     if services.fatal is not None:
         print(f"forwarder: {services.fatal}", file=sys.stderr)
@@ -391,4 +454,4 @@ def serve(settings: Settings) -> int:
     return 0 if server.started else 1
 
 
-__all__ = ["Services", "create_app", "serve"]
+__all__ = ["Services", "create_app", "create_management_app", "serve"]

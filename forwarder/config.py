@@ -199,6 +199,11 @@ class Settings(BaseSettings):
     http_port: int = Field(default=8080, ge=1, le=65_535)
     """Port of the webhook, API, health and metrics routes."""
 
+    management_port: int = Field(default=8081, ge=0, le=65_535)
+    """Port of a second listener for `/healthz`, `/readyz` and `/metrics` alone, without the
+    connection cap of the main port (probes keep answering when webhooks crowd it); 0 turns it
+    off (those routes are also served on the main port)."""
+
     webhook_secrets: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     """Comma-separated Datagrid webhook secrets; any one verifies (rotation). Required by
     `serve`."""
@@ -236,6 +241,18 @@ class Settings(BaseSettings):
     def _upper(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
 
+    @field_validator("datagrid_teamspace")
+    @classmethod
+    def _teamspace(cls, value: str | None) -> str | None:
+        """It goes into an HTTP header: surrounding white space (a file's newline) is dropped,
+        and what remains must be printable ASCII."""
+        if value is None:
+            return None
+        stripped = value.strip()
+        if not stripped or not all(" " < char <= "~" for char in stripped):
+            raise ValueError("must be printable ASCII without spaces (it is an HTTP header)")
+        return stripped
+
     @field_validator("datagrid_base_url")
     @classmethod
     def _base_url(cls, value: str) -> str:
@@ -270,6 +287,14 @@ class Settings(BaseSettings):
         if not all(" " <= char <= "~" for char in stripped):
             raise ValueError("holds a control or non-ASCII character")
         return stripped
+
+    @model_validator(mode="after")
+    def _ports_differ(self) -> Settings:
+        if self.management_port == self.http_port:
+            raise ValueError(
+                "FORWARDER_MANAGEMENT_PORT must differ from FORWARDER_HTTP_PORT (0 turns it off)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _transaction_outlives_batch(self) -> Settings:

@@ -13,6 +13,7 @@ import httpx
 
 from forwarder.config import Settings
 from forwarder.datagrid import DatagridClient
+from forwarder.health import Health
 from forwarder.kafka import TopicLimits, prepare_topics
 from forwarder.observability import Metrics
 from forwarder.pipeline import Pipeline
@@ -37,8 +38,12 @@ async def open_core(
     metrics: Metrics,
     *,
     transport: httpx.AsyncBaseTransport | None = None,
+    health: Health | None = None,
 ) -> AsyncIterator[Core]:
-    """Open topics, producer and upstream client; close them in reverse order on exit."""
+    """Open topics, producer and upstream client; close them in reverse order on exit.
+
+    ``health`` is the long-running service's: with it, a configuration problem mid-run is waited
+    out (not ready, retried at the cap); without it (one-shot commands) it ends the command."""
     settings.require_api_key()  # before any connection: a missing key is a setting error
     async with AsyncExitStack() as stack:
         limits = await prepare_topics(settings)
@@ -47,5 +52,5 @@ async def open_core(
         await producer.start()
         datagrid = DatagridClient(settings, metrics, transport=transport)
         stack.push_async_callback(datagrid.aclose)
-        pipeline = Pipeline(settings, datagrid, producer, limits, metrics)
+        pipeline = Pipeline(settings, datagrid, producer, limits, metrics, health)
         yield Core(settings, metrics, limits, producer, datagrid, pipeline)

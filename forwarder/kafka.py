@@ -25,10 +25,23 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import (
+    ClusterAuthorizationFailedError,
+    GroupAuthorizationFailedError,
+    InvalidConfigurationError,
+    InvalidRequiredAcksError,
+    InvalidTopicError,
     KafkaConnectionError,
     KafkaTimeoutError,
+    MessageSizeTooLargeError,
     OutOfOrderSequenceNumber,
+    PolicyViolationError,
     ProducerFenced,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+    TopicAuthorizationFailedError,
+    TransactionalIdAuthorizationFailed,
+    UnsupportedCodecError,
+    UnsupportedForMessageFormatError,
 )
 from aiokafka.errors import KafkaError as AIOKafkaError
 from aiokafka.helpers import create_ssl_context
@@ -38,8 +51,10 @@ from forwarder.errors import (
     ConfigError,
     Fenced,
     ForwarderError,
+    KafkaConfigProblem,
     KafkaError,
     ProducerFailed,
+    Retry,
     TopicMissing,
 )
 
@@ -105,12 +120,36 @@ _recent_kafka_log = _RecentKafkaLog()
 logging.getLogger("aiokafka").addHandler(_recent_kafka_log)
 
 
+#: aiokafka errors that no retry can mend: the cluster refuses what this pod is configured to do.
+#: They become :class:`KafkaConfigProblem` (``Retry.CONFIG``): the pod is not ready and says why,
+#: and the step waits at the backoff cap, never as if the failure were transient.
+CONFIG_PROBLEMS: dict[type[AIOKafkaError], str] = {
+    MessageSizeTooLargeError: "a record is larger than the topic's max.message.bytes",
+    RecordTooLargeError: "a record is larger than the producer may send",
+    RecordListTooLargeError: "a record batch is larger than the topic's max.message.bytes",
+    TopicAuthorizationFailedError: "an ACL refuses this principal the topic (docs/security.md)",
+    GroupAuthorizationFailedError: "an ACL refuses this principal the consumer group",
+    ClusterAuthorizationFailedError: "an ACL refuses this principal a cluster operation",
+    TransactionalIdAuthorizationFailed: "an ACL refuses this principal its transactional id",
+    InvalidTopicError: "the topic name is invalid",
+    PolicyViolationError: "a broker policy refuses the request",
+    InvalidConfigurationError: "the broker refuses a configuration",
+    InvalidRequiredAcksError: "the broker refuses acks=all",
+    UnsupportedCodecError: "the compression codec is not supported",
+    UnsupportedForMessageFormatError: "the topic's message format is too old",
+}
+
+
 def translate(exc: BaseException, what: str) -> ForwarderError:
-    """An aiokafka error as our :class:`KafkaError`, keeping its ``retriable`` flag; a connection
-    that failed because the login or the TLS handshake did is a :class:`ConfigError` naming the
-    settings to check (it can never work as configured)."""
+    """An aiokafka error as our :class:`KafkaError`, classified once (see :data:`CONFIG_PROBLEMS`
+    and ``errors.Retry``), else keeping aiokafka's ``retriable`` flag; a connection that failed
+    because the login or the TLS handshake did is a :class:`ConfigError` naming the settings to
+    check (it can never work as configured)."""
     if isinstance(exc, ForwarderError):
         return exc
+    for kind, meaning in CONFIG_PROBLEMS.items():
+        if isinstance(exc, kind):
+            return KafkaConfigProblem(f"{what}: {type(exc).__name__}: {meaning}")
     if isinstance(exc, ProducerFenced):
         return Fenced(f"{what}: another process took over this transactional id")
     if isinstance(exc, OutOfOrderSequenceNumber):
@@ -121,6 +160,28 @@ def translate(exc: BaseException, what: str) -> ForwarderError:
     # is worth sending again once the broker is back, whatever aiokafka's flag says.
     retriable = bool(getattr(exc, "retriable", True)) or isinstance(exc, KafkaTimeoutError)
     return KafkaError(f"{what}: {type(exc).__name__}: {exc}", retriable=retriable)
+
+
+def translate_send(
+    exc: BaseException, what: str, producer: AIOKafkaProducer, topic: str
+) -> ForwarderError:
+    """:func:`translate` for a record sent to ``topic``: a send that timed out waiting for the
+    topic's metadata because the topic does not exist (deleted, never created) is
+    :class:`TopicMissing`, not a transient timeout to retry every few seconds for ever."""
+    error = translate(exc, what)
+    if error.retry is Retry.BACKOFF and topic_absent(producer, topic):
+        error = TopicMissing(f"{what}: topic {topic} does not exist (deleted, or never created)")
+    if isinstance(error, KafkaError) and error.topic is None:
+        error.topic = topic
+    return error
+
+
+def topic_absent(producer: AIOKafkaProducer, topic: str) -> bool:
+    """True when the producer's last metadata knows ``topic`` as missing (not merely unfetched)."""
+    cluster = producer.client.cluster
+    if topic in cluster.unauthorized_topics:
+        return False  # refused, not missing: the authorization error says so itself
+    return cluster.brokers() != set() and topic not in cluster.topics()
 
 
 @contextmanager

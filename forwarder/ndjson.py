@@ -13,17 +13,59 @@ kept
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Final
 
 import msgspec
 
-__all__ = ["LineHead", "LineSplitter", "Oversized", "classify", "is_blank"]
+__all__ = [
+    "LineHead",
+    "LineSplitter",
+    "Oversized",
+    "classify",
+    "is_blank",
+    "is_complete_object",
+    "without_bom",
+]
 
 _NL: Final = b"\n"
 _CR: Final = b"\r"
 #: What a blank line may hold (``is_blank``; the publisher inlines the same test).
 WHITESPACE: Final = b" \t\r\n\f\v"
+
+
+#: A UTF-8 byte order mark: not part of any JSON text (RFC 8259 lets a parser ignore one); some
+#: exporters write one before the first line, which would otherwise dead-letter line 1.
+BOM: Final = b"\xef\xbb\xbf"
+
+
+async def without_bom(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The stream's chunks with a byte order mark at its very start removed (however the first
+    chunks split it); nothing else is changed."""
+    head: bytes | None = b""
+    async for chunk in chunks:
+        if head is None:
+            yield chunk
+            continue
+        head += chunk
+        if len(head) < len(BOM) and BOM.startswith(head):
+            continue  # maybe a BOM still arriving
+        yield head.removeprefix(BOM)
+        head = None
+    if head:
+        yield head
+
+
+def is_complete_object(line: bytes | Oversized) -> bool:
+    """True when ``line`` is a whole JSON object: the last line of a close-delimited body is one
+    unless the connection was cut (a cut object never parses)."""
+    if isinstance(line, Oversized):
+        return False
+    try:
+        return isinstance(msgspec.json.decode(line), dict)
+    except (msgspec.DecodeError, RecursionError):
+        return False
 
 
 @dataclass(frozen=True, slots=True)

@@ -48,6 +48,24 @@ WEBHOOK_OUTCOMES = (
     "too_large",  # refused 413
 )
 
+#: ``forwarder_batches_total`` outcomes; ``foreign``: a job queued by another deployment, skipped.
+BATCH_OUTCOMES = ("forwarded", "failed", "duplicate", "invalid", "foreign")
+#: Components whose configuration problems ``/readyz`` reports (``health.Health``).
+HEALTH_COMPONENTS = ("results_topic", "dead_letter_topic", "state_topic", "jobs_topic")
+#: Datagrid statuses counted by their own label (those its docs name); any other status is
+#: counted by its class (``4xx``, ``5xx``...), so a hostile upstream cannot grow the series.
+UPSTREAM_CODES = frozenset(
+    {"200", "400", "401", "403", "404", "408", "409", "410", "413", "422", "429"}
+    | {"500", "502", "503", "504", "error"}
+)
+
+
+def upstream_code_label(code: str) -> str:
+    """The ``code`` label of ``forwarder_upstream_requests_total``: a closed set."""
+    if code in UPSTREAM_CODES:
+        return code
+    return f"{code[0]}xx" if len(code) == 3 and code.isdigit() and code[0] in "12345" else "other"
+
 
 def line_status_label(status: object) -> str:
     """The metric label for a line's ``status``: one of the known four, else ``other``."""
@@ -197,6 +215,19 @@ class Metrics:
             "Terminal batches the reconciler found never forwarded, and queued.",
             registry=r,
         )
+        self.config_problems = Gauge(
+            "forwarder_config_problem",
+            "1 while a step fails for a reason of this pod's configuration (a topic missing or "
+            "refusing records, an authorization refused), by component; the pod is not ready.",
+            ["component"],
+            registry=r,
+        )
+        self.internal_errors = Counter(
+            "forwarder_internal_errors",
+            "Exceptions no code handled (a task that died, a bug): always worth a look.",
+            ["where"],
+            registry=r,
+        )
         self.ratelimit_wait = Counter(
             "forwarder_upstream_ratelimit_wait_seconds",
             "Seconds spent waiting on the client-side Datagrid rate limiter.",
@@ -209,8 +240,12 @@ class Metrics:
             self.lines_forwarded.labels(status=status)
         for reason in DEAD_LETTER_REASONS:
             self.dead_letters.labels(reason=reason)
-        for outcome in ("forwarded", "failed", "duplicate", "invalid"):
+        for outcome in BATCH_OUTCOMES:
             self.batches.labels(outcome=outcome)
+        for component in HEALTH_COMPONENTS:
+            self.config_problems.labels(component=component)
+        for where in ("task", "job"):
+            self.internal_errors.labels(where=where)
         for outcome in WEBHOOK_OUTCOMES:
             self.webhooks.labels(outcome=outcome)
         for outcome in ("ok", "failed"):
@@ -220,7 +255,7 @@ class Metrics:
 
     def on_upstream_response(self, code: str, seconds: float) -> None:
         """Hook for the Datagrid client: count the response and time it."""
-        self.upstream_requests.labels(code=code).inc()
+        self.upstream_requests.labels(code=upstream_code_label(code)).inc()
         self.upstream_latency.observe(seconds)
 
 

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError as AIOKafkaError
 
 from forwarder.config import Settings
 from forwarder.datagrid import (
@@ -31,6 +33,7 @@ from forwarder.datagrid import (
     terminal_time,
 )
 from forwarder.errors import (
+    KAFKA_BACKOFF,
     Backoff,
     BatchNotReady,
     BatchTimeout,
@@ -41,11 +44,13 @@ from forwarder.errors import (
     Retry,
     UpstreamUnavailable,
 )
-from forwarder.kafka import TopicLimits, kafka_errors
-from forwarder.ndjson import LineSplitter
+from forwarder.health import Health
+from forwarder.kafka import TopicLimits, kafka_errors, translate_send
+from forwarder.ndjson import LineSplitter, is_complete_object, without_bom
 from forwarder.observability import Metrics, Redactor
 from forwarder.producers import SharedProducer
 from forwarder.publish import Batch, Progress, PublishConfig, Publisher
+from forwarder.retry import TRANSIENT_OR_CONFIG, Policy, retry
 from forwarder.state import BatchState, Status, iso, parse_time, utcnow
 
 log = structlog.get_logger("forwarder.pipeline")
@@ -63,6 +68,11 @@ class Transaction:
     group_id: str | None = None
 
 
+#: At-least-once: batches whose acknowledged lines are remembered after a call that raised, so
+#: that the job's next try in this process skips them (the oldest are forgotten past this).
+RESUMABLE_BATCHES = 1024
+
+
 @dataclass
 class _Attempt:
     """One try at a batch: what every step of it needs."""
@@ -72,6 +82,7 @@ class _Attempt:
     logger: Any
     number: int = 0
     progress: Progress = field(default_factory=Progress)
+    last_error: ForwarderError | None = None
 
 
 class Pipeline:
@@ -84,14 +95,32 @@ class Pipeline:
         producer: SharedProducer,
         limits: TopicLimits,
         metrics: Metrics,
+        health: Health | None = None,
     ) -> None:
         self._settings = settings
         self._datagrid = datagrid
         self._shared = producer
         self._metrics = metrics
         self._publish = PublishConfig.build(settings, limits, metrics)
-        self._backoff = Backoff(settings.retry_base_seconds, settings.retry_max_seconds)
         self._redact = Redactor.for_settings(settings)
+        #: The service's health (None in one-shot commands); the worker reports to it too.
+        self.health = health
+        # A service (with a health to report to) waits out configuration problems; a one-shot
+        # command ends on one, and gives up on a failing state write after the attempts.
+        retry_on = TRANSIENT_OR_CONFIG if health is not None else frozenset({Retry.BACKOFF})
+        self._attempt_policy = Policy(
+            "batch_attempt_failed",
+            Backoff(settings.retry_base_seconds, settings.retry_max_seconds),
+            attempts=settings.max_attempts,
+            retry_on=retry_on,
+        )
+        self._record_policy = Policy(
+            "state_write_failed",
+            Backoff(settings.retry_base_seconds, KAFKA_BACKOFF.cap),
+            attempts=None if health is not None else settings.max_attempts,
+            retry_on=retry_on,
+        )
+        self._resumable: OrderedDict[str, Progress] = OrderedDict()
 
     async def forward(
         self,
@@ -105,19 +134,24 @@ class Pipeline:
 
         With ``txn`` (exactly-once), each attempt is one Kafka transaction holding the lines, the
         state record and the job's offsets; a failed attempt is aborted and redone from line 1.
-        Without it (at-least-once), a re-stream skips the lines already acknowledged.
+        Without it (at-least-once), a re-stream skips the lines already acknowledged, and so does
+        the next call for the same batch after this one raised: this process never sends a line
+        again that Kafka acknowledged.
 
         Returns the final state (``forwarded`` or ``failed``).  Raises :class:`KafkaError` when
-        Kafka keeps failing (still retriable after the last attempt) or even the state record
-        cannot be written: the caller must not count the job as done.
+        Kafka keeps failing (still retriable after the last attempt, or a configuration problem
+        that outlived the batch's deadline): the caller must not count the job as done.  Once the
+        outcome is known, only the state record's write is retried (``_record_outcome``).
         """
         check_batch_id(batch_id)
         delivery = self._settings.delivery.value if txn is None else "exactly-once"
         state = BatchState.forwarding(batch_id, source=source, event_id=event_id, delivery=delivery)
+        progress = self._resumable.pop(batch_id, None) if txn is None else None
         attempt = _Attempt(
             state,
             txn.producer if txn else self._shared.current,
             log.bind(batch_id=batch_id, event_id=event_id, source=source),
+            progress=progress or Progress(),
         )
         started = time.perf_counter()
         deadline = asyncio.timeout(self._settings.batch_timeout_seconds)
@@ -128,60 +162,88 @@ class Pipeline:
         except TimeoutError:
             if not deadline.expired():
                 raise
+            if isinstance(attempt.last_error, KafkaError):
+                # Kafka failing (or refusing this pod's setup) is no fault of the batch's: no
+                # outcome; the job is kept and tried again.
+                self._keep_for_resume(attempt, txn)
+                raise attempt.last_error from None
             self._fail(state, BatchTimeout(f"batch {batch_id} took longer than the batch timeout"))
             attempt.logger.warning("batch_timeout", timeout_s=self._settings.batch_timeout_seconds)
         except ForwarderError as exc:
             # Not terminal yet (LATER), another owner (HAND_OFF), or Kafka still failing after the
             # last attempt: no outcome for this batch; the caller keeps the job (uncommitted).
             if exc.retry in (Retry.LATER, Retry.HAND_OFF) or (
-                isinstance(exc, KafkaError) and exc.retry is Retry.BACKOFF
+                isinstance(exc, KafkaError) and exc.retry in TRANSIENT_OR_CONFIG
             ):
+                self._keep_for_resume(attempt, txn)
                 raise
             self._fail(state, exc)
         except Exception as exc:  # a bug must fail one batch, not the worker
             attempt.logger.exception("batch_internal_error")
+            self._metrics.internal_errors.labels(where="job").inc()
             self._fail(state, exc)
         finally:
             self._metrics.batches_in_flight.dec()
         await self._finish(attempt, txn, time.perf_counter() - started)
         return state
 
-    async def _attempts(self, attempt: _Attempt, txn: Transaction | None) -> None:
-        """Try until forwarded, a permanent error, or the last attempt."""
-        state, settings = attempt.state, self._settings
-        while attempt.number < settings.max_attempts:
-            attempt.number = state.attempts = attempt.number + 1
-            try:
-                if txn is None:
-                    await self._attempt(attempt)
-                else:
-                    await self._transaction(attempt, txn)
-                state.status = Status.FORWARDED
-                return
-            except ForwarderError as exc:
-                if isinstance(exc, ProducerFailed) and txn is None:
-                    await self._shared.replace(attempt.producer)
-                    attempt.producer = self._shared.current
-                if exc.retry is Retry.BACKOFF and attempt.number < settings.max_attempts:
-                    await self._before_retry(attempt, exc)
-                    continue
-                if isinstance(exc, KafkaError) or exc.retry in (Retry.LATER, Retry.HAND_OFF):
-                    raise  # forward() decides: Kafka failing fails no batch (see there)
-                self._fail(state, exc)
-                return
+    def _keep_for_resume(self, attempt: _Attempt, txn: Transaction | None) -> None:
+        """At-least-once: what Kafka acknowledged of this batch, for the job's next try here."""
+        if txn is None and attempt.progress.acked_through:
+            self._resumable[attempt.state.batch_id] = attempt.progress
+            while len(self._resumable) > RESUMABLE_BATCHES:
+                self._resumable.popitem(last=False)
 
-    async def _before_retry(self, attempt: _Attempt, exc: ForwarderError) -> None:
-        delay = self._backoff.delay(attempt.number, getattr(exc, "retry_after", None))
+    async def _attempts(self, attempt: _Attempt, txn: Transaction | None) -> None:
+        """Try until forwarded, a permanent error, or the last attempt (``retry.retry``)."""
+
+        async def one() -> None:
+            attempt.number = attempt.state.attempts = attempt.number + 1
+            if txn is None:
+                await self._attempt(attempt)
+            else:
+                await self._transaction(attempt, txn)
+
+        try:
+            await retry(
+                one,
+                self._attempt_policy,
+                health=self.health,
+                component=self.component_of,
+                before_retry=lambda exc, _n: self._before_retry(attempt, exc, txn),
+                logger=attempt.logger,
+            )
+        except ForwarderError as exc:
+            attempt.last_error = exc
+            raise
+        attempt.state.status = Status.FORWARDED
+
+    async def _before_retry(
+        self, attempt: _Attempt, exc: ForwarderError, txn: Transaction | None
+    ) -> dict[str, Any]:
+        attempt.last_error = exc
+        if isinstance(exc, ProducerFailed) and txn is None:
+            await self._shared.replace(attempt.producer)
+            attempt.producer = self._shared.current
         broken = attempt.state.stream_restarts or attempt.progress.high_water
         self._metrics.retries.labels(reason="stream_broken" if broken else exc.code).inc()
-        attempt.logger.warning(
-            "batch_attempt_failed",
-            attempt=attempt.number,
-            error=self._redact(str(exc)),
-            retry_in=round(delay, 3),
-            acked_through=attempt.progress.acked_through,
+        return {"attempt": attempt.number, "acked_through": attempt.progress.acked_through}
+
+    def component_of(self, exc: ForwarderError) -> str | None:
+        """The component (``health.Health``) a configuration problem belongs to: the topic the
+        failing record was for."""
+        topic = getattr(exc, "topic", None)
+        settings = self._settings
+        return (
+            {
+                settings.results_topic: "results_topic",
+                settings.dead_letter_topic: "dead_letter_topic",
+                settings.state_topic: "state_topic",
+                settings.jobs_topic: "jobs_topic",
+            }.get(topic)
+            if isinstance(topic, str)
+            else None
         )
-        await asyncio.sleep(delay)
 
     async def _transaction(self, attempt: _Attempt, txn: Transaction) -> None:
         """One exactly-once attempt: lines, state and offsets commit together or not at all."""
@@ -221,11 +283,12 @@ class Pipeline:
         # Read once per attempt: partitions added mid-batch take effect at the next attempt.
         with kafka_errors("reading the results topic's partitions"):
             partitions = len(await attempt.producer.partitions_for(self._settings.results_topic))
-        limit = (MAX_BATCH_ITEMS if expected is None else expected) + BLANK_LINE_ALLOWANCE
+        # Without a total, a batch still holds at most Datagrid's 5,000 items: more is a runaway.
+        most = MAX_BATCH_ITEMS if expected is None else expected
         publisher = Publisher(
             self._publish,
             attempt.producer,
-            Batch(state.batch_id, state.event_id, expected, limit),
+            Batch(state.batch_id, state.event_id, most, most + BLANK_LINE_ALLOWANCE),
             progress,
             partitions,
         )
@@ -247,22 +310,33 @@ class Pipeline:
         batch_id = publisher.batch.batch_id
         async with self._datagrid.stream_results(batch_id) as stream:
             splitter = LineSplitter(self._publish.max_line)
-            async for chunk in stream.chunks:
+            async for chunk in without_bom(stream.chunks):
                 lines = splitter.feed(chunk)
                 if lines:
                     await publisher.publish(lines)
                     publisher.linger()
             tail = splitter.close()
-            if tail and stream.close_delimited:
+            if tail and stream.close_delimited and not is_complete_object(tail[0]):
                 # Only a closed connection ended this body: a last line without its newline is
-                # a cut, not a line.
+                # a cut, unless it is a whole JSON object (a cut one never parses). Whether the
+                # body held every line is the total's check (IncompleteStream), as for any body.
                 raise UpstreamUnavailable(f"stream of {batch_id} ended in the middle of a line")
             if tail:
                 await publisher.publish(tail)
 
     async def record(self, state: BatchState, txn: Transaction | None = None) -> None:
         """Write ``state`` to the state topic (with the job's offsets, in a transaction, if
-        given)."""
+        given), retrying only this write until it succeeds or the task is cancelled: once lines
+        are in Kafka, a failing state topic must never make them be sent again."""
+        await retry(
+            lambda: self._record_once(state, txn),
+            self._record_policy,
+            health=self.health,
+            component="state_topic",
+            logger=log.bind(batch_id=state.batch_id),
+        )
+
+    async def _record_once(self, state: BatchState, txn: Transaction | None) -> None:
         if txn is None:
             await self._send_state(state, self._shared.current)
             return
@@ -273,11 +347,13 @@ class Pipeline:
                     await txn.producer.send_offsets_to_transaction(txn.offsets, txn.group_id)
 
     async def _send_state(self, state: BatchState, producer: AIOKafkaProducer) -> None:
-        with kafka_errors(f"recording state of {state.batch_id}"):
-            future = await producer.send(
-                self._settings.state_topic, state.encode(), key=state.batch_id.encode()
-            )
+        topic = self._settings.state_topic
+        try:
+            future = await producer.send(topic, state.encode(), key=state.batch_id.encode())
             await future
+        except AIOKafkaError as exc:
+            what = f"recording state of {state.batch_id}"
+            raise translate_send(exc, what, producer, topic) from exc
 
     def _settle(self, attempt: _Attempt) -> None:
         """Copy the distinct lines now in Kafka into the state record."""

@@ -24,7 +24,7 @@ from aiokafka import AIOKafkaProducer
 
 from forwarder.config import Settings
 from forwarder.errors import ForwarderError, StreamDiverged, TooManyLines
-from forwarder.kafka import RECORD_OVERHEAD_BYTES, TopicLimits, partition_for, translate
+from forwarder.kafka import RECORD_OVERHEAD_BYTES, TopicLimits, partition_for, translate_send
 from forwarder.ndjson import WHITESPACE as _WS
 from forwarder.ndjson import LineHead, Oversized, classify
 from forwarder.observability import Metrics, line_status_label
@@ -372,7 +372,9 @@ class Publisher:
         if self.failed_from is None or unit.first_line < self.failed_from:
             self.failed_from = unit.first_line
             self.failed_boundary = unit.before_first
-        error = translate(exc, f"lines from {unit.first_line} not acknowledged")
+        topic = self.config.dead_letter_topic if unit.dead else self.config.results_topic
+        what = f"lines from {unit.first_line} not acknowledged"
+        error = translate_send(exc, what, self.producer, topic)
         if self.failure is None:
             self.failure = error
         return error

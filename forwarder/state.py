@@ -46,6 +46,28 @@ def is_past(value: object) -> bool:
     return when is not None and when < datetime.now(UTC)
 
 
+#: Bounds on what a state record holds from outside (upstream problems, error details), so that
+#: a record always fits the state topic: a hostile upstream or job cannot make it unwritable.
+MAX_DETAIL = 1000
+MAX_PROBLEM_BYTES = 2048
+
+
+def bounded_problem(problem: object) -> dict[str, Any] | None:
+    """An upstream problem+json object small enough to record: whole when it is, else its
+    standard members (RFC 9457), each cut short."""
+    if not isinstance(problem, dict) or not problem:
+        return None
+    if len(msgspec.json.encode(problem)) <= MAX_PROBLEM_BYTES:
+        return dict(problem)
+    kept = {
+        key: value[:200] if isinstance(value, str) else value
+        for key, value in problem.items()
+        if key in ("type", "title", "status", "detail", "instance", "code", "expires_at")
+        and isinstance(value, str | int | None)
+    }
+    return {**kept, "truncated": True}
+
+
 class Status(StrEnum):
     """Where a batch stands."""
 
@@ -121,19 +143,20 @@ class BatchState(msgspec.Struct, kw_only=True):
         return state
 
     def fail(self, exc: BaseException) -> None:
-        """Mark the batch ``failed`` because of ``exc`` (its code, detail and upstream problem)."""
+        """Mark the batch ``failed`` because of ``exc`` (its code, detail and upstream problem),
+        bounded: the record must always fit the state topic, whatever the upstream sent."""
         self.status = Status.FAILED
         self.finished_at = utcnow()
         if isinstance(exc, ForwarderError):
-            problem = dict(getattr(exc, "problem", None) or {})
             self.error = {
                 "code": exc.code,
-                "detail": str(exc),
+                "detail": str(exc)[:MAX_DETAIL],
                 "upstream_status": getattr(exc, "status", None),
-                "problem": problem or None,
+                "problem": bounded_problem(getattr(exc, "problem", None)),
             }
         else:
-            self.error = {"code": "internal_error", "detail": f"{type(exc).__name__}: {exc}"}
+            detail = f"{type(exc).__name__}: {exc}"[:MAX_DETAIL]
+            self.error = {"code": "internal_error", "detail": detail}
 
     @property
     def done(self) -> bool:

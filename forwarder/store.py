@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import ctypes
 import gc
-import itertools
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -25,8 +24,10 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from forwarder.config import Settings
 from forwarder.errors import KAFKA_BACKOFF, ConfigError, KafkaError
+from forwarder.health import Health
 from forwarder.kafka import kafka_errors, make_reader, partition_for, topic_partitions
 from forwarder.observability import Metrics
+from forwarder.retry import Policy, retry
 from forwarder.state import BatchState, Status
 
 log = structlog.get_logger("forwarder.store")
@@ -42,9 +43,10 @@ class StateStore:
     the group's history.  :meth:`find` reads any other batch's partition from the broker.
     """
 
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, health: Health | None = None) -> None:
         self._settings = settings
         self._metrics = metrics
+        self._health = health
         self._topic = settings.state_topic
         # By state partition: batch id -> (record timestamp in ms, the record's JSON). Kept
         # encoded (about half the memory of decoded states) and decoded when read.
@@ -154,13 +156,12 @@ class StateStore:
         others, and restore the new ones from the beginning of the state topic in the background
         (:meth:`restored` waits for one), so a rebalance is never held up by a restore that the
         next one may make useless.  Retries while Kafka fails."""
-        for failures in itertools.count(1):
-            try:
-                await self._reassign(set(partitions))
-                return
-            except KafkaError as exc:
-                log.warning("state_restore_failed", error=str(exc))
-                await asyncio.sleep(KAFKA_BACKOFF.delay(failures))
+        await retry(
+            lambda: self._reassign(set(partitions)),
+            Policy("state_restore_failed", KAFKA_BACKOFF),
+            health=self._health,
+            component="state_topic",
+        )
 
     async def _reassign(self, wanted: set[int]) -> None:
         consumer, end_reader = self._consumer, self._end_reader
@@ -249,18 +250,22 @@ class StateStore:
         return _decode(found, batch_id) if found is not None else None
 
     async def _follow(self) -> None:
-        assert self._consumer is not None
-        failures = 0
-        while True:
-            try:
-                with kafka_errors("following the state topic"):
-                    batches = await self._consumer.getmany(timeout_ms=500)
-            except KafkaError as exc:
-                failures += 1
-                log.warning("state_store_read_failed", error=str(exc))
-                await asyncio.sleep(KAFKA_BACKOFF.delay(failures))
-                continue
-            failures = 0
+        consumer = self._consumer
+        assert consumer is not None
+
+        async def poll() -> dict[TopicPartition, list[ConsumerRecord[Any, Any]]]:
+            with kafka_errors("following the state topic"):
+                batches: dict[TopicPartition, list[ConsumerRecord[Any, Any]]]
+                batches = await consumer.getmany(timeout_ms=500)
+                return batches
+
+        while True:  # until cancelled (a rebalance, or stop)
+            batches = await retry(
+                poll,
+                Policy("state_store_read_failed", KAFKA_BACKOFF),
+                health=self._health,
+                component="state_topic",
+            )
             for tp, records in batches.items():
                 held = self._states.get(tp.partition)
                 if held is not None:

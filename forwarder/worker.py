@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
+import functools
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -28,14 +28,15 @@ from forwarder.errors import (
     Backoff,
     BatchNotReady,
     Fenced,
-    InvalidBatchId,
+    InvalidJob,
     KafkaError,
 )
-from forwarder.jobs import Job, JobQueue, parse_job
+from forwarder.jobs import Job, JobQueue, deployment_of, parse_job
 from forwarder.kafka import kafka_errors, make_jobs_consumer, partition_for
 from forwarder.observability import Metrics
 from forwarder.pipeline import Pipeline, Transaction
 from forwarder.producers import TransactionalProducers
+from forwarder.retry import Policy, retry
 from forwarder.state import BatchState, Status
 from forwarder.store import StateStore
 
@@ -104,6 +105,8 @@ class Worker(ConsumerRebalanceListener):  # type: ignore[misc]
         transactional_producer: Callable[[str], AIOKafkaProducer] | None = None,
     ) -> None:
         self._settings = settings
+        self._health = pipeline.health
+        self._deployment = deployment_of(settings)
         self._pipeline = pipeline
         self._store = store
         self._queue = queue
@@ -214,7 +217,6 @@ class Worker(ConsumerRebalanceListener):  # type: ignore[misc]
     async def _loop(self) -> None:
         consumer = self._consumer
         assert consumer is not None
-        failures = 0
         while not self._stopping.is_set():
             running = [t for t in self._tasks if not t.done()]
             free = self._settings.concurrency - len(running)
@@ -228,21 +230,25 @@ class Worker(ConsumerRebalanceListener):  # type: ignore[misc]
                 timeout_ms = 0
             else:
                 consumer.resume(*assignment)
-            try:
-                with kafka_errors("polling the jobs topic"):
-                    batches = await consumer.getmany(
-                        timeout_ms=timeout_ms, max_records=max(free, 1)
-                    )
-            except KafkaError as exc:
-                failures += 1
-                log.warning("jobs_poll_failed", error=str(exc))
-                await asyncio.sleep(KAFKA_BACKOFF.delay(failures))
-                continue
-            failures = 0
+            batches = await retry(
+                functools.partial(self._poll, consumer, timeout_ms, free),
+                Policy("jobs_poll_failed", KAFKA_BACKOFF),
+                health=self._health,
+                component="jobs_topic",
+            )
             for tp, records in batches.items():
                 for record in records:
                     self._start(tp, record)
             await self._update_lag()
+
+    @staticmethod
+    async def _poll(
+        consumer: AIOKafkaConsumer, timeout_ms: int, free: int
+    ) -> dict[TopicPartition, list[ConsumerRecord[Any, Any]]]:
+        with kafka_errors("polling the jobs topic"):
+            batches: dict[TopicPartition, list[ConsumerRecord[Any, Any]]]
+            batches = await consumer.getmany(timeout_ms=timeout_ms, max_records=max(free, 1))
+            return batches
 
     def _start(self, tp: TopicPartition, record: ConsumerRecord[Any, Any]) -> None:
         offsets = self._offsets.setdefault(tp, PartitionOffsets())
@@ -255,59 +261,79 @@ class Worker(ConsumerRebalanceListener):  # type: ignore[misc]
         task.add_done_callback(self._tasks.pop)
 
     async def _handle(self, tp: TopicPartition, record: ConsumerRecord[Any, Any]) -> None:
+        """One job record, from parsing to commit. Whatever happens, the partition's commits go
+        on: a record that is no job, or a job of another deployment, is logged, counted and
+        committed past; only a job handed off to another owner stays uncommitted."""
+        logger = log.bind(partition=tp.partition, offset=record.offset)
         try:
             job = parse_job(record.value)
-        except InvalidBatchId as exc:
-            log.error("job_invalid", partition=tp.partition, offset=record.offset, error=str(exc))
-            self._metrics.batches.labels(outcome="invalid").inc()
-        else:
-            if record.key != job.batch_id.encode() and not self._store.owns(job.batch_id):
+            if job.deployment is not None and job.deployment != self._deployment:
+                logger.error(
+                    "job_foreign",
+                    batch_id=job.batch_id,
+                    queued_by=job.deployment,
+                    this_deployment=self._deployment,
+                    hint="two installs share the consumer group: give each its own",
+                )
+                self._metrics.batches.labels(outcome="foreign").inc()
+            elif record.key != job.batch_id.encode() and not self._store.owns(job.batch_id):
                 await self._reroute(job, tp)
             elif not await self._run_until_done(job, tp, record.offset):
                 return  # handed off: the partition's new owner redoes the job
+        except InvalidJob as exc:
+            logger.error("job_invalid", error=str(exc))
+            self._metrics.batches.labels(outcome="invalid").inc()
+        except asyncio.CancelledError:
+            raise  # abandoned (drain, revocation): uncommitted, its next owner redoes it
+        except Exception:  # a bug: count it, log it, and do not wedge the partition behind it
+            logger.exception("job_internal_error")
+            self._metrics.internal_errors.labels(where="job").inc()
         await self._commit(tp, record.offset)
 
     async def _reroute(self, job: Job, tp: TopicPartition) -> None:
         """A job not keyed by its batch id (another producer's) sits in a partition whose state
         does not hold its batch: queue it again, keyed, so that its batch's owner dedupes it."""
-        for failures in itertools.count(1):
-            try:
-                await self._queue.put(job)
-                log.info("job_rerouted", batch_id=job.batch_id, from_partition=tp.partition)
-                return
-            except KafkaError as exc:
-                log.warning("job_reroute_failed", batch_id=job.batch_id, error=str(exc))
-                await asyncio.sleep(KAFKA_BACKOFF.delay(failures))
+        await retry(
+            functools.partial(self._queue.put, job),
+            Policy("job_reroute_failed", KAFKA_BACKOFF),
+            health=self._health,
+            component="jobs_topic",
+        )
+        log.info("job_rerouted", batch_id=job.batch_id, from_partition=tp.partition)
 
     async def _run_until_done(
         self, job: Job, tp: TopicPartition | None = None, offset: int | None = None
     ) -> bool:
         """Run ``job`` until it is done (True), or until it is handed off (False).
 
-        While Kafka fails, the job is retried with backoff and its offset stays uncommitted.  A
-        fenced producer means another process may own the partition now: we wait a session
+        While Kafka fails, the job is retried (``retry.retry``) and its offset stays uncommitted.
+        A fenced producer means another process may own the partition now: we wait a session
         timeout (a zombie learns it lost the group by then, and its revocation cancels this) and
         retry only if the partition is still ours, with a new producer; a broker that aborted a
         transaction fences its producer too, and must not wedge the partition.
         """
-        failures = 0
-        while not self._stopping.is_set():
+
+        async def once() -> None:
             try:
                 await self.run_job(job, tp, offset)
-                return True
             except Fenced as exc:
                 log.warning("producer_fenced", batch_id=job.batch_id, error=str(exc))
                 await asyncio.sleep(self._settings.kafka_session_timeout_ms / 1000)
                 if not self._owns(tp or self._jobs_partition(job.batch_id)):
-                    return False
-            except KafkaError as exc:
-                failures += 1
-                delay = KAFKA_BACKOFF.delay(failures)
-                log.warning(
-                    "job_retry_kafka", batch_id=job.batch_id, error=str(exc), retry_in=delay
-                )
-                await asyncio.sleep(delay)
-        return False
+                    raise
+                raise KafkaError(f"{exc}; the partition is still ours: a new producer") from exc
+
+        try:
+            await retry(
+                once,
+                Policy("job_retry_kafka", KAFKA_BACKOFF),
+                health=self._health,
+                component=self._pipeline.component_of,
+                logger=log.bind(batch_id=job.batch_id),
+            )
+        except Fenced:
+            return False
+        return True
 
     async def run_job(
         self, job: Job, tp: TopicPartition | None = None, offset: int | None = None

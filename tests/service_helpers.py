@@ -87,10 +87,18 @@ class Forwarder:
 
     def __init__(self, settings: Settings, log_dir: Path, name: str = "fwd", **env: str) -> None:
         self.port = free_port()
+        self.management_port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.management_url = f"http://127.0.0.1:{self.management_port}"
         self.log_path = log_dir / f"{name}-{self.port}.log"
         self.env = forwarder_env(settings)
-        self.env.update({"FORWARDER_HTTP_PORT": str(self.port), "FORWARDER_HTTP_HOST": "127.0.0.1"})
+        self.env.update(
+            {
+                "FORWARDER_HTTP_PORT": str(self.port),
+                "FORWARDER_MANAGEMENT_PORT": str(self.management_port),
+                "FORWARDER_HTTP_HOST": "127.0.0.1",
+            }
+        )
         self.env.update(env)
         self.process: subprocess.Popen[bytes] | None = None
         self.http = httpx.Client(base_url=self.url, timeout=10)

@@ -26,10 +26,12 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
-from forwarder.app import create_app
+from forwarder.app import Services, create_app, create_management_app
 from forwarder.config import Settings, describe_variables, env_name, load_settings
+from forwarder.observability import Metrics
 from tests.deploy_helpers import REPO, run, setting_variables, settings_default, tool
 
 CHART = REPO / "helm" / "forwarder"
@@ -152,6 +154,25 @@ def app_routes() -> frozenset[tuple[str, str]]:
     settings = Settings(webhook_secrets=[SecretStr("w")], datagrid_api_key=SecretStr("k"))
     app = create_app(settings)
     return frozenset((method, route.path) for route in app.routes for method in route.methods)
+
+
+def management_routes() -> frozenset[tuple[str, str]]:
+    """(method, path) of every route the management listener serves, read from its app."""
+    settings = Settings(webhook_secrets=[SecretStr("w")], datagrid_api_key=SecretStr("k"))
+    app = create_management_app(
+        Services(settings, Metrics(CollectorRegistry(), process=False), [], [])
+    )
+    return frozenset((method, route.path) for route in app.routes for method in route.methods)
+
+
+def test_management_port_off_puts_probes_back_on_http() -> None:
+    """FORWARDER_MANAGEMENT_PORT=0: probes and scrapes use the HTTP port, which serves them too."""
+    objects = render("all-features-values.yaml", sets=("config.FORWARDER_MANAGEMENT_PORT=0",))
+    _, container = workload(objects)
+    assert [p["name"] for p in container["ports"]] == ["http"]
+    assert {container[k]["httpGet"]["port"] for k in ("startupProbe", "readinessProbe")} == {"http"}
+    assert only(objects, "ServiceMonitor")["spec"]["endpoints"][0]["port"] == "http"
+    assert management_routes() <= app_routes()
 
 
 # --- lint, schemas -------------------------------------------------------------------------------
@@ -407,22 +428,37 @@ def test_static_membership_gives_each_pod_its_name_as_instance_id() -> None:
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_probes_and_routes_are_real_routes(scenario: str) -> None:
-    """Probes, ServiceMonitor, Ingress, helm test use routes the app serves, on its port."""
+    """Probes and the ServiceMonitor use routes the management listener serves, on its port
+    (no connection cap: a crowded webhook port never fails a probe), which the container, the
+    Service and the NetworkPolicy expose; the Ingress and helm test use the app's routes."""
     objects = render(scenario)
     routes = app_routes()
     _, container = workload(objects)
-    port = int(configmap_data(objects)["FORWARDER_HTTP_PORT"])
-    assert container["ports"] == [{"name": "http", "containerPort": port, "protocol": "TCP"}]
+    config = configmap_data(objects)
+    port, management = int(config["FORWARDER_HTTP_PORT"]), int(config["FORWARDER_MANAGEMENT_PORT"])
+    assert management, "the chart probes a listener of its own"
+    assert container["ports"] == [
+        {"name": "http", "containerPort": port, "protocol": "TCP"},
+        {"name": "management", "containerPort": management, "protocol": "TCP"},
+    ]
     probes = {
         k: container[k]["httpGet"] for k in ("startupProbe", "livenessProbe", "readinessProbe")
     }
     assert probes["livenessProbe"]["path"] == probes["startupProbe"]["path"] == "/healthz"
     assert probes["readinessProbe"]["path"] == "/readyz"
     for probe in probes.values():
-        assert ("GET", probe["path"]) in routes
-        assert probe["port"] == "http"
+        assert ("GET", probe["path"]) in management_routes()
+        assert probe["port"] == "management"
     service = only(objects, "Service")
     assert service["spec"]["ports"][0]["targetPort"] == "http"
+    assert service["spec"]["ports"][1] == {
+        "name": "management",
+        "port": management,
+        "targetPort": "management",
+        "protocol": "TCP",
+    }
+    for policy in (o for o in objects if o["kind"] == "NetworkPolicy"):
+        assert {"port": "management", "protocol": "TCP"} in policy["spec"]["ingress"][0]["ports"]
     test_pod = only(objects, "Pod")
     check = {e["name"]: e["value"] for e in test_pod["spec"]["containers"][0]["env"]}
     assert check["CHECK_PORT"] == str(service["spec"]["ports"][0]["port"])
@@ -430,7 +466,7 @@ def test_probes_and_routes_are_real_routes(scenario: str) -> None:
     assert all(("GET", path) in routes for path in check["CHECK_PATHS"].split())
     for monitor in (o for o in objects if o["kind"] == "ServiceMonitor"):
         (endpoint,) = monitor["spec"]["endpoints"]
-        assert endpoint["port"] == "http" and ("GET", endpoint["path"]) in routes
+        assert endpoint["port"] == "management" and ("GET", endpoint["path"]) in management_routes()
     for ingress in (o for o in objects if o["kind"] == "Ingress"):
         paths = [p for rule in ingress["spec"]["rules"] for p in rule["http"]["paths"]]
         assert {(p["path"], p["pathType"]) for p in paths} == {("/webhooks/datagrid", "Exact")}
@@ -667,7 +703,8 @@ def test_keda_defaults_match_the_service() -> None:
     objects = render("default-values.yaml", MAX_KUBE, ("keda.enabled=true",))
     meta = only(objects, "ScaledObject")["spec"]["triggers"][0]["metadata"]
     assert meta["topic"] == settings_default("FORWARDER_JOBS_TOPIC")
-    assert meta["consumerGroup"] == settings_default("FORWARDER_CONSUMER_GROUP")
+    # The chart's default group is the release's own (see test_two_releases_never_share_a_group).
+    assert meta["consumerGroup"] == configmap_data(objects)["FORWARDER_CONSUMER_GROUP"]
     assert not [o for o in objects if o["kind"] == "TriggerAuthentication"], (
         "PLAINTEXT needs no credentials"
     )
@@ -1013,3 +1050,14 @@ def test_pods_get_no_service_links(scenario: str) -> None:
     ]
     for pod in pods:
         assert pod["enableServiceLinks"] is False
+
+
+def test_two_releases_never_share_a_group() -> None:
+    """Without a configured group, each release gets its own (so its own transactional ids):
+    two installs on one cluster never split each other's jobs; a configured group is kept."""
+    first = configmap_data(render("default-values.yaml"))["FORWARDER_CONSUMER_GROUP"]
+    other_namespace = render("default-values.yaml", namespace="team-b")
+    second = configmap_data(other_namespace)["FORWARDER_CONSUMER_GROUP"]
+    assert first == f"{NAMESPACE}.{RELEASE}-forwarder" and second == f"team-b.{RELEASE}-forwarder"
+    shared = render("default-values.yaml", sets=("config.FORWARDER_CONSUMER_GROUP=shared",))
+    assert configmap_data(shared)["FORWARDER_CONSUMER_GROUP"] == "shared"

@@ -63,3 +63,26 @@ def test_a_service_link_on_a_setting_names_the_service(monkeypatch: pytest.Monke
     expected = r"FORWARDER_HTTP_PORT.*'forwarder-http'.*enableServiceLinks"
     with pytest.raises(ConfigError, match=expected):
         load_settings()
+
+
+@pytest.mark.parametrize("value", ["team é", "team\x07", "a b", "\n"])
+def test_a_teamspace_that_cannot_be_a_header_is_refused(
+    value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Non-ASCII, control characters or inner spaces: exit 2 naming the variable, no traceback."""
+    monkeypatch.setenv("FORWARDER_DATAGRID_TEAMSPACE", value)
+    with pytest.raises(ConfigError, match="FORWARDER_DATAGRID_TEAMSPACE"):
+        load_settings()
+
+
+def test_a_teamspace_from_a_file_loses_its_newline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A value with a trailing newline (a mounted file, `echo`) is taken without it."""
+    monkeypatch.setenv("FORWARDER_DATAGRID_TEAMSPACE", "ts_123\n")
+    assert load_settings().datagrid_teamspace == "ts_123"
+
+
+def test_the_management_port_must_differ() -> None:
+    """The management listener cannot share the main port (0 turns it off)."""
+    with pytest.raises(ConfigError, match="FORWARDER_MANAGEMENT_PORT"):
+        load_settings(http_port=9000, management_port=9000)
+    assert load_settings(management_port=0).management_port == 0

@@ -111,6 +111,24 @@ Usage: include "forwarder.envValue" $value
 {{- include "forwarder.envValue" (required "config.FORWARDER_HTTP_PORT is required" .Values.config.FORWARDER_HTTP_PORT) }}
 {{- end }}
 
+{{/* The management port (probes, scrapes); 0 when the routes stay on the HTTP port. */}}
+{{- define "forwarder.managementPort" -}}
+{{- include "forwarder.envValue" (.Values.config.FORWARDER_MANAGEMENT_PORT | default 0) }}
+{{- end }}
+
+{{/* The container port name that probes and scrapes use. */}}
+{{- define "forwarder.probePort" -}}
+{{- if gt (include "forwarder.managementPort" . | int) 0 }}management{{ else }}http{{ end }}
+{{- end }}
+
+{{/*
+The consumer group: the configured one, or one of this release's own, so that two releases on
+one cluster never split each other's jobs (the transactional ids derive from it too).
+*/}}
+{{- define "forwarder.consumerGroup" -}}
+{{- .Values.config.FORWARDER_CONSUMER_GROUP | default (printf "%s.%s" .Release.Namespace (include "forwarder.fullname" .)) }}
+{{- end }}
+
 {{/* The Kafka security protocol the pods use (the app's default is PLAINTEXT). */}}
 {{- define "forwarder.kafkaSecurityProtocol" -}}
 {{- .Values.config.FORWARDER_KAFKA_SECURITY_PROTOCOL | default "PLAINTEXT" }}
