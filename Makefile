@@ -51,6 +51,10 @@ image: ## Build the container image (needs Docker)
 	docker build -t datagrid-forwarder:dev --build-arg VERSION=$$(grep -m1 '^version' pyproject.toml | cut -d'"' -f2) \
 		--build-arg REVISION=$$(git rev-parse HEAD) --build-arg CREATED=$$(date -u +%FT%TZ) .
 
+.PHONY: release-artifacts
+release-artifacts: install ## What a release publishes, built here into dist/: chart .tgz, image OCI archive, SHA256SUMS
+	scripts/release-artifacts.sh dist
+
 .PHONY: k8s-e2e
 k8s-e2e: ## Real cluster: build the image, install every chart scenario, webhooks through a rolling upgrade
 	scripts/test.sh tests/test_k8s_e2e.py

@@ -76,6 +76,7 @@ def substitute(expr: str, variables: dict[str, str]) -> str:
 def dashboard_queries(
     *,
     rate_interval: str = "1m",
+    cluster: str = "",
     namespace: str = ".*",
     job: str = "forwarder",
     pod: str = ".*",
@@ -83,13 +84,15 @@ def dashboard_queries(
 ) -> dict[str, str]:
     """Every panel target's PromQL, keyed ``"<panel title> [<refId>]"``, ready to evaluate.
 
-    ``$__rate_interval`` becomes ``rate_interval``; ``$namespace``, ``$job``, ``$pod`` and
-    ``$instance`` (regex matchers in the dashboard) become the given values. The defaults of
-    ``pod`` and ``instance`` are what Grafana's "All" sends; ``.*`` for ``namespace`` also
-    matches series without the label (a Prometheus outside Kubernetes).
+    ``$__rate_interval`` becomes ``rate_interval``; ``$cluster``, ``$namespace``, ``$job``,
+    ``$pod`` and ``$instance`` (regex matchers in the dashboard) become the given values. The
+    defaults of ``pod`` and ``instance`` are what Grafana's "All" sends; ``""`` for ``cluster`` is
+    what Grafana sends when no series has the label (its "None"), and like ``.*`` for
+    ``namespace`` it matches series without the label (a Prometheus outside Kubernetes).
     """
     variables = {
         "__rate_interval": rate_interval,
+        "cluster": cluster,
         "namespace": namespace,
         "job": job,
         "pod": pod,
@@ -154,11 +157,11 @@ def test_every_panel_target_and_variable_uses_the_datasource_variable() -> None:
 
 
 #: The dashboard's filter variables, in the order each narrows the next.
-FILTERS = ("namespace", "job", "pod", "instance")
+FILTERS = ("cluster", "namespace", "job", "pod", "instance")
 
 
-def test_every_selector_filters_by_namespace_job_pod_and_instance() -> None:
-    """Each selector carries the $namespace, $job, $pod and $instance matchers."""
+def test_every_selector_filters_by_cluster_namespace_job_pod_and_instance() -> None:
+    """Each selector carries the $cluster, $namespace, $job, $pod and $instance matchers."""
     for key, expr in _raw_queries(load_dashboard()).items():
         selectors = _SELECTOR.findall(expr)
         assert {name for name, _ in selectors} == referenced_metrics(expr), key
@@ -167,19 +170,35 @@ def test_every_selector_filters_by_namespace_job_pod_and_instance() -> None:
                 assert f'{variable}=~"${variable}"' in matchers, (key, name, variable)
 
 
-def test_filter_variables_chain_from_namespace_to_instance() -> None:
-    """Namespace (one at a time) comes first; each variable lists values within those before it."""
+def test_filter_variables_chain_from_cluster_to_instance() -> None:
+    """Cluster, then namespace (each one at a time) come first; each variable lists values within
+    those before it."""
     variables = [v for v in load_dashboard()["templating"]["list"] if v["type"] == "query"]
     assert [v["name"] for v in variables] == list(FILTERS)
-    namespace = variables[0]
-    assert namespace["multi"] is False and namespace["includeAll"] is False
-    assert variables[1]["multi"] is False, "one job at a time: panels sum over it"
+    for one_at_a_time in variables[:2]:  # "None" (no such label) sends "", matching its absence
+        assert one_at_a_time["multi"] is False and one_at_a_time["includeAll"] is False
+    assert variables[2]["multi"] is False, "one job at a time: panels sum over it"
     for i, variable in enumerate(variables):
         for earlier in FILTERS[:i]:
             assert f'{earlier}=~"${earlier}"' in variable["query"]["query"], variable["name"]
         assert variable["definition"] == variable["query"]["query"]
     # "All" pods must also match series without a pod label (no Kubernetes).
-    assert variables[2]["allValue"] == ".*"
+    assert variables[3]["allValue"] == ".*"
+
+
+def test_legends_name_pods_not_instances() -> None:
+    """A series per target is labelled with its pod (what kubectl knows), never its instance
+    (the pod's IP and port); it is still grouped by instance, so targets without a pod label
+    (outside Kubernetes) are not summed together."""
+    per_target = 0
+    for panel in _panels(load_dashboard()):
+        for target in panel.get("targets", []):
+            legend = target.get("legendFormat", "")
+            assert "{{instance}}" not in legend, panel["title"]
+            if "{{pod}}" in legend:
+                per_target += 1
+                assert re.match(r"\w+ by \(pod, instance\) \(", target["expr"]), panel["title"]
+    assert per_target >= 5, "no per-pod legend found: the scan is broken"
 
 
 def test_every_metric_read_is_exported_by_metrics() -> None:
@@ -225,12 +244,19 @@ def test_panels_fit_the_grid_without_overlapping() -> None:
 def test_dashboard_queries_substitute_every_variable() -> None:
     """dashboard_queries() leaves no Grafana variable and fills in the given values."""
     queries = dashboard_queries(
-        rate_interval="2m", namespace="ns", job="fw", pod="fw-0", instance="a:1"
+        rate_interval="2m", cluster="c1", namespace="ns", job="fw", pod="fw-0", instance="a:1"
     )
     assert len(queries) == len(_raw_queries(load_dashboard())) >= 20
     for expr in queries.values():
         assert "$" not in expr
-        for matcher in ('namespace=~"ns"', 'job=~"fw"', 'pod=~"fw-0"', 'instance=~"a:1"'):
+        matchers = (
+            'cluster=~"c1"',
+            'namespace=~"ns"',
+            'job=~"fw"',
+            'pod=~"fw-0"',
+            'instance=~"a:1"',
+        )
+        for matcher in matchers:
             assert matcher in expr
     assert any("[2m]" in expr for expr in queries.values())
     with pytest.raises(KeyError, match=r"\$missing"):
@@ -298,10 +324,13 @@ def test_every_panel_query_returns_finite_data(scraped: PrometheusRig) -> None:
 
 
 def test_variables_find_the_job_and_instance(scraped: PrometheusRig) -> None:
-    """Outside Kubernetes the variables list the scraped job and instance, and no namespace."""
+    """Outside Kubernetes the variables list the scraped job and instance, and no cluster or
+    namespace."""
     queries = variable_queries(load_dashboard())
-    values = {"namespace": ".*", "job": "forwarder", "pod": ".*"}
+    values = {"cluster": "", "namespace": ".*", "job": "forwarder", "pod": ".*"}
     # count by (label) gives one series without the label: Grafana lists no value for it.
+    [cluster] = scraped.query(substitute(queries["cluster"], values))
+    assert cluster["metric"] == {}
     [namespace] = scraped.query(substitute(queries["namespace"], values))
     assert namespace["metric"] == {}
     [job] = scraped.query(substitute(queries["job"], values))

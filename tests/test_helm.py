@@ -755,7 +755,65 @@ def test_prometheus_rule_carries_the_deploy_rules_scoped_to_the_release() -> Non
         render("default-values.yaml", MAX_KUBE, ("prometheusRule.enabled=true",)), "PrometheusRule"
     )
     assert plain["spec"] == _scoped(
-        _deploy_rules(), f'namespace="{NAMESPACE}", job="{RELEASE}-forwarder"'
+        _deploy_rules(), f'namespace="{NAMESPACE}", job="{RELEASE}-forwarder"', _tagged_runbooks()
+    )
+
+
+def _tagged_runbooks() -> str:
+    """The repository at the tag release.yaml pushes for this chart's version."""
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    return f"https://github.com/datagrid/datagrid-forwarder/blob/v{chart['version']}"
+
+
+def test_runbook_urls_default_to_the_charts_tagged_repository() -> None:
+    """Without runbookBaseUrl every runbook_url is absolute: the repository that publishes the
+    chart's image (ghcr.io/<owner>/<name> is github.com/<owner>/<name>), at the v<version> tag
+    the release workflow is triggered by, so an alert links the runbooks of its own version."""
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    owner_name = values["image"]["repository"].removeprefix("ghcr.io/")
+    base = _tagged_runbooks()
+    assert base.startswith(f"https://github.com/{owner_name}/blob/v")
+    workflow = yaml.safe_load((REPO / ".github/workflows/release.yaml").read_text())
+    tag = base.rpartition("/")[2]
+    assert any(re.fullmatch(p, tag) for p in workflow[True]["push"]["tags"])
+    rule = only(
+        render("default-values.yaml", MAX_KUBE, ("prometheusRule.enabled=true",)), "PrometheusRule"
+    )
+    urls = [
+        r["annotations"]["runbook_url"]
+        for g in rule["spec"]["groups"]
+        for r in g["rules"]
+        if "alert" in r
+    ]
+    assert urls and all(u.startswith(f"{base}/docs/runbooks.md#forwarder") for u in urls), urls
+
+
+def test_aggregation_labels_join_every_grouping(tmp_path: Path) -> None:
+    """prometheusRule.aggregationLabels (e.g. cluster, for a central ruler) are kept by every
+    `by (...)` of every rule, nothing else changes, and Prometheus still accepts the rules."""
+    sets = ("prometheusRule.enabled=true", "prometheusRule.aggregationLabels={cluster,region}")
+    spec = only(render("default-values.yaml", MAX_KUBE, sets), "PrometheusRule")["spec"]
+    plain = only(
+        render("default-values.yaml", MAX_KUBE, ("prometheusRule.enabled=true",)), "PrometheusRule"
+    )["spec"]
+    exprs = [r["expr"] for g in spec["groups"] for r in g["rules"]]
+    groupings = [g for e in exprs for g in re.findall(r"\bby \(([^)]*)\)", e)]
+    assert len(groupings) >= 10, "no grouping found: the scan is broken"
+    for grouping in groupings:
+        assert grouping.startswith("namespace, job, cluster, region"), grouping
+    for rule, before in zip(
+        (r for g in spec["groups"] for r in g["rules"]),
+        (r for g in plain["groups"] for r in g["rules"]),
+        strict=True,
+    ):
+        assert rule["expr"].replace(", cluster, region", "") == before["expr"]
+    path = tmp_path / "rules.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool not found on PATH: apt-get install prometheus"
+    assert "SUCCESS" in run([promtool, "check", "rules", path]).stdout
+    assert "aggregationLabels" in render_fails(
+        "prometheusRule.enabled=true", "prometheusRule.aggregationLabels={job}"
     )
 
 

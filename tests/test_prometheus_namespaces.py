@@ -193,7 +193,7 @@ def test_dashboard_variables_list_each_namespace_and_its_own_pods(prom: Promethe
     queries = variable_queries(load_dashboard())
 
     def values(variable: str, **chosen: str) -> set[Any]:
-        result = prom.query(substitute(queries[variable], chosen))
+        result = prom.query(substitute(queries[variable], {"cluster": "", **chosen}))
         return {r["metric"].get(variable) for r in result}
 
     assert values("namespace") == {"staging", "production"}  # dev has no pod reporting
