@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Check what `serve` needs, one line per check (ok, FAIL or warn): the "
         "settings and their files, the Kafka login, each topic (exists, or would be created at "
         "start), the ACLs docs/security.md lists, the topics' configs, and the Datagrid key (one "
-        "GET). It creates nothing and writes no record. Exit 0 if no check failed, 1 if one did, "
+        "GET). It creates no topic and writes to none. Exit 0 if no check failed, 1 if one did, "
         "2 for a bad setting.",
     )
     check.add_argument(
