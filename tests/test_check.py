@@ -212,6 +212,39 @@ def test_state_topic_shape_is_held_to_what_start_up_needs(
     assert status == "warn" and detail.startswith("delete: not compacted")
 
 
+def test_warnings_alone_exit_0(make_settings: MakeSettings, kafka_bootstrap: str) -> None:
+    """A state topic compacted but never deleted is a warning (it grows for ever), and warnings
+    alone leave the exit status 0."""
+    settings = make_settings(kafka_create_topics=False)
+    create_topics(
+        kafka_bootstrap,
+        {
+            t: (3, {"cleanup.policy": "compact"} if t == settings.state_topic else {})
+            for t in the_topics(settings)
+        },
+    )
+    run = run_check(settings)
+    assert run.returncode == 0, run.stdout + run.stderr
+    status, detail = run.line(f"config {settings.state_topic} cleanup.policy")
+    assert status == "warn" and "grows for ever" in detail
+    assert {s for s, _, _ in run.lines} == {"ok", "warn"}
+
+
+def test_other_commands_do_not_import_check() -> None:
+    """The CLI imports forwarder.check only for `check` (as `serve` imports the app), so
+    `forward` and `enqueue` do not pay for it."""
+    probe = "import sys, forwarder.cli; print('forwarder.check' in sys.modules)"
+    done = subprocess.run(
+        [str(REPO / ".venv" / "bin" / "python"), "-c", probe],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert done.stdout.strip() == "False"
+
+
 def test_unreachable_datagrid_fails_within_seconds(
     make_settings: MakeSettings, kafka_bootstrap: str, silent_port: int
 ) -> None:
