@@ -1,6 +1,7 @@
-"""Command line: ``forwarder serve | forward | enqueue``.
+"""Command line: ``forwarder check | serve | forward | enqueue``.
 
-Exit status: 0 success; 1 a batch was not fully forwarded (or not queued); 2 bad usage or setting.
+Exit status: 0 success; 1 a check failed, or a batch was not fully forwarded (or not queued); 2 bad
+usage or setting.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def _epilog() -> str:
         )
     lines.append("")
     lines.append(
-        "exit status: 0 success, 1 a batch was not fully forwarded, 2 bad usage or setting"
+        "exit status: 0 success, 1 a check failed or a batch was not fully forwarded, "
+        "2 bad usage or setting"
     )
     return "\n".join(lines)
 
@@ -62,6 +64,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    check = commands.add_parser(
+        "check",
+        help="check settings, Kafka (login, topics, ACLs, configs) and the Datagrid key",
+        description="Check what `serve` needs, one line per check (ok, FAIL or warn): the "
+        "settings and their files, the Kafka login, each topic (exists, or would be created at "
+        "start), the ACLs docs/security.md lists, the topics' configs, and the Datagrid key (one "
+        "GET). It creates no topic and writes to none. Exit 0 if no check failed, 1 if one did, "
+        "2 for a bad setting.",
+    )
+    check.add_argument(
+        "--output",
+        choices=("text", "json"),
+        default="text",
+        help="text (one line per check, the default) or json",
+    )
+    check.add_argument(
+        "--timeout",
+        type=_positive,
+        default=10.0,
+        metavar="SECONDS",
+        help="most seconds any one network step may take (default: 10)",
+    )
     commands.add_parser(
         "serve",
         help="run the HTTP server (webhooks, API, metrics) and the workers",
@@ -96,6 +120,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``forwarder`` console script."""
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "check":
+            # Imported here, like serve's app: `forward` does not pay for it. check reports a
+            # bad setting as one of its lines, so it loads the settings itself.
+            from forwarder.check import main as check
+
+            return check(args.output, args.timeout)
         settings = load_settings()
         settings.check_files()
         redactor = Redactor.for_settings(settings)
@@ -124,6 +154,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
+
+
+def _positive(text: str) -> float:
+    """An argparse type: a number of seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
 
 
 def _log_service_links() -> None:

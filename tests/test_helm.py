@@ -30,6 +30,7 @@ from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
 from forwarder.app import Services, create_app, create_management_app
+from forwarder.cli import build_parser
 from forwarder.config import Settings, describe_variables, env_name, load_settings
 from forwarder.observability import Metrics
 from tests.deploy_helpers import REPO, run, setting_variables, settings_default, tool
@@ -1119,3 +1120,125 @@ def test_two_releases_never_share_a_group() -> None:
     assert first == f"{NAMESPACE}.{RELEASE}-forwarder" and second == f"team-b.{RELEASE}-forwarder"
     shared = render("default-values.yaml", sets=("config.FORWARDER_CONSUMER_GROUP=shared",))
     assert configmap_data(shared)["FORWARDER_CONSUMER_GROUP"] == "shared"
+
+
+# --- the `forwarder check` hook -----------------------------------------------------------------
+
+CHECK_SCENARIOS = ("all-features-values.yaml", "existing-secret-values.yaml")
+CHECK_HOOK = "pre-install,pre-upgrade"
+
+
+def check_hook(objects: tuple[dict[str, Any], ...]) -> dict[str, Any]:
+    """The check Job's pod spec, checked to be a pre-install/pre-upgrade hook."""
+    job = only(objects, "Job")
+    annotations = job["metadata"]["annotations"]
+    assert annotations["helm.sh/hook"] == CHECK_HOOK
+    assert annotations["helm.sh/hook-delete-policy"] == "before-hook-creation,hook-succeeded"
+    assert job["spec"]["backoffLimit"] == 0
+    pod: dict[str, Any] = job["spec"]["template"]["spec"]
+    return pod
+
+
+def hook_copy(objects: tuple[dict[str, Any], ...], kind: str, name: str) -> dict[str, Any]:
+    """The hook object ``kind/name`` the check pod names, made before the Job and deleted after."""
+    (found,) = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
+    annotations = found["metadata"]["annotations"]
+    assert annotations["helm.sh/hook"] == CHECK_HOOK, f"{kind}/{name} is no hook"
+    assert int(annotations["helm.sh/hook-weight"]) < int(
+        only(objects, "Job")["metadata"]["annotations"]["helm.sh/hook-weight"]
+    ), f"{kind}/{name} must exist before the Job runs"
+    assert "hook-succeeded" in annotations["helm.sh/hook-delete-policy"]
+    return found
+
+
+def test_check_hook_is_off_by_default() -> None:
+    """Without check.enabled no Job and no hook object is rendered."""
+    objects = render("default-values.yaml")
+    assert not [o for o in objects if o["kind"] == "Job"]
+    assert not [
+        o
+        for o in objects
+        if "helm.sh/hook" in o["metadata"].get("annotations", {}) and o["kind"] != "Pod"
+    ]
+
+
+@pytest.mark.parametrize("scenario", CHECK_SCENARIOS)
+def test_check_hook_runs_check_as_the_pods_run(scenario: str) -> None:
+    """The hook runs `forwarder check` in the Deployment's image with its env, Secret keys,
+    files, securityContext and placement, no sidecar; the ConfigMap, Secret and ServiceAccount
+    it names exist as hooks (they do not yet on a first install) with the pods' own contents."""
+    objects = render(scenario)
+    pod, container = workload(objects)
+    spec = check_hook(objects)
+    (check,) = spec["containers"]
+    assert build_parser().parse_args(check["args"]).command == "check"
+    assert check["image"] == container["image"]
+    for key in ("securityContext", "resources", "volumeMounts"):
+        assert check[key] == container[key], key
+    for key in (
+        "securityContext",
+        "volumes",
+        "automountServiceAccountToken",
+        "imagePullSecrets",
+        "nodeSelector",
+        "affinity",
+        "tolerations",
+        "priorityClassName",
+    ):
+        assert spec.get(key) == pod.get(key), key
+    assert spec["enableServiceLinks"] is False
+    assert spec["restartPolicy"] == "Never"
+    assert "initContainers" not in spec
+    # The same variables, from the same keys; what the chart makes is read from hook copies.
+    assert [e["name"] for e in check["env"]] == [e["name"] for e in container["env"]]
+    for ours, theirs in zip(check["env"], container["env"], strict=True):
+        ref, original = (e.get("valueFrom", {}).get("secretKeyRef") for e in (ours, theirs))
+        if not ref:
+            assert ours == theirs
+            continue
+        assert ref["key"] == original["key"]
+        if ref["name"] != original["name"]:  # a chart-made Secret: its hook copy, same data
+            made = [
+                o
+                for o in objects
+                if o["kind"] == "Secret"
+                and not o["metadata"].get("annotations", {}).get("helm.sh/hook")
+            ]
+            (secret,) = made
+            assert original["name"] == secret["metadata"]["name"]
+            assert hook_copy(objects, "Secret", ref["name"])["data"] == secret["data"]
+    configmap = check["envFrom"][0]["configMapRef"]["name"]
+    assert hook_copy(objects, "ConfigMap", configmap)["data"] == configmap_data(objects)
+    assert check["envFrom"][1:] == container["envFrom"][1:]
+    if spec["serviceAccountName"] != pod["serviceAccountName"]:
+        account = hook_copy(objects, "ServiceAccount", spec["serviceAccountName"])
+        (original,) = [
+            o
+            for o in objects
+            if o["kind"] == "ServiceAccount" and o["metadata"]["name"] == pod["serviceAccountName"]
+        ]
+        assert (
+            account["metadata"].get("annotations", {}).items()
+            >= original["metadata"].get("annotations", {}).items()
+        )
+    # Not one of the Service's endpoints, nor counted by the PDB.
+    selector = only(objects, "Service")["spec"]["selector"]
+    assert (
+        not selector.items()
+        <= only(objects, "Job")["spec"]["template"]["metadata"]["labels"].items()
+    )
+
+
+def test_check_hook_uses_the_existing_secret_and_account() -> None:
+    """With secrets.existingSecret and an existing ServiceAccount the hook makes no Secret or
+    ServiceAccount of its own: it reads the given Secret and runs as the given account."""
+    objects = render("existing-secret-values.yaml")
+    spec = check_hook(objects)
+    assert not [o for o in objects if o["kind"] in ("Secret", "ServiceAccount")]
+    refs = {
+        e["valueFrom"]["secretKeyRef"]["name"]
+        for e in spec["containers"][0]["env"]
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
+    assert refs == {"datagrid-forwarder-credentials"}
+    assert spec["serviceAccountName"] == "platform-workloads"
