@@ -19,6 +19,7 @@ import os
 import re
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -243,27 +244,35 @@ def run(
     the group, SIGKILL after 20 s. Fails with the file and line of the block and its output.
     """
     script = PRELUDE + prepared(b, values)
-    proc = subprocess.Popen(
-        ["bash", "-c", script],
-        cwd=cwd,
-        env=dict(env),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _stop_group(proc.pid)
-        out, err = proc.communicate()
-        raise AssertionError(
-            f"{b.where}: the block did not finish in {timeout:.0f}s\n{_tail(out, err)}"
-        ) from None
-    finally:
-        _stop_group(proc.pid)
+    # Output goes to files, not pipes: a server the block leaves in the background would hold a
+    # pipe open, and reading it to the end would wait for the server instead of the block.
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        proc = subprocess.Popen(
+            ["bash", "-c", script],
+            cwd=cwd,
+            env=dict(env),
+            stdout=stdout,
+            stderr=stderr,
+            text=True,
+            start_new_session=True,
+        )
+        timed_out = False
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        finally:
+            _stop_group(proc.pid)
+            proc.wait()
+        stdout.seek(0)
+        stderr.seek(0)
+        out, err = stdout.read(), stderr.read()
     if group_alive(proc.pid):
         raise AssertionError(f"{b.where}: processes the block started outlived SIGKILL")
+    if timed_out:
+        raise AssertionError(
+            f"{b.where}: the block did not finish in {timeout:.0f}s\n" + _tail(out, err)
+        )
     if proc.returncode != 0:
         raise AssertionError(
             f"{b.where}: the block exited {proc.returncode}\n--- as run\n{script}\n"

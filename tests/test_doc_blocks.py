@@ -208,7 +208,9 @@ def run_block(kafka_bootstrap: str, tmp_path: Path) -> Iterator[RunBlock]:
     port = kafka_bootstrap.split(",")[0].rpartition(":")[2]
 
     def run(block_id: str, path_first: str = "", **values: str) -> str:
+        # A free port always: a row may also touch a comment of another block (`forwarder serve`).
         base = {"kafka": kafka_bootstrap, "kafka_port": port, "tmp": str(tmp_path)}
+        base["port"] = str(free_port())
         env = docblocks.clean_environment()
         # The project's tools first (as scripts/test.sh does), then anything the test adds.
         tools = [str(REPO / ".venv" / "bin"), str(REPO / ".cache" / "tools" / "bin")]
