@@ -30,6 +30,7 @@ import pytest
 import yaml
 
 from forwarder.webhooks import sign
+from tests import docblocks
 from tests.fake_datagrid import FakeDatagrid, generate_lines, start_fake_datagrid
 from tests.kafka_helpers import read_topic
 from tests.reliability_report import Tally
@@ -480,6 +481,40 @@ def ready_pods(namespace: str, selector: str) -> tuple[int, int]:
     return len(ready), len(live)
 
 
+# The chart README's install command, run as written (tests/docblocks.py, docs/testing.md): its
+# release and namespace, so the test walks the path a reader takes.
+RELEASE, NAMESPACE = "forwarder", "datagrid"
+API_TOKEN = "k8s-e2e-token"
+
+
+def doc_block_env() -> dict[str, str]:
+    """A reader's shell: the cluster's kubeconfig, the project's kubectl and helm first on PATH,
+    and the variables the chart README's command reads ($DATAGRID_API_KEY...)."""
+    env = docblocks.clean_environment(
+        KUBECONFIG=os.environ["FORWARDER_K8S_KUBECONFIG"],
+        DATAGRID_API_KEY=API_KEY,
+        DATAGRID_WEBHOOK_SECRET=WEBHOOK_SECRET,
+    )
+    env["PATH"] = f"{BIN}:{env['PATH']}"
+    return env
+
+
+def install_as_documented(mode: str, kafka_for_pods: str, fake: FakeDatagrid) -> None:
+    """The chart README's `helm install ...` and `helm test ...`, as written plus the rows of the
+    substitution table (the local image, the test's Kafka and Datagrid)."""
+    b = docblocks.block("chart-install")
+    documented = f"helm install {RELEASE} ./helm/forwarder --namespace {NAMESPACE} "
+    assert documented in b.text, f"{b.where} no longer says `{documented}`: update RELEASE too"
+    values = {
+        "pod_kafka": kafka_for_pods,
+        "pod_datagrid": fake.base_url,
+        "image_repository": IMAGE_REPOSITORY,
+        "image_tag": IMAGE_TAG,
+        "scenario": "" if mode == "at-least-once" else f"--set config.FORWARDER_DELIVERY={mode}",
+    }
+    docblocks.run(b, values, doc_block_env(), timeout=600)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_webhooks_through_the_service_survive_a_rolling_upgrade(
     mode: str,
@@ -489,38 +524,25 @@ def test_webhooks_through_the_service_survive_a_rolling_upgrade(
     pod_datagrid: FakeDatagrid,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """Signed webhooks sent through the chart's Service (kube-proxy) are forwarded to Kafka, and
-    keep being forwarded while `helm upgrade` changes a setting and rolls the pods: no batch
-    lost, duplicates only in at-least-once mode (none under read_committed in exactly-once)."""
-    namespace = f"e2e-{mode}"
+    """Installed with the chart README's command as written (release `forwarder`, namespace
+    `datagrid`, its `helm test` passing), signed webhooks sent through the Service (kube-proxy)
+    are forwarded to Kafka, and keep being forwarded while `helm upgrade` changes a setting and
+    rolls the pods: no batch lost, duplicates only in at-least-once mode (none under
+    read_committed in exactly-once); then the runbooks' kubectl and curl commands work on it."""
+    namespace = NAMESPACE
     suffix = uuid.uuid4().hex[:8]
-    restricted_namespace(namespace)
-    topics = {
-        "FORWARDER_RESULTS_TOPIC": f"results-{suffix}",
-        "FORWARDER_JOBS_TOPIC": f"jobs-{suffix}",
-        "FORWARDER_DEAD_LETTER_TOPIC": f"dlq-{suffix}",
-        "FORWARDER_STATE_TOPIC": f"state-{suffix}",
-        "FORWARDER_CONSUMER_GROUP": f"group-{suffix}",
-        "FORWARDER_KAFKA_TOPIC_PARTITIONS": 3,
-        "FORWARDER_DELIVERY": mode,
-    }
-    here = cluster_values(pod_kafka[1], pod_datagrid, **topics)
-    release = ["fwd", str(CHART), "-n", namespace, "-f", str(here)]
-    creds = [
-        "--set",
-        f"secrets.datagridApiKey={API_KEY}",
-        "--set",
-        f"secrets.webhookSecrets={WEBHOOK_SECRET}",
-    ]
+    selector = f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/name=forwarder"
     try:
-        helm("install", *release, *creds, "--wait", "--timeout", "180s", timeout=240)
+        install_as_documented(mode, pod_kafka[1], pod_datagrid)
+        wait_until(lambda: ready_pods(namespace, selector) == (2, 2), 180, "2/2 pods Ready")
     except BaseException:
         print(kubectl("get", "pods,events", "-n", namespace, "-o", "wide"))
         print(cluster.logs())
         raise
-    service = json.loads(kubectl("get", "service", "fwd-forwarder", "-n", namespace, "-o", "json"))
+    pods = json.loads(kubectl("get", "pods", "-n", namespace, "-l", selector, "-o", "json"))
+    restarts = [c["restartCount"] for p in pods["items"] for c in p["status"]["containerStatuses"]]
+    service = json.loads(kubectl("get", "service", RELEASE, "-n", namespace, "-o", "json"))
     url = f"http://{service['spec']['clusterIP']}:{service['spec']['ports'][0]['port']}"
-    selector = "app.kubernetes.io/instance=fwd,app.kubernetes.io/name=forwarder"
     try:
         httpx.get(f"{url}/readyz", timeout=5).raise_for_status()
     except httpx.HTTPError as exc:
@@ -534,8 +556,10 @@ def test_webhooks_through_the_service_survive_a_rolling_upgrade(
     wait_until(lambda: sender.count() >= 5, 60, "5 webhooks before the upgrade")
     before = len(sender.sent)
     old_pods = live_pods(namespace, selector)
-    # The upgrade changes a setting: the ConfigMap's checksum rolls every pod.
-    helm("upgrade", *release, *creds, "--set", "config.FORWARDER_LOG_LEVEL=DEBUG",
+    # The upgrade changes a setting (the ConfigMap's checksum rolls every pod) and adds the API
+    # token the runbook's curl uses; the README's own values are kept.
+    helm("upgrade", RELEASE, CHART, "-n", namespace, "--reuse-values",
+         "--set", "config.FORWARDER_LOG_LEVEL=DEBUG", "--set", f"secrets.apiTokens={API_TOKEN}",
          "--wait", "--timeout", "240s", timeout=300)  # fmt: skip
     during = len(sender.sent) - before
     wait_until(lambda: sender.count() >= before + during + 5, 60, "5 webhooks after the upgrade")
@@ -545,22 +569,38 @@ def test_webhooks_through_the_service_survive_a_rolling_upgrade(
 
     expected = sender.expected()
     bootstrap = pod_kafka[0]
+    topic = "datagrid.batch-results"  # the service's default: the README sets no topic
     wait_until(
-        lambda: results_tally(bootstrap, topics["FORWARDER_RESULTS_TOPIC"], expected).lost == 0,
+        lambda: results_tally(bootstrap, topic, expected).lost == 0,
         180,
         f"all {len(sender.sent)} batches forwarded",
         interval=2,
     )
-    tally = results_tally(bootstrap, topics["FORWARDER_RESULTS_TOPIC"], expected)
-    config = json.loads(kubectl("get", "configmap", "fwd-forwarder", "-n", namespace, "-o", "json"))
-    helm("uninstall", "fwd", "-n", namespace, "--wait", "--timeout", "120s", timeout=180)
-    kubectl("delete", "namespace", namespace, "--wait=false")
+    tally = results_tally(bootstrap, topic, expected)
+    config = json.loads(kubectl("get", "configmap", RELEASE, "-n", namespace, "-o", "json"))
 
+    # docs/runbooks.md's commands, on this install (its rows of the substitution table).
+    runbook = {
+        "batch_id": sender.sent[-1],
+        "service_ip": service["spec"]["clusterIP"],
+        "api_token": API_TOKEN,
+    }
+    docblocks.run(docblocks.block("runbook-logs"), runbook, doc_block_env(), timeout=120)
+    state = docblocks.run(
+        docblocks.block("runbook-state"), runbook, doc_block_env(), timeout=120
+    ).stdout
+
+    helm("uninstall", RELEASE, "-n", namespace, "--wait", "--timeout", "120s", timeout=180)
+    # Deleted to the end: the next run's `--create-namespace` needs it gone, not terminating.
+    kubectl("delete", "namespace", namespace, "--wait=true", "--timeout=180s", timeout=240)
+
+    assert restarts and not any(restarts), f"containers restarted after install: {restarts}"
     assert config["data"]["FORWARDER_LOG_LEVEL"] == "DEBUG"
     assert old_pods and not (old_pods & new_pods), "the upgrade rolled every pod"
     assert during >= 1, "webhooks kept arriving during the rollout"
     assert (ready, total) == (2, 2), f"{ready}/{total} pods ready after the upgrade"
     assert tally.lost == 0 and tally.unexpected == 0, tally
+    assert '"status": "forwarded"' in state, f"the runbook's curl printed: {state}"
     # Datagrid retries a delivery answered 503; such retries are counted and shown, never hidden.
     # Anything else (a refused connection, a 5xx other than 503, a 4xx) fails the test.
     refused = [f for f in sender.failures if "HTTP 503" not in f]
