@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+import types
 from pathlib import Path
 
 import httpx
@@ -219,8 +220,12 @@ def test_unusable_secrets_stop_start_up_naming_the_variable(
 def test_unknown_variables_are_refused_with_the_closest_name() -> None:
     """A misspelt FORWARDER_* variable stops start-up naming it and the likely intended one."""
     with pytest.raises(ConfigError, match=r"FORWARDER_CONCURENCY.*FORWARDER_CONCURRENCY"):
-        check_unknown_variables(["FORWARDER_CONCURENCY", "PATH", "FORWARDER_DELIVERY"])
-    check_unknown_variables(["FORWARDER_DELIVERY", "FORWARDER_DATAGRID_API_KEY", "HOME"])
+        check_unknown_variables(
+            {"FORWARDER_CONCURENCY": "4", "PATH": "/", "FORWARDER_DELIVERY": ""}
+        )
+    check_unknown_variables(
+        {"FORWARDER_DELIVERY": "", "FORWARDER_DATAGRID_API_KEY": "", "HOME": ""}
+    )
 
 
 def test_missing_tls_file_names_its_variable(
@@ -328,7 +333,11 @@ class _Producer:
     once, except the first record batch of ``fail_partition``, which is refused."""
 
     def __init__(self, fail_partition: int | None) -> None:
+        from aiokafka.cluster import ClusterMetadata
+
         self.fail_partition, self.units = fail_partition, 0
+        # No metadata fetched yet: a refusal is never taken for a missing topic.
+        self.client = types.SimpleNamespace(cluster=ClusterMetadata())
 
     def create_batch(self) -> object:
         from aiokafka.producer.message_accumulator import BatchBuilder
