@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from types import FrameType
+from typing import Any
 
 import httpx
 import structlog
@@ -245,6 +246,9 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        # No task dies unobserved: what the loop would print as "Task exception was never
+        # retrieved" is logged and counted (forwarder_internal_errors_total, an alert).
+        asyncio.get_running_loop().set_exception_handler(_task_failed(metrics))
         # Resources open in the background so that /healthz answers at once and /readyz tells
         # the truth while Kafka is still out of reach; a permanent error stops the process.
         runner = asyncio.create_task(services.run(transport), name="resources")
@@ -286,6 +290,24 @@ def create_app(
         ),
         logging_config=None,
     )
+
+
+def _task_failed(metrics: Metrics) -> Callable[[asyncio.AbstractEventLoop, dict[str, Any]], None]:
+    """The loop's exception handler: an exception nobody awaited is an internal error."""
+
+    def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        metrics.internal_errors.labels(where="task").inc()
+        exc = context.get("exception")
+        task = context.get("task") or context.get("future")
+        log.error(
+            "task_failed",
+            message=context.get("message"),
+            task=getattr(task, "get_name", lambda: None)(),
+            error=f"{type(exc).__name__}: {exc}" if exc is not None else None,
+            exc_info=exc,
+        )
+
+    return handle
 
 
 def _provider(services: Services) -> Callable[[], Backend]:

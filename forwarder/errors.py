@@ -61,6 +61,20 @@ class Retry(Enum):
     CONFIG = "config"
 
 
+#: What the forwarder does about an error of each kind (docs/reliability.md's failure policy).
+OUTCOMES: dict[Retry, str] = {
+    Retry.BACKOFF: "retried after a capped, jittered backoff (Retry-After honoured), a bounded "
+    "number of times; then the batch fails, or a Kafka failure keeps its job for later",
+    Retry.NEVER: "permanent: never retried in a loop; a batch's state is `failed` with this code, "
+    "a request is answered with its HTTP status, a bad setting stops start-up (exit 2)",
+    Retry.CONFIG: "permanent for this pod's configuration: nothing fails or is dropped; the step "
+    "waits at the backoff cap, `/readyz` is 503 naming the component, "
+    "`forwarder_config_problem` is 1, one error log line per wait; resumes once mended",
+    Retry.LATER: "not ready: the batch is parked (state `waiting`) and checked again on a timer",
+    Retry.HAND_OFF: "another process owns the work: this one stops, commits nothing",
+}
+
+
 @dataclass(frozen=True, slots=True)
 class Backoff:
     """Capped exponential backoff with jitter: the one shape of every wait between tries."""

@@ -8,6 +8,8 @@ neither works the tests fail: integration tests never skip.
 from __future__ import annotations
 
 import functools
+import gc
+import logging
 import os
 import sys
 import uuid
@@ -29,6 +31,31 @@ import rig  # noqa: E402
 API_KEY = "dg_test_key_5f2c"
 # Every record the session writes to the broker is checked against docs/asyncapi.yaml at its end.
 pytest_plugins = ["tests.asyncapi_records"]
+
+
+class _UnretrievedTasks(logging.Handler):
+    """Records what asyncio logs about tasks whose exception nobody retrieved."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture(autouse=True)
+def no_task_dies_unobserved() -> Iterator[None]:
+    """Every test fails if a task in this process died with an exception nobody retrieved."""
+    handler = _UnretrievedTasks()
+    logger = logging.getLogger("asyncio")
+    logger.addHandler(handler)
+    try:
+        yield
+        gc.collect()  # an unretrieved exception is reported when its task is collected
+    finally:
+        logger.removeHandler(handler)
+    assert not handler.messages, f"unobserved task failures: {handler.messages[:3]}"
 
 
 @pytest.fixture(scope="session")

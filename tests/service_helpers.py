@@ -147,7 +147,8 @@ class Forwarder:
         return self.process.wait(timeout=timeout)
 
     def stop(self) -> None:
-        """SIGTERM and wait (SIGKILL if it hangs); safe to call twice."""
+        """SIGTERM and wait (SIGKILL if it hangs); safe to call twice. Fails the test if the
+        process let an exception go unhandled (a task that died, a bug caught as internal)."""
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
@@ -156,6 +157,19 @@ class Forwarder:
                 self.process.kill()
                 self.process.wait()
         self.http.close()
+        unhandled = self.unhandled()
+        assert not unhandled, f"{self.log_path.name}: unhandled exceptions: {unhandled[:3]}"
+
+    def unhandled(self) -> list[dict[str, Any]]:
+        """Log records of exceptions nothing handled (they are also counted by the service)."""
+        if not self.log_path.exists():
+            return []
+        names = {"task_failed", "job_internal_error", "batch_internal_error"}
+        return [
+            r
+            for r in self.logs()
+            if r.get("event") in names or "never retrieved" in str(r.get("raw", ""))
+        ]
 
     def logs(self) -> list[dict[str, Any]]:
         """The JSON log lines written so far (non-JSON lines are kept as {'raw': ...})."""
