@@ -222,6 +222,13 @@ class Metrics:
             ["component"],
             registry=r,
         )
+        self.job_commits = Counter(
+            "forwarder_job_commits",
+            "Jobs-topic offset commits, by how: in a batch's transaction (exactly-once) or by the "
+            "consumer.",
+            ["via"],
+            registry=r,
+        )
         self.internal_errors = Counter(
             "forwarder_internal_errors",
             "Exceptions no code handled (a task that died, a bug): always worth a look.",
@@ -236,22 +243,20 @@ class Metrics:
 
         # Closed label sets start at 0: dashboards show 0 rather than nothing, and increase()
         # sees the first failure after a restart.
-        for status in LINE_STATUSES:
-            self.lines_forwarded.labels(status=status)
-        for reason in DEAD_LETTER_REASONS:
-            self.dead_letters.labels(reason=reason)
-        for outcome in BATCH_OUTCOMES:
-            self.batches.labels(outcome=outcome)
-        for component in HEALTH_COMPONENTS:
-            self.config_problems.labels(component=component)
-        for where in ("task", "job"):
-            self.internal_errors.labels(where=where)
-        for outcome in WEBHOOK_OUTCOMES:
-            self.webhooks.labels(outcome=outcome)
-        for outcome in ("ok", "failed"):
-            self.reconcile_runs.labels(outcome=outcome)
-        for reason in ("stream_broken", "upstream_unavailable", "kafka_error"):
-            self.retries.labels(reason=reason)
+        closed: list[tuple[Any, str, Iterable[str]]] = [
+            (self.lines_forwarded, "status", LINE_STATUSES),
+            (self.dead_letters, "reason", DEAD_LETTER_REASONS),
+            (self.batches, "outcome", BATCH_OUTCOMES),
+            (self.config_problems, "component", HEALTH_COMPONENTS),
+            (self.internal_errors, "where", ("task", "job")),
+            (self.job_commits, "via", ("transaction", "consumer")),
+            (self.webhooks, "outcome", WEBHOOK_OUTCOMES),
+            (self.reconcile_runs, "outcome", ("ok", "failed")),
+            (self.retries, "reason", ("stream_broken", "upstream_unavailable", "kafka_error")),
+        ]
+        for collector, label, values in closed:
+            for value in values:
+                collector.labels(**{label: value})
 
     def on_upstream_response(self, code: str, seconds: float) -> None:
         """Hook for the Datagrid client: count the response and time it."""

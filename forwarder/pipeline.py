@@ -59,13 +59,20 @@ log = structlog.get_logger("forwarder.pipeline")
 BLANK_LINE_ALLOWANCE = 10_000
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Transaction:
     """Exactly-once context: the transactional producer, and the job offsets to commit with it."""
 
     producer: AIOKafkaProducer
     offsets: dict[TopicPartition, int] | None = None
     group_id: str | None = None
+    #: Set once a transaction carrying ``offsets`` committed: the consumer need not commit them.
+    offsets_committed: bool = False
+
+    async def send_offsets(self) -> None:
+        """Add the job's offsets to the open transaction (if any are to be committed)."""
+        if self.offsets:
+            await self.producer.send_offsets_to_transaction(self.offsets, self.group_id)
 
 
 #: At-least-once: batches whose acknowledged lines are remembered after a call that raised, so
@@ -256,8 +263,8 @@ class Pipeline:
                 attempt.state.finished_at = utcnow()
                 self._settle(attempt)
                 await self._send_state(attempt.state, producer)
-                if txn.offsets:
-                    await producer.send_offsets_to_transaction(txn.offsets, txn.group_id)
+                await txn.send_offsets()
+            txn.offsets_committed = bool(txn.offsets)
 
     async def _attempt(self, attempt: _Attempt) -> None:
         """Fetch the batch; if terminal, stream its results through a publisher."""
@@ -343,8 +350,8 @@ class Pipeline:
         with kafka_errors(f"recording state of {state.batch_id}"):
             async with txn.producer.transaction():
                 await self._send_state(state, txn.producer)
-                if txn.offsets:
-                    await txn.producer.send_offsets_to_transaction(txn.offsets, txn.group_id)
+                await txn.send_offsets()
+            txn.offsets_committed = bool(txn.offsets)
 
     async def _send_state(self, state: BatchState, producer: AIOKafkaProducer) -> None:
         topic = self._settings.state_topic

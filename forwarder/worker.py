@@ -55,6 +55,17 @@ class PartitionOffsets:
         """A job at ``offset`` started."""
         self.pending[offset] = False
 
+    def peek(self, offset: int) -> int | None:
+        """The offset :meth:`finish` would commit if ``offset`` finished now (None if it would
+        not move): what an exactly-once transaction may commit without skipping an older job
+        still running."""
+        commit = None
+        for pending_offset, finished in self.pending.items():
+            if not (finished or pending_offset == offset):
+                break
+            commit = pending_offset + 1
+        return commit if commit is not None and commit > self.committed else None
+
     def finish(self, offset: int) -> int | None:
         """Mark done; return the new offset to commit, if it moved."""
         if offset in self.pending:
@@ -117,6 +128,8 @@ class Worker(ConsumerRebalanceListener):  # type: ignore[misc]
         self._loop_task: asyncio.Task[None] | None = None
         self._tasks: dict[asyncio.Task[None], tuple[TopicPartition, int, float]] = {}
         self._offsets: dict[TopicPartition, PartitionOffsets] = {}
+        # Exactly-once: the highest offset of each partition a transaction committed.
+        self._in_transactions: dict[TopicPartition, int] = {}
         self._ends: dict[TopicPartition, int] = {}  # end offsets read from the broker
         self._ends_at = 0.0
         self._waiters: dict[str, asyncio.Task[None]] = {}
@@ -182,6 +195,7 @@ class Worker(ConsumerRebalanceListener):  # type: ignore[misc]
             await self._finish_or_abandon(mine, grace, "rebalance_abandoned")
         for tp in revoked_set:
             self._offsets.pop(tp, None)
+            self._in_transactions.pop(tp, None)
             with contextlib.suppress(KeyError):  # its new owner reports its lag now
                 self._metrics.jobs_lag.remove(str(tp.partition))
             if self._txn is not None:
@@ -351,15 +365,22 @@ class Worker(ConsumerRebalanceListener):  # type: ignore[misc]
         if tp is None or not self._owns(tp):
             raise Fenced(f"jobs partition {tp} is not owned by this process")
         producer = await self._txn.get(tp)
-        offsets = {tp: offset + 1} if offset is not None else None
-        txn = Transaction(producer, offsets, self._settings.consumer_group)
         async with self._txn.lock(tp), self._batch_locks.hold(job.batch_id), self._slots:
+            # The job's offset commits in its batch's transaction, and only so far as no older
+            # job of the partition is still running (a crash then redoes that one); what the
+            # transaction commits, the consumer does not commit again (_commit).
+            tracked = self._offsets.get(tp)
+            commit = tracked.peek(offset) if tracked is not None and offset is not None else None
+            offsets = {tp: commit} if commit is not None else None
+            txn = Transaction(producer, offsets, self._settings.consumer_group)
             try:
                 await self._run_locked(job, txn)
             except KafkaError:
                 # A failed transactional producer is never reused: its state may be final.
                 await self._txn.discard(tp)
                 raise
+            if txn.offsets_committed and commit is not None:
+                self._in_transactions[tp] = max(commit, self._in_transactions.get(tp, -1))
 
     async def _run_locked(self, job: Job, txn: Transaction | None) -> None:
         logger = log.bind(batch_id=job.batch_id, event_id=job.event_id, source=job.source)
@@ -424,9 +445,13 @@ class Worker(ConsumerRebalanceListener):  # type: ignore[misc]
         commit = offsets.finish(offset)
         if commit is None:
             return
+        if commit <= self._in_transactions.get(tp, -1):
+            self._metrics.job_commits.labels(via="transaction").inc()
+            return  # exactly-once: committed with the batch, atomically
         try:
             with kafka_errors(f"committing {tp}"):
                 await self._consumer.commit({tp: commit})
+            self._metrics.job_commits.labels(via="consumer").inc()
         except KafkaError as exc:
             # Not fatal: the job may be redone, and the state store makes that a duplicate.
             log.warning("commit_failed", partition=tp.partition, offset=commit, error=str(exc))

@@ -202,3 +202,30 @@ def test_probes_answer_while_the_public_port_is_full(
     finally:
         for conn in idle:
             conn.close()
+
+
+def test_exactly_once_offsets_commit_in_the_transaction(
+    make_settings: MakeSettings,
+    fake_datagrid: FakeDatagrid,
+    forwarders: list[Forwarder],
+    tmp_path: Path,
+) -> None:
+    """Exactly-once: each forwarded batch's job offset commits in its transaction (atomically
+    with its lines and state), never again by the consumer; a duplicate job, which runs no
+    transaction, is committed by the consumer."""
+    settings = make_settings(delivery="exactly-once", kafka_transaction_timeout_ms=60_000)
+    batches = [f"bpred_eos_{tmp_path.name[-8:]}_{n}" for n in range(3)]
+    for batch in batches:
+        fake_datagrid.configure(batch, generate={"count": 4, "distinct_ids": 4})
+    fwd = start(forwarders, settings, tmp_path).wait_ready()
+    for batch in batches:
+        assert fwd.queue(batch).status_code == 202
+    for batch in batches:
+        wait_until(lambda b=batch: (fwd.state(b) or {}).get("status") == "forwarded", 60, batch)
+    via_txn = 'forwarder_job_commits_total{via="transaction"}'
+    wait_until(lambda: metric(fwd, via_txn) == 3, 30, "three commits in transactions")
+    assert metric(fwd, 'forwarder_job_commits_total{via="consumer"}') == 0
+    assert fwd.queue(batches[0]).status_code == 202  # already forwarded: a duplicate
+    via_consumer = 'forwarder_job_commits_total{via="consumer"}'
+    wait_until(lambda: metric(fwd, via_consumer) == 1, 30, "the duplicate's commit")
+    assert metric(fwd, via_txn) == 3

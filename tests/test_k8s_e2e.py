@@ -48,7 +48,9 @@ SCENARIOS = sorted(
 IMAGE_REPOSITORY, IMAGE_TAG = "localhost/datagrid-forwarder", "e2e"
 POD_CIDR = os.environ.get("FORWARDER_K8S_POD_CIDR", "10.233.7.0/24")
 GATEWAY = POD_CIDR.rsplit(".", 1)[0] + ".1"
-API_KEY = "dg-k8s-key"
+#: The key the ci/ scenarios install (secrets.datagridApiKey): the cluster's fake Datagrid accepts
+#: it, so that a scenario's `forwarder check` hook (check.enabled) passes its authenticated GET.
+API_KEY = "dg-test-key"
 WEBHOOK_SECRET = "whsec-k8s-e2e"
 MODES = ("at-least-once", "exactly-once")
 

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import structlog.testing
 
 from forwarder.config import Settings
 from forwarder.core import open_core
@@ -304,3 +305,21 @@ async def test_big_batch_with_large_line_and_too_large(
     assert dead[0].headers["datagrid-line"] == b"4001"
     assert huge.encode().startswith(dead[0].value or b"x")  # truncated to fit, and says so
     assert b"truncated" in dead[0].headers["forwarder-error-detail"]
+
+
+async def test_retry_after_is_honoured_on_a_retriable_status_other_than_429(
+    make_settings: MakeSettings, fake_datagrid: FakeDatagrid, batch_id: str
+) -> None:
+    """A 503 with Retry-After: 1.5 waits 1.5 s (not the 0.05 s backoff): the pipeline's own
+    retry honours it, not only the rate limiter (which reads it on 429s alone)."""
+    settings = make_settings(retry_base_seconds=0.05, retry_max_seconds=10.0)
+    fake_datagrid.configure(
+        batch_id,
+        generate={"count": 3, "distinct_ids": 3},
+        faults=[{"kind": "status", "code": 503, "retry_after": 1.5}],
+    )
+    with structlog.testing.capture_logs() as logs:
+        state, _ = await forward(settings, batch_id)
+    assert state.status == "forwarded" and state.attempts == 2
+    (failed,) = [e for e in logs if e["event"] == "batch_attempt_failed"]
+    assert failed["retry_in"] == 1.5 and failed["code"] == "upstream_unavailable"
