@@ -295,7 +295,13 @@ class Pipeline:
         publisher = Publisher(
             self._publish,
             attempt.producer,
-            Batch(state.batch_id, state.event_id, most, most + BLANK_LINE_ALLOWANCE),
+            Batch(
+                state.batch_id,
+                state.event_id,
+                most,
+                most + BLANK_LINE_ALLOWANCE,
+                state.terminal_at or state.started_at or "",
+            ),
             progress,
             partitions,
         )
