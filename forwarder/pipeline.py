@@ -178,9 +178,12 @@ class Pipeline:
             attempt.logger.warning("batch_timeout", timeout_s=self._settings.batch_timeout_seconds)
         except ForwarderError as exc:
             # Not terminal yet (LATER), another owner (HAND_OFF), or Kafka still failing after the
-            # last attempt: no outcome for this batch; the caller keeps the job (uncommitted).
+            # last attempt (or refusing this pod's setup): no outcome for this batch; the caller
+            # keeps the job (uncommitted).
+            # (A one-shot command does not wait out a configuration problem: the batch fails,
+            # and its state says why.)
             if exc.retry in (Retry.LATER, Retry.HAND_OFF) or (
-                isinstance(exc, KafkaError) and exc.retry in TRANSIENT_OR_CONFIG
+                isinstance(exc, KafkaError) and exc.retry in self._attempt_policy.retry_on
             ):
                 self._keep_for_resume(attempt, txn)
                 raise
