@@ -127,6 +127,9 @@ def test_three_pods_share_the_limit_through_its_headers(
     # The product default: 180 a minute per process, so 540 for three pods if nothing else held
     # them back. The test would prove nothing with a per-process window below 200 / 3.
     assert settings.datagrid_requests_per_minute * PODS > LIMIT
+    batch_ids = [f"bpred_rl{i:04d}" for i in range(BATCHES)]
+    for batch_id in batch_ids:
+        limited_fake.configure(batch_id, generate={"count": LINES})
     began = time.monotonic()
     pods = [Forwarder(settings, tmp_path, name=f"pod{i}") for i in range(PODS)]
     try:
@@ -135,9 +138,6 @@ def test_three_pods_share_the_limit_through_its_headers(
         for pod in pods:
             pod.wait_ready(timeout=120)
         ready_s = time.monotonic() - began
-        batch_ids = [f"bpred_rl{i:04d}" for i in range(BATCHES)]
-        for batch_id in batch_ids:
-            limited_fake.configure(batch_id, generate={"count": LINES})
         # A backlog, as after a burst of webhooks or an outage: every job is in the topic before
         # the pods have done much, so they work as fast as they can until the limit stops them.
         asyncio.run(queue_backlog(settings, batch_ids))
@@ -149,6 +149,9 @@ def test_three_pods_share_the_limit_through_its_headers(
         wait_until(drained, minimum_drain() * 2 + 30, f"{BATCHES} batches forwarded", 0.5)
         waited = [metric(pod, WAITED) for pod in pods]
     finally:
+        for pod in pods:  # SIGTERM to all first: they drain side by side
+            if pod.process is not None and pod.process.poll() is None:
+                pod.signal()
         for pod in pods:
             pod.stop()
 
