@@ -148,7 +148,7 @@ class Pipeline:
         Returns the final state (``forwarded`` or ``failed``).  Raises :class:`KafkaError` when
         Kafka keeps failing (still retriable after the last attempt, or a configuration problem
         that outlived the batch's deadline): the caller must not count the job as done.  Once the
-        outcome is known, only the state record's write is retried (``_record_outcome``).
+        outcome is known, only the state record's write is retried (:meth:`record`).
         """
         check_batch_id(batch_id)
         delivery = self._settings.delivery.value if txn is None else "exactly-once"
@@ -209,6 +209,7 @@ class Pipeline:
 
         async def one() -> None:
             attempt.number = attempt.state.attempts = attempt.number + 1
+            attempt.last_error = None  # the deadline judges the failure it interrupts, if any
             if txn is None:
                 await self._attempt(attempt)
             else:
