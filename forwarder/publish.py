@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from array import array
-from collections import Counter, deque
-from collections.abc import Awaitable, Sequence
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import cast
 
 from aiokafka import AIOKafkaProducer
 
+from forwarder.acks import Acks, Unit
 from forwarder.config import Settings
 from forwarder.errors import ForwarderError, KafkaConfigProblem, StreamDiverged, TooManyLines
 from forwarder.kafka import RECORD_OVERHEAD_BYTES, TopicLimits, partition_for, translate_send
@@ -112,20 +111,6 @@ class Progress:
         return self.high_water - self.blank_lines
 
 
-@dataclass(slots=True)
-class _Unit:
-    """Records acknowledged together: one record batch of one partition, or one dead letter."""
-
-    first_line: int  # the smallest line number in the unit
-    before_first: bytes  # bytes of line first_line - 1: the re-stream boundary if this unit fails
-    builder: Any = None  # aiokafka BatchBuilder while the unit is open
-    future: asyncio.Future[Any] | None = None
-    size: int = 0
-    dead: bool = False
-    numbers: array[int] = field(default_factory=lambda: array("I"))
-    labels: list[str] = field(default_factory=list)
-
-
 @dataclass(frozen=True, slots=True)
 class Batch:
     """The batch an attempt publishes: its id, its webhook event and its line bound."""
@@ -162,20 +147,20 @@ class Publisher:
         # The last line fully handled (in a unit, dead-lettered, blank or skipped) and its bytes.
         self.processed_through = 0
         self.last_line = progress.boundary
-        self.open: list[_Unit | None] = [None] * partitions
-        self.in_flight: deque[_Unit] = deque()
-        self.in_flight_bytes = 0
-        self.acked: list[_Unit] = []  # acknowledged, not counted yet (see _count)
-        self.handing: list[_Unit] = []  # being handed to the producer: neither open nor in flight
-        self.failed_from: int | None = None  # first line of the earliest unit Kafka refused
-        self.failed_boundary = b""
-        self.failure: ForwarderError | None = None
+        self.open: list[Unit | None] = [None] * partitions
+        self.acks = Acks(
+            progress,
+            config.max_in_flight,
+            refused=self._refused,
+            not_handed_from=self._not_handed_from,
+            observe_latency=config.metrics.produce_latency.observe,
+        )
         self._timer: asyncio.TimerHandle | None = None
         self._flushing: asyncio.Future[None] | None = None
         # CloudEvents: ce_id is "<batch id>:<line>", unique within ce_source (the batch) and the
         # same whenever the line is forwarded again, so consumers dedupe on (source, id).
         self.ce_id = self.key_batch + b":"
-        self.ce = [
+        ce = [
             CE_SPECVERSION,
             ("ce_source", (config.source_base + batch.batch_id).encode()),
             ("ce_time", (batch.time or utcnow()).encode()),
@@ -183,7 +168,14 @@ class Publisher:
         prefix = [("datagrid-batch-id", self.key_batch), CONTENT_TYPE]
         if batch.event_id:
             prefix.append(("datagrid-event-id", batch.event_id.encode()))
-        self.result_headers = [*prefix, *self.ce, ("ce_type", RESULT_TYPE)]
+        self.result_headers = [*prefix, *ce, ("ce_type", RESULT_TYPE)]
+        self.dead_letters = DeadLetterTarget(
+            config.dead_letter_topic,
+            self.key_batch,
+            config.dead_letter_limit - len(self.key_batch),
+            tuple(ce),
+            self.ce_id,
+        )
         self.heads: dict[bytes, tuple[tuple[str, bytes], ...]] = {}
         # Every result record's fixed headers, plus the per-line ones: datagrid-status (its
         # value counted per line), datagrid-line and ce_id (names, 10 digits each, framing).
@@ -277,7 +269,7 @@ class Publisher:
             self.line_no, self.processed_through, self.last_line = n, processed, last
             progress.blank_lines = blank
             progress.high_water = max(progress.high_water, processed)
-        await self._settle_acks()
+        await self.acks.settle()
 
     def _too_many_lines(self) -> TooManyLines:
         expected = self.batch.expected_lines
@@ -299,16 +291,6 @@ class Publisher:
             f"record of {size} bytes (line {len(line)}, status header {len(status.encode())}) "
             f"exceeds the results topic's max.message.bytes ({limit})"
         )
-
-    async def _settle_acks(self) -> None:
-        # Release what Kafka already acknowledged (memory stays flat), then respect the bound.
-        in_flight = self.in_flight
-        while in_flight and in_flight[0].future is not None and in_flight[0].future.done():
-            await self._ack_oldest()
-        while self.in_flight_bytes > self.config.max_in_flight:
-            await self._ack_oldest()
-        if self.failure is not None:
-            raise self.failure
 
     def linger(self) -> None:
         """After a chunk: if lines wait in record batches that are not full, hand them over once
@@ -334,11 +316,13 @@ class Publisher:
         # awaits, so the two never hand over the same record batch.
         for partition, unit in enumerate(self.open):
             if unit is not None:
-                with contextlib.suppress(ForwarderError):  # recorded by _failed; publish raises it
+                with contextlib.suppress(
+                    ForwarderError
+                ):  # recorded by acks.failed; publish raises it
                     await self._submit(partition)
 
-    def _open(self, partition: int, n: int, before: bytes) -> _Unit:
-        unit = self.open[partition] = _Unit(n, before, self.producer.create_batch())
+    def _open(self, partition: int, n: int, before: bytes) -> Unit:
+        unit = self.open[partition] = Unit(n, before, self.producer.create_batch())
         return unit
 
     async def _submit(self, partition: int) -> None:
@@ -347,70 +331,36 @@ class Publisher:
         self.open[partition], unit.size = None, unit.builder.size()
         topic = self.config.results_topic
         send = self.producer.send_batch(unit.builder, topic, partition=partition)
-        await self._hand_over(unit, send)
+        await self.acks.hand_over(unit, send)
         unit.builder = None
 
     async def _dead_letter(
         self, n: int, line: bytes, reason: str, detail: str, before: bytes
     ) -> None:
-        topic = self.config.dead_letter_topic
-        headers = dead_letter_headers(self, n, reason)
-        value, detail_bytes = fit_dead_letter(
-            line, detail, self.config.dead_letter_limit - len(self.key_batch), headers, topic
-        )
-        headers.append(("forwarder-error-detail", detail_bytes))
-        unit = _Unit(n, before, size=len(value), dead=True)
+        value, headers = dead_letter(line, n, reason, detail, self.dead_letters)
+        unit = Unit(n, before, size=len(value), dead=True)
         unit.numbers.append(n)
         unit.labels.append(reason)
-        send = self.producer.send(topic, value, self.key_batch, headers=headers)
-        await self._hand_over(unit, send)
+        target = self.dead_letters
+        send = self.producer.send(target.topic, value, target.key, headers=headers)
+        await self.acks.hand_over(unit, send)
 
-    async def _hand_over(self, unit: _Unit, send: Awaitable[asyncio.Future[Any]]) -> None:
-        """Give ``unit`` to the producer and track its acknowledgement.  Whatever the producer
-        raises (aiokafka asserts on a partition that vanished), the unit's lines are not in Kafka:
-        record it, so the attempt fails and the stream resumes before them."""
-        self.handing.append(unit)
-        try:
-            future = unit.future = await send
-        except Exception as exc:
-            raise self._failed(unit, exc) from exc
-        finally:
-            self.handing.remove(unit)
-        self.in_flight.append(unit)
-        self.in_flight_bytes += unit.size
-        sent, observe = time.perf_counter(), self.config.metrics.produce_latency.observe
-        future.add_done_callback(lambda _f: observe(time.perf_counter() - sent))
-
-    def _failed(self, unit: _Unit, exc: BaseException) -> ForwarderError:
-        """Kafka refused (or never got) ``unit``: lines from its first on are not acknowledged."""
-        if self.failed_from is None or unit.first_line < self.failed_from:
-            self.failed_from = unit.first_line
-            self.failed_boundary = unit.before_first
+    def _refused(self, unit: Unit, exc: BaseException) -> ForwarderError:
+        """A producer's refusal of ``unit``, classified for the topic it was for."""
         topic = self.config.dead_letter_topic if unit.dead else self.config.results_topic
         what = f"lines from {unit.first_line} not acknowledged"
-        error = translate_send(exc, what, self.producer, topic)
-        if self.failure is None:
-            self.failure = error
-        return error
+        return translate_send(exc, what, self.producer, topic)
 
-    async def _ack_oldest(self) -> None:
-        unit = self.in_flight.popleft()
-        self.in_flight_bytes -= unit.size
-        assert unit.future is not None
-        try:
-            await unit.future
-        except Exception as exc:
-            self._failed(unit, exc)
-            return
-        self.acked.append(unit)
-        if len(self.acked) >= 64:
-            self._count(self._unsettled_from(), final=False)
+    def _not_handed_from(self) -> int:
+        """The first line not handed to the producer yet (in an open record batch, or unread)."""
+        lines = [unit.first_line for unit in self.open if unit is not None]
+        return min(lines, default=self.processed_through + 1)
 
     def abandon(self) -> None:
         """The attempt was cancelled (a rebalance or shutdown gave its job away): hand nothing
         more to Kafka, so the job's next owner does not find extra copies of unsent lines."""
         self._stop_timer()
-        self.open = [None] * self.partitions
+        self.open[:] = [None] * self.partitions
 
     async def drain(self) -> None:
         """Hand over the open batches, wait for every acknowledgement, settle the counts and the
@@ -419,61 +369,38 @@ class Publisher:
         if self._flushing is not None:
             await asyncio.wait({self._flushing})
         await self._submit_open()
-        while self.in_flight:
-            await self._ack_oldest()
-        self._count(self.failed_from or self.line_no + 1, final=True)
-        progress = self.progress
-        if self.failed_from is not None:
-            # Everything before the earliest refused line is in Kafka (or blank).
-            if self.failed_from - 1 > progress.acked_through:
-                progress.acked_through = self.failed_from - 1
-                progress.boundary = self.failed_boundary
-        elif self.processed_through > progress.acked_through:
-            progress.acked_through = self.processed_through
-            progress.boundary = self.last_line
-        if self.failure is not None:
-            raise self.failure
-
-    def _unsettled_from(self) -> int:
-        """The first line a failure may still send again (the first of any unit not acked)."""
-        pending = [unit.first_line for unit in (*self.open, *self.handing, *self.in_flight) if unit]
-        if self.failed_from is not None:
-            pending.append(self.failed_from)
-        return min(pending, default=self.processed_through + 1)
-
-    def _count(self, limit: int, *, final: bool) -> None:
-        """Count each acknowledged line before ``limit`` once: lines at or past the earliest
-        refused one are published again by the next attempt, which counts them then.  Before the
-        end (``final`` false), units holding lines past ``limit`` wait, so memory stays flat."""
-        progress = self.progress
-        waiting = []
-        for unit in self.acked:
-            counter = progress.dead_letters if unit.dead else progress.lines
-            if unit.numbers[-1] < limit:
-                counter.update(unit.labels)
-            elif not final:
-                waiting.append(unit)
-            else:
-                counter.update(
-                    label
-                    for number, label in zip(unit.numbers, unit.labels, strict=True)
-                    if number < limit
-                )
-        self.acked = waiting
+        await self.acks.wait_all()
+        self.acks.close(self.line_no, self.processed_through, self.last_line)
 
 
-def dead_letter_headers(publisher: Publisher, n: int, reason: str) -> list[tuple[str, bytes]]:
-    """A dead letter's headers, its detail aside: the line's place, the reason, CloudEvents."""
-    return [
-        ("datagrid-batch-id", publisher.key_batch),
+@dataclass(frozen=True, slots=True)
+class DeadLetterTarget:
+    """Where a batch's dead letters go and what every one of them carries (built per attempt)."""
+
+    topic: str
+    key: bytes  # the batch id
+    room: int  # the topic's limit for a record, less the key
+    cloudevent: tuple[tuple[str, bytes], ...]  # the batch's fixed CloudEvents attributes
+    ce_id: bytes  # "<batch id>:" (the line number completes it)
+
+
+def dead_letter(
+    line: bytes, n: int, reason: str, detail: str, target: DeadLetterTarget
+) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """A dead letter's value and headers (pure): line ``n``'s bytes, cut to the room if need be,
+    with its place, the reason and its detail, and the CloudEvents attributes."""
+    headers = [
+        ("datagrid-batch-id", target.key),
         ("datagrid-line", str(n).encode()),
         ("forwarder-error", reason.encode()),
         # The value is the offending line's raw bytes, whatever they are.
         ("content-type", b"application/octet-stream"),
-        *publisher.ce,
+        *target.cloudevent,
         ("ce_type", DEAD_LETTER_TYPE),
-        ("ce_id", b"%s%d" % (publisher.ce_id, n)),
+        ("ce_id", b"%s%d" % (target.ce_id, n)),
     ]
+    value, detail_bytes = fit_dead_letter(line, detail, target.room, headers, target.topic)
+    return value, [*headers, ("forwarder-error-detail", detail_bytes)]
 
 
 def fit_dead_letter(

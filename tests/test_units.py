@@ -387,7 +387,7 @@ def test_publisher_counts_each_acknowledged_line_once_and_holds_little(
         try:
             for start in range(0, len(lines), 500):
                 await publisher.publish(lines[start : start + 500])
-                held.append(len(publisher.acked))
+                held.append(len(publisher.acks.acked))
         except ForwarderError:
             assert fail_partition is not None  # the refusal surfaces mid-stream, as in the pipeline
         try:
@@ -403,7 +403,7 @@ def test_publisher_counts_each_acknowledged_line_once_and_holds_little(
             assert max(held) < 64 + 6
         else:
             # Every line before the refused batch's first is counted, none after it.
-            assert publisher.failed_from == 51
+            assert publisher.acks.failed_from == 51
             assert counted == progress.acked_through == 50
 
     asyncio.run(run())
