@@ -16,12 +16,10 @@ import asyncio
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import structlog
-from aiokafka import AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaError as AIOKafkaError
+from aiokafka import AIOKafkaProducer
 
 from forwarder.config import Settings
 from forwarder.datagrid import (
@@ -45,34 +43,20 @@ from forwarder.errors import (
     UpstreamUnavailable,
 )
 from forwarder.health import Health
-from forwarder.kafka import TopicLimits, kafka_errors, translate_send
+from forwarder.kafka import TopicLimits, kafka_errors
 from forwarder.ndjson import LineSplitter, is_complete_object, without_bom
-from forwarder.observability import Metrics, Redactor
+from forwarder.observability import Metrics
+from forwarder.outcome import Outcomes, settle
+from forwarder.outcome import Transaction as Transaction
 from forwarder.producers import SharedProducer
 from forwarder.publish import Batch, Progress, PublishConfig, Publisher
 from forwarder.retry import TRANSIENT_OR_CONFIG, Policy, retry
-from forwarder.state import BatchState, Status, iso, parse_time, utcnow
+from forwarder.state import BatchState, Status, iso, utcnow
 
 log = structlog.get_logger("forwarder.pipeline")
 
 #: Blank lines a stream may hold besides its result lines before it counts as runaway.
 BLANK_LINE_ALLOWANCE = 10_000
-
-
-@dataclass(slots=True)
-class Transaction:
-    """Exactly-once context: the transactional producer, and the job offsets to commit with it."""
-
-    producer: AIOKafkaProducer
-    offsets: dict[TopicPartition, int] | None = None
-    group_id: str | None = None
-    #: Set once a transaction carrying ``offsets`` committed: the consumer need not commit them.
-    offsets_committed: bool = False
-
-    async def send_offsets(self) -> None:
-        """Add the job's offsets to the open transaction (if any are to be committed)."""
-        if self.offsets:
-            await self.producer.send_offsets_to_transaction(self.offsets, self.group_id)
 
 
 #: At-least-once: batches whose acknowledged lines are remembered after a call that raised, so
@@ -109,7 +93,6 @@ class Pipeline:
         self._shared = producer
         self._metrics = metrics
         self._publish = PublishConfig.build(settings, limits, metrics)
-        self._redact = Redactor.for_settings(settings)
         #: The service's health (None in one-shot commands); the worker reports to it too.
         self.health = health
         # A service (with a health to report to) waits out configuration problems; a one-shot
@@ -121,11 +104,17 @@ class Pipeline:
             attempts=settings.max_attempts,
             retry_on=retry_on,
         )
-        self._record_policy = Policy(
-            "state_write_failed",
-            Backoff(settings.retry_base_seconds, KAFKA_BACKOFF.cap),
-            attempts=None if health is not None else settings.max_attempts,
-            retry_on=retry_on,
+        self._outcomes = Outcomes(
+            settings,
+            producer,
+            metrics,
+            health,
+            Policy(
+                "state_write_failed",
+                Backoff(settings.retry_base_seconds, KAFKA_BACKOFF.cap),
+                attempts=None if health is not None else settings.max_attempts,
+                retry_on=retry_on,
+            ),
         )
         self._resumable: OrderedDict[str, Progress] = OrderedDict()
 
@@ -174,7 +163,9 @@ class Pipeline:
                 # outcome; the job is kept and tried again.
                 self._keep_for_resume(attempt, txn)
                 raise attempt.last_error from None
-            self._fail(state, BatchTimeout(f"batch {batch_id} took longer than the batch timeout"))
+            self._outcomes.fail(
+                state, BatchTimeout(f"batch {batch_id} took longer than the batch timeout")
+            )
             attempt.logger.warning("batch_timeout", timeout_s=self._settings.batch_timeout_seconds)
         except ForwarderError as exc:
             # Not terminal yet (LATER), another owner (HAND_OFF), or Kafka still failing after the
@@ -187,14 +178,19 @@ class Pipeline:
             ):
                 self._keep_for_resume(attempt, txn)
                 raise
-            self._fail(state, exc)
+            self._outcomes.fail(state, exc)
         except Exception as exc:  # a bug must fail one batch, not the worker
             attempt.logger.exception("batch_internal_error")
             self._metrics.internal_errors.labels(where="job").inc()
-            self._fail(state, exc)
+            self._outcomes.fail(state, exc)
         finally:
             self._metrics.batches_in_flight.dec()
-        await self._finish(attempt, txn, time.perf_counter() - started)
+        # Every attempt of a failed exactly-once batch was aborted: nothing of it is visible.
+        aborted = state.status is Status.FAILED and txn is not None
+        progress = Progress() if aborted else attempt.progress
+        await self._outcomes.finish(
+            state, progress, attempt.logger, txn, time.perf_counter() - started
+        )
         return state
 
     def _keep_for_resume(self, attempt: _Attempt, txn: Transaction | None) -> None:
@@ -265,8 +261,8 @@ class Pipeline:
                 await self._attempt(attempt)
                 attempt.state.status = Status.FORWARDED
                 attempt.state.finished_at = utcnow()
-                self._settle(attempt)
-                await self._send_state(attempt.state, producer)
+                settle(attempt.state, attempt.progress)
+                await self._outcomes.send_state(attempt.state, producer)
                 await txn.send_offsets()
             txn.offsets_committed = bool(txn.offsets)
 
@@ -342,88 +338,5 @@ class Pipeline:
                 await publisher.publish(tail)
 
     async def record(self, state: BatchState, txn: Transaction | None = None) -> None:
-        """Write ``state`` to the state topic (with the job's offsets, in a transaction, if
-        given), retrying only this write until it succeeds or the task is cancelled: once lines
-        are in Kafka, a failing state topic must never make them be sent again."""
-        await retry(
-            lambda: self._record_once(state, txn),
-            self._record_policy,
-            health=self.health,
-            component="state_topic",
-            logger=log.bind(batch_id=state.batch_id),
-        )
-
-    async def _record_once(self, state: BatchState, txn: Transaction | None) -> None:
-        if txn is None:
-            await self._send_state(state, self._shared.current)
-            return
-        with kafka_errors(f"recording state of {state.batch_id}"):
-            async with txn.producer.transaction():
-                await self._send_state(state, txn.producer)
-                await txn.send_offsets()
-            txn.offsets_committed = bool(txn.offsets)
-
-    async def _send_state(self, state: BatchState, producer: AIOKafkaProducer) -> None:
-        topic = self._settings.state_topic
-        try:
-            future = await producer.send(topic, state.encode(), key=state.batch_id.encode())
-            await future
-        except AIOKafkaError as exc:
-            what = f"recording state of {state.batch_id}"
-            raise translate_send(exc, what, producer, topic) from exc
-
-    def _settle(self, attempt: _Attempt) -> None:
-        """Copy the distinct lines now in Kafka into the state record."""
-        state, progress = attempt.state, attempt.progress
-        state.lines = dict(progress.lines)
-        state.dead_letters = dict(progress.dead_letters)
-        state.blank_lines = progress.blank_lines
-
-    def _fail(self, state: BatchState, exc: BaseException) -> None:
-        state.fail(exc)
-        if state.error is not None:
-            state.error = self._redact.scrub(state.error)
-
-    async def _finish(self, attempt: _Attempt, txn: Transaction | None, duration: float) -> None:
-        """Record the outcome (unless the transaction already did), count it, log one line."""
-        state = attempt.state
-        if state.status is Status.FAILED and txn is not None:
-            attempt.progress = Progress()  # every attempt was aborted: nothing of it is visible
-        self._settle(attempt)
-        state.finished_at = state.finished_at or utcnow()
-        if txn is None or state.status is Status.FAILED:
-            # (exactly-once success already wrote its state inside the transaction)
-            await self.record(state, txn)
-        self._count(attempt.progress)
-        metrics = self._metrics
-        metrics.batch_duration.observe(duration)
-        metrics.batches.labels(outcome=state.status.value).inc()
-        forward_delay: float | None = None
-        terminal = parse_time(state.terminal_at)
-        if state.status is Status.FORWARDED and terminal is not None:
-            forward_delay = max((datetime.now(UTC) - terminal).total_seconds(), 0.0)
-            metrics.forward_delay.observe(forward_delay)
-        emit = attempt.logger.info if state.status is Status.FORWARDED else attempt.logger.warning
-        emit(
-            "batch_" + state.status.value,
-            attempt=state.attempts,
-            lines=state.lines,
-            dead_letters=state.dead_letters,
-            blank_lines=state.blank_lines,
-            expected_lines=state.expected_lines,
-            stream_restarts=state.stream_restarts,
-            duration_s=round(duration, 3),
-            forward_delay_s=None if forward_delay is None else round(forward_delay, 3),
-            delivery=state.delivery,
-            error=state.error,
-        )
-
-    def _count(self, progress: Progress) -> None:
-        """Add what is now visible in Kafka to the metrics (once, at the end of the batch)."""
-        metrics = self._metrics
-        for status, n in progress.lines.items():
-            metrics.lines_forwarded.labels(status=status).inc(n)
-        for reason, n in progress.dead_letters.items():
-            metrics.dead_letters.labels(reason=reason).inc(n)
-        if progress.blank_lines:
-            metrics.blank_lines.inc(progress.blank_lines)
+        """Write ``state`` to the state topic (see :meth:`Outcomes.record`)."""
+        await self._outcomes.record(state, txn)
