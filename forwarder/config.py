@@ -490,7 +490,7 @@ def _read_secret_file(variable: str, path: str) -> str:
     """A secret file's text without one trailing newline (``echo key > file`` writes one); an
     error names the variable and the path, never the content."""
     try:
-        with open(path, encoding="utf-8") as file:
+        with open(path, encoding="utf-8", newline="") as file:  # keep \r: one newline only
             text = file.read()
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{variable}: cannot read {path} ({type(exc).__name__})") from None
