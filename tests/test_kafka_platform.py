@@ -135,8 +135,9 @@ async def test_start_warns_about_weak_configs_of_existing_topics(
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
     await admin.start()
     try:
+        compacted = {"cleanup.policy": "compact", "retention.ms": "-1"}
         weak = [
-            NewTopic(settings.results_topic, 3, 1, topic_configs={"cleanup.policy": "compact"}),
+            NewTopic(settings.results_topic, 3, 1, topic_configs=compacted),
             NewTopic(settings.dead_letter_topic, 3, 1, topic_configs={"retention.ms": "3600000"}),
         ]
         await admin.create_topics(weak, timeout_ms=30_000)
