@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from structlog.testing import capture_logs
 
 from forwarder.config import Settings
-from forwarder.kafka import prepare_topics
-from tests.conftest import API_KEY, rig, settings_for
+from forwarder.kafka import min_insync_replicas, prepare_topics, topic_specs
+from tests.conftest import API_KEY, REPO, rig, settings_for
 from tests.fake_datagrid import FakeDatagrid
 from tests.kafka_helpers import read_topic
 from tests.service_helpers import forwarder_env, run_forwarder
@@ -192,3 +193,19 @@ def test_forward_refuses_a_key_set_both_ways_naming_both_variables(
     assert "DATAGRID_API_KEY and DATAGRID_API_KEY_FILE" in done.stderr
     assert API_KEY not in done.stdout + done.stderr
     assert "dg_from_file_0000" not in done.stdout + done.stderr
+
+
+def test_asyncapi_topic_configuration_is_what_the_forwarder_creates() -> None:
+    """Each channel's documented retention and min.insync.replicas are what start-up creates
+    with the default settings on a cluster of three or more brokers."""
+    document = yaml.safe_load((REPO / "docs" / "asyncapi.yaml").read_text())
+    settings = Settings.model_construct()  # every default, nothing read from the environment
+    specs = topic_specs(settings)
+    for channel in document["channels"].values():
+        documented = channel["bindings"]["kafka"]["topicConfiguration"]
+        created = specs[channel["address"]]
+        assert documented["min.insync.replicas"] == min_insync_replicas(3), channel["address"]
+        if "retention.ms" in created:
+            assert str(documented["retention.ms"]) == created["retention.ms"], channel["address"]
+        else:
+            assert "retention.ms" not in documented, channel["address"]
