@@ -377,12 +377,13 @@ async def _warn_weak_topics(
     if not topics:
         return
     configs: dict[str, dict[str, str]] = {}
+    replication = {}
+    # Advice only: a principal without DescribeConfigs on the jobs or state topic still starts.
     with contextlib.suppress(KafkaError, AIOKafkaError):
         configs = await _topic_configs(admin, topics)
-    replication = {}
-    for entry in await admin.describe_topics(topics):
-        if entry["error_code"] == 0 and entry["partitions"]:
-            replication[entry["topic"]] = len(entry["partitions"][0]["replicas"])
+        for entry in await admin.describe_topics(topics):
+            if entry["error_code"] == 0 and entry["partitions"]:
+                replication[entry["topic"]] = len(entry["partitions"][0]["replicas"])
     for warning in topic_config_warnings(settings, configs, replication):
         log.warning(
             "topic_config_weak",
