@@ -205,10 +205,16 @@ def _retention_ms(hours: float) -> str:
 def topic_specs(settings: Settings) -> dict[str, dict[str, str]]:
     """The forwarder's topics and the configs it creates them with (``min.insync.replicas`` is
     added at creation, when the replication factor is known: :func:`min_insync_replicas`)."""
+    # The line topics say `delete` themselves: a cluster whose default is `compact` would keep
+    # only the last line per custom_id.
     return {
-        settings.results_topic: {"retention.ms": _retention_ms(settings.results_retention_hours)},
+        settings.results_topic: {
+            "cleanup.policy": "delete",
+            "retention.ms": _retention_ms(settings.results_retention_hours),
+        },
         settings.dead_letter_topic: {
-            "retention.ms": _retention_ms(settings.dead_letter_retention_hours)
+            "cleanup.policy": "delete",
+            "retention.ms": _retention_ms(settings.dead_letter_retention_hours),
         },
         settings.jobs_topic: {},
         # Compacted: the latest state per batch id is the memory of what was forwarded; deleted
