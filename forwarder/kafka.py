@@ -278,11 +278,13 @@ async def prepare_topics(settings: Settings) -> TopicLimits:
                 cleanup_policy=policy,
                 hint="set cleanup.policy=compact,delete and retention.ms, or it grows for ever",
             )
-        await _warn_weak_topics(admin, settings, [t for t in specs if t in existing])
-        return TopicLimits(
+        limits = TopicLimits(
             results=await _max_message_bytes(admin, settings.results_topic),
             dead_letters=await _max_message_bytes(admin, settings.dead_letter_topic),
         )
+        # After the size reads, which wait for a topic made a moment ago to be known everywhere.
+        await _warn_weak_topics(admin, settings, [t for t in specs if t in existing])
+        return limits
     except AIOKafkaError as exc:
         raise translate(exc, "preparing topics") from exc
     finally:
