@@ -316,3 +316,17 @@ def test_min_insync_replicas_1_is_fine_without_replicas() -> None:
     configs = {"datagrid.batch-results": {**SAFE, "min.insync.replicas": "1"}}
     assert _warnings(configs, replication=1) == set()
     assert _warnings(configs, replication=2) == {("datagrid.batch-results", "min.insync.replicas")}
+
+
+def test_every_compression_setting_has_its_codec_installed() -> None:
+    """Each FORWARDER_KAFKA_COMPRESSION_TYPE value has aiokafka's codec library in this venv
+    (the lock's cramjam): otherwise the producer would refuse to start with it."""
+    from typing import get_args
+
+    from aiokafka import codec
+
+    values = get_args(Settings.model_fields["kafka_compression_type"].annotation)
+    assert set(values) == {"none", "gzip", "snappy", "lz4", "zstd"}
+    for value in values:
+        if value != "none":
+            assert getattr(codec, f"has_{value}")(), value
