@@ -331,9 +331,8 @@ def topic_config_warnings(
     Used at start (a ``topic_config_weak`` warning per item) and by ``forwarder check``.
     """
     line_topics = {settings.results_topic, settings.dead_letter_topic}
-    topics = [settings.results_topic, settings.dead_letter_topic, settings.jobs_topic]
     warnings: list[TopicWarning] = []
-    for topic in [*topics, settings.state_topic]:
+    for topic in (*sorted(line_topics), settings.jobs_topic, settings.state_topic):
         config = configs.get(topic)
         if config is None:
             continue
