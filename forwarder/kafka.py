@@ -282,7 +282,6 @@ async def prepare_topics(settings: Settings) -> TopicLimits:
             results=await _max_message_bytes(admin, settings.results_topic),
             dead_letters=await _max_message_bytes(admin, settings.dead_letter_topic),
         )
-        # After the size reads, which wait for a topic made a moment ago to be known everywhere.
         await _warn_weak_topics(admin, settings, [t for t in specs if t in existing])
         return limits
     except AIOKafkaError as exc:

@@ -142,6 +142,15 @@ async def test_start_warns_about_weak_configs_of_existing_topics(
             NewTopic(settings.dead_letter_topic, 3, 1, topic_configs={"retention.ms": "3600000"}),
         ]
         await admin.create_topics(weak, timeout_ms=30_000)
+        # Existing means listed: until the metadata shows them, start-up would take them for
+        # missing (and its create would find them made, by "another pod").
+        for _ in range(100):
+            listed = set(await admin.list_topics())
+            if {settings.results_topic, settings.dead_letter_topic} <= listed:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the weak topics never appeared in the metadata")
     finally:
         await admin.close()
     with capture_logs() as logs:
