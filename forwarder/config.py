@@ -124,6 +124,20 @@ class Settings(BaseSettings):
     """Replication factor of topics the forwarder creates (-1: 3, or fewer if the cluster is
     smaller)."""
 
+    kafka_compression_type: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "zstd"
+    """Compression of the record batches the forwarder writes (results, dead letters, jobs,
+    state). `zstd` by measurement (`bench/RESULTS.md`, Compression): the fewest bytes of all
+    codecs (4.3x fewer than none on text-like results) for about 1.5 CPU-s more per million
+    lines; consumers need a client that reads zstd (Java 2.1+, librdkafka 1.0+)."""
+
+    kafka_client_id: str | None = Field(default=None, min_length=1, max_length=249)
+    """Client id in broker logs, metrics and quotas; default: the consumer group, which already
+    tells two installs on one cluster apart and is the same for every pod of one install."""
+
+    kafka_request_timeout_ms: int = Field(default=30_000, ge=1000, le=300_000)
+    """How long the producers and the admin client wait for a broker's answer before the request
+    counts as failed and is retried (the consumers keep aiokafka's own timeouts)."""
+
     kafka_linger_ms: int = Field(default=5, ge=0)
     """Producer linger: how long a batch waits for more records."""
 
@@ -150,6 +164,15 @@ class Settings(BaseSettings):
 
     dead_letter_topic: str = "datagrid.batch-results.dlq"
     """Topic receiving lines that cannot be forwarded, with the reason in headers."""
+
+    results_retention_hours: float = Field(default=720.0)
+    """`retention.ms` of the results topic when the forwarder creates it (-1: kept for ever):
+    how long a consumer may be down without losing results. As long as the state retention, so
+    a batch the forwarder remembers as forwarded can still be read."""
+
+    dead_letter_retention_hours: float = Field(default=2160.0)
+    """`retention.ms` of the dead-letter topic when the forwarder creates it (-1: kept for ever):
+    dead letters wait for a person, and are few; 90 days outlasts holidays and quarter ends."""
 
     state_topic: str = "datagrid.batch-state"
     """Compacted topic holding each batch's latest forwarding state."""
@@ -240,6 +263,13 @@ class Settings(BaseSettings):
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
+
+    @field_validator("results_retention_hours", "dead_letter_retention_hours")
+    @classmethod
+    def _retention(cls, value: float) -> float:
+        if value != -1 and not value > 0:
+            raise ValueError("must be more than 0 hours, or -1 to keep records for ever")
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -378,12 +408,28 @@ def env_name(field: str) -> str:
     return field if field.isupper() else f"{ENV_PREFIX}{field.upper()}"
 
 
+FILE_SUFFIX = "_FILE"
+
+
+def secret_variables() -> dict[str, tuple[str, ...]]:
+    """Each secret setting (every ``SecretStr`` field, alone or in a list) and the variables that
+    set it, first the preferred one: each may instead be read from ``<variable>_FILE``."""
+    secrets = {}
+    for field, info in Settings.model_fields.items():
+        if "SecretStr" not in str(info.annotation):
+            continue
+        alias = info.validation_alias
+        names = alias.choices if isinstance(alias, AliasChoices) else [env_name(field)]
+        secrets[field] = tuple(str(name) for name in names)
+    return secrets
+
+
 def known_variables() -> frozenset[str]:
-    """Every ``FORWARDER_*`` variable the forwarder reads."""
+    """Every ``FORWARDER_*`` variable the forwarder reads (``<secret>_FILE`` included)."""
     names = {env_name(field) for field in Settings.model_fields}
-    return frozenset(name for name in names if name.startswith(ENV_PREFIX)) | {
-        "FORWARDER_DATAGRID_API_KEY"
-    }
+    for variables in secret_variables().values():
+        names |= {*variables, *(variable + FILE_SUFFIX for variable in variables)}
+    return frozenset(name for name in names if name.startswith(ENV_PREFIX))
 
 
 def _dotenv_values(path: Path = Path(".env")) -> dict[str, str]:
@@ -471,14 +517,46 @@ def _check_links_on_settings(environ: Mapping[str, str]) -> None:
             )
 
 
+def _read_secret_file(variable: str, path: str) -> str:
+    """A secret file's text without one trailing newline (``echo key > file`` writes one); an
+    error names the variable and the path, never the content."""
+    try:
+        with open(path, encoding="utf-8", newline="") as file:  # keep \r: one newline only
+            text = file.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{variable}: cannot read {path} ({type(exc).__name__})") from None
+    return text.removesuffix("\n").removesuffix("\r")
+
+
+def secrets_from_files(environ: Mapping[str, str]) -> dict[str, str]:
+    """The secret settings named by ``<variable>_FILE`` in ``environ``, read, by field name.
+
+    Vault Agent, the Secrets Store CSI driver and Docker secrets write files, not variables.
+    Setting a secret both ways (or through two ``_FILE`` names) is refused: which one wins would
+    be a guess.  An empty variable counts as unset (compose's ``${KEY:-}`` writes one)."""
+    upper = {name.upper(): value for name, value in environ.items()}
+    values = {}
+    for field, variables in secret_variables().items():
+        files = [v + FILE_SUFFIX for v in variables if upper.get(v + FILE_SUFFIX)]
+        if not files:
+            continue
+        direct = [v for v in variables if upper.get(v)]
+        if direct or len(files) > 1:
+            raise ConfigError(f"{' and '.join([*direct, *files])} are both set: set only one")
+        values[field] = _read_secret_file(files[0], upper[files[0]])
+    return values
+
+
 def load_settings(**overrides: object) -> Settings:
     """Build :class:`Settings` from the environment (and ``./.env``), turning validation errors
     into one line each; unknown ``FORWARDER_*`` variables are refused, naming the closest.
+    Secrets may come from files (:func:`secrets_from_files`).
 
     Kubernetes service-link variables are ignored (:func:`service_links` names them)."""
     environ = {**_dotenv_values(), **os.environ}
     check_unknown_variables(environ)
     _check_links_on_settings(environ)
+    overrides = {**secrets_from_files(environ), **overrides}
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
@@ -495,6 +573,7 @@ def load_settings(**overrides: object) -> Settings:
 def describe_variables() -> list[tuple[str, str, str]]:
     """``(variable, default, description)`` for every setting: for ``--help`` and the README."""
     rows = []
+    secrets = secret_variables()
     for name, info in Settings.model_fields.items():
         variable = env_name(name)
         if name == "datagrid_api_key":
@@ -506,5 +585,8 @@ def describe_variables() -> list[tuple[str, str, str]]:
             shown = str(default).lower()
         else:
             shown = str(getattr(default, "value", default))
-        rows.append((variable, shown, info.description or ""))
+        description = info.description or ""
+        if name in secrets:  # generic, so a secret added later says it too
+            description += f" Or read from `{secrets[name][-1]}_FILE` (a file's path)."
+        rows.append((variable, shown, description))
     return rows

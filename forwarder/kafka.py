@@ -242,7 +242,7 @@ def connection_options(settings: Settings) -> dict[str, Any]:
     options: dict[str, Any] = {
         "bootstrap_servers": settings.kafka_bootstrap_servers.split(","),
         "security_protocol": settings.kafka_security_protocol,
-        "client_id": "datagrid-forwarder",
+        "client_id": settings.kafka_client_id or settings.consumer_group,
     }
     if settings.kafka_security_protocol in ("SSL", "SASL_SSL"):
         options["ssl_context"] = create_ssl_context(
@@ -258,18 +258,32 @@ def connection_options(settings: Settings) -> dict[str, Any]:
     return options
 
 
+def _retention_ms(hours: float) -> str:
+    """Kafka's ``retention.ms`` for a number of hours (-1 is Kafka's "for ever" too)."""
+    return "-1" if hours == -1 else str(int(hours * 3_600_000))
+
+
 def topic_specs(settings: Settings) -> dict[str, dict[str, str]]:
-    """The forwarder's topics and the configs it creates them with."""
+    """The forwarder's topics and the configs it creates them with (``min.insync.replicas`` is
+    added at creation, when the replication factor is known: :func:`min_insync_replicas`)."""
+    # The line topics say `delete` themselves: a cluster whose default is `compact` would keep
+    # only the last line per custom_id.
     return {
-        settings.results_topic: {},
-        settings.dead_letter_topic: {},
+        settings.results_topic: {
+            "cleanup.policy": "delete",
+            "retention.ms": _retention_ms(settings.results_retention_hours),
+        },
+        settings.dead_letter_topic: {
+            "cleanup.policy": "delete",
+            "retention.ms": _retention_ms(settings.dead_letter_retention_hours),
+        },
         settings.jobs_topic: {},
         # Compacted: the latest state per batch id is the memory of what was forwarded; deleted
         # past the retention, so the topic does not grow for ever (a waiting batch's record is
         # rewritten at every check, so it stays young).
         settings.state_topic: {
             "cleanup.policy": "compact,delete",
-            "retention.ms": str(int(settings.state_retention_hours * 3_600_000)),
+            "retention.ms": _retention_ms(settings.state_retention_hours),
             "min.compaction.lag.ms": "60000",
         },
     }
@@ -306,7 +320,10 @@ async def prepare_topics(settings: Settings) -> TopicLimits:
                     name,
                     num_partitions=partitions[name],
                     replication_factor=replication,
-                    topic_configs=specs[name],
+                    topic_configs={
+                        **specs[name],
+                        "min.insync.replicas": str(min_insync_replicas(replication)),
+                    },
                 )
                 for name in missing
             ]
@@ -322,14 +339,141 @@ async def prepare_topics(settings: Settings) -> TopicLimits:
                 cleanup_policy=policy,
                 hint="set cleanup.policy=compact,delete and retention.ms, or it grows for ever",
             )
-        return TopicLimits(
+        limits = TopicLimits(
             results=await _max_message_bytes(admin, settings.results_topic),
             dead_letters=await _max_message_bytes(admin, settings.dead_letter_topic),
         )
+        await _warn_weak_topics(admin, settings, [t for t in specs if t in existing])
+        return limits
     except AIOKafkaError as exc:
         raise translate(exc, "preparing topics") from exc
     finally:
         await admin.close()
+
+
+def min_insync_replicas(replication: int) -> int:
+    """``min.insync.replicas`` of a topic the forwarder creates: with ``acks=all``, a write is
+    acknowledged once on two replicas (one on a single-broker cluster), so losing one broker
+    loses no acknowledged record."""
+    return min(2, replication)
+
+
+@dataclass(frozen=True, slots=True)
+class TopicWarning:
+    """A topic config that weakens what the forwarder promises, with what to do about it."""
+
+    topic: str
+    config: str
+    value: str
+    problem: str
+
+
+def topic_config_warnings(
+    settings: Settings,
+    configs: dict[str, dict[str, str]],
+    replication: dict[str, int],
+) -> list[TopicWarning]:
+    """The configs of existing topics that weaken the forwarder's guarantees (pure: no I/O).
+
+    ``configs`` maps a topic name to its effective configs (DescribeConfigs: name to value,
+    broker defaults included) and ``replication`` a topic name to its replication factor; topics
+    missing from ``configs`` are not judged.  Reported, for the results, dead-letter, jobs and
+    state topics:
+
+    - ``min.insync.replicas`` 1 on a replicated topic: ``acks=all`` then waits for the leader
+      alone, and losing it loses acknowledged records;
+    - ``cleanup.policy`` with ``compact`` on the results or dead-letter topic: only the latest
+      record per key (``custom_id``) would be kept;
+    - ``retention.ms`` of the results or dead-letter topic shorter than the state retention
+      (``FORWARDER_STATE_RETENTION_HOURS``): records are deleted while the forwarder still
+      remembers their batch as forwarded, so it would not forward them again.
+
+    Used at start (a ``topic_config_weak`` warning per item) and by ``forwarder check``.
+    """
+    line_topics = {settings.results_topic, settings.dead_letter_topic}
+    warnings: list[TopicWarning] = []
+    for topic in (*sorted(line_topics), settings.jobs_topic, settings.state_topic):
+        config = configs.get(topic)
+        if config is None:
+            continue
+        isr = config.get("min.insync.replicas")
+        if isr is not None and int(isr) < 2 and replication.get(topic, 1) > 1:
+            warnings.append(
+                TopicWarning(
+                    topic,
+                    "min.insync.replicas",
+                    isr,
+                    f"with acks=all and replication {replication[topic]}, a write acknowledged by "
+                    "the leader alone is lost with it: set min.insync.replicas=2",
+                )
+            )
+        if topic not in line_topics:
+            continue
+        policy = config.get("cleanup.policy", "delete")
+        if "compact" in policy:
+            warnings.append(
+                TopicWarning(
+                    topic,
+                    "cleanup.policy",
+                    policy,
+                    "compaction keeps only the latest record per custom_id: set "
+                    "cleanup.policy=delete",
+                )
+            )
+        retention = config.get("retention.ms")
+        state_ms = settings.state_retention_hours * 3_600_000
+        if retention is not None and 0 <= int(retention) < state_ms:
+            warnings.append(
+                TopicWarning(
+                    topic,
+                    "retention.ms",
+                    retention,
+                    f"records are deleted before the batch's state ({state_ms:.0f} ms, "
+                    "FORWARDER_STATE_RETENTION_HOURS), and a forwarded batch is not forwarded "
+                    "again: raise retention.ms or lower the state retention",
+                )
+            )
+    return warnings
+
+
+async def _warn_weak_topics(
+    admin: AIOKafkaAdminClient, settings: Settings, topics: list[str]
+) -> None:
+    """Log a ``topic_config_weak`` warning per config of an existing topic that weakens the
+    guarantees (:func:`topic_config_warnings`); unreadable configs are left to the size check."""
+    if not topics:
+        return
+    configs: dict[str, dict[str, str]] = {}
+    replication = {}
+    # Advice only: a principal without DescribeConfigs on the jobs or state topic still starts.
+    with contextlib.suppress(KafkaError, AIOKafkaError):
+        configs = await _topic_configs(admin, topics)
+        for entry in await admin.describe_topics(topics):
+            if entry["error_code"] == 0 and entry["partitions"]:
+                replication[entry["topic"]] = len(entry["partitions"][0]["replicas"])
+    for warning in topic_config_warnings(settings, configs, replication):
+        log.warning(
+            "topic_config_weak",
+            topic=warning.topic,
+            config=warning.config,
+            value=warning.value,
+            problem=warning.problem,
+        )
+
+
+async def _topic_configs(
+    admin: AIOKafkaAdminClient, topics: list[str]
+) -> dict[str, dict[str, str]]:
+    """Every effective config of each topic (one DescribeConfigs for all); a topic whose configs
+    cannot be read is left out."""
+    resources = [ConfigResource(ConfigResourceType.TOPIC, topic) for topic in topics]
+    configs: dict[str, dict[str, str]] = {}
+    for response in await admin.describe_configs(resources):
+        for resource in response.resources:
+            error_code, _message, _type, name, entries = resource[:5]
+            if not error_code:
+                configs[name] = {e[0]: str(e[1]) for e in entries if e[1] is not None}
+    return configs
 
 
 def _check_created(response: Any) -> None:
@@ -398,7 +542,9 @@ async def _partition_numbers(admin: AIOKafkaAdminClient, topic: str) -> list[int
 
 def make_admin(settings: Settings) -> AIOKafkaAdminClient:
     """An admin client (topic checks and creation)."""
-    return AIOKafkaAdminClient(**connection_options(settings), request_timeout_ms=30_000)
+    return AIOKafkaAdminClient(
+        **connection_options(settings), request_timeout_ms=settings.kafka_request_timeout_ms
+    )
 
 
 def make_reader(settings: Settings) -> AIOKafkaConsumer:
@@ -414,7 +560,19 @@ def make_reader(settings: Settings) -> AIOKafkaConsumer:
 
 def make_job_writer(settings: Settings) -> AIOKafkaProducer:
     """A small idempotent ``acks=all`` producer for jobs (the ``enqueue`` command)."""
-    return AIOKafkaProducer(**connection_options(settings), acks="all", enable_idempotence=True)
+    return AIOKafkaProducer(
+        **connection_options(settings),
+        acks="all",
+        enable_idempotence=True,
+        compression_type=_codec(settings),
+        request_timeout_ms=settings.kafka_request_timeout_ms,
+    )
+
+
+def _codec(settings: Settings) -> str | None:
+    """aiokafka's ``compression_type`` (``None`` for no compression)."""
+    codec = settings.kafka_compression_type
+    return None if codec == "none" else codec
 
 
 def make_producer(
@@ -433,7 +591,8 @@ def make_producer(
         # A batch above the topic's limit would be refused whole, sinking its neighbours.
         "max_batch_size": min(settings.kafka_batch_bytes, limits.results - RECORD_OVERHEAD_BYTES),
         "max_request_size": largest + RECORD_OVERHEAD_BYTES,
-        "request_timeout_ms": 30_000,
+        "request_timeout_ms": settings.kafka_request_timeout_ms,
+        "compression_type": _codec(settings),
     }
     if transactional_id:
         options["transactional_id"] = transactional_id

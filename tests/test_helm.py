@@ -32,6 +32,7 @@ from pydantic import SecretStr
 from forwarder.app import Services, create_app, create_management_app
 from forwarder.cli import build_parser
 from forwarder.config import Settings, describe_variables, env_name, load_settings
+from forwarder.kafka import min_insync_replicas, topic_specs
 from forwarder.observability import Metrics
 from tests.deploy_helpers import REPO, run, setting_variables, settings_default, tool
 
@@ -1242,3 +1243,194 @@ def test_check_hook_uses_the_existing_secret_and_account() -> None:
     }
     assert refs == {"datagrid-forwarder-credentials"}
     assert spec["serviceAccountName"] == "platform-workloads"
+
+
+# --- credentials from Secrets of their own, Strimzi (issue 22) ------------------------------------
+
+#: A Strimzi install: the KafkaUser's Secret (key `password`) holds the SASL password, and the
+#: Datagrid key lives in a Secret of its own; only the webhook secret is inline.
+STRIMZI_VALUES: dict[str, Any] = {
+    "strimzi": {"enabled": True, "cluster": "prod-kafka"},
+    "config": {
+        "FORWARDER_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+        "FORWARDER_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+        "FORWARDER_KAFKA_SASL_USERNAME": f"{RELEASE}-forwarder",
+    },
+    "secrets": {
+        "datagridApiKey": "",
+        "refs": {
+            "FORWARDER_KAFKA_SASL_PASSWORD": {"name": f"{RELEASE}-forwarder", "key": "password"},
+            "DATAGRID_API_KEY": {"name": "datagrid", "key": "api-key"},
+        },
+    },
+    "keda": {"enabled": True},
+}
+
+
+def render_strimzi(tmp_path: Path, values: dict[str, Any]) -> tuple[dict[str, Any], ...]:
+    """Render the default scenario plus ``values``; built-in kinds validated strictly, custom
+    kinds (Strimzi's too) with kubeconform against the vendored CRD schemas."""
+    extra = tmp_path / "strimzi-values.yaml"
+    extra.write_text(yaml.safe_dump(values))
+    out = helm(
+        "template",
+        RELEASE,
+        str(CHART),
+        "--namespace",
+        NAMESPACE,
+        "--kube-version",
+        MAX_KUBE,
+        *values_args("default-values.yaml"),
+        "-f",
+        str(extra),
+    )
+    objects = tuple(doc for doc in yaml.safe_load_all(out) if doc)
+    custom = [o for o in objects if "." in o["apiVersion"].split("/")[0]]
+    for obj in objects:
+        if obj not in custom:
+            kubernetes_validate.validate(obj, MAX_KUBE, strict=True)
+    assert f"Valid: {len(custom)}" in kubeconform(custom)
+    return objects
+
+
+def _secret_refs(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        e["name"]: e["valueFrom"]["secretKeyRef"]
+        for e in container["env"]
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
+
+
+def test_each_credential_can_come_from_its_own_secret(tmp_path: Path) -> None:
+    """secrets.refs points a variable at any Secret and key (a Strimzi KafkaUser's `password`);
+    the chart's Secret keeps only the inline ones, and KEDA reads the same ref."""
+    objects = render_strimzi(tmp_path, STRIMZI_VALUES)
+    _, container = workload(objects)
+    refs = _secret_refs(container)
+    assert refs["FORWARDER_KAFKA_SASL_PASSWORD"] == {
+        "name": f"{RELEASE}-forwarder",
+        "key": "password",
+    }
+    assert refs["DATAGRID_API_KEY"] == {"name": "datagrid", "key": "api-key"}
+    assert refs["FORWARDER_WEBHOOK_SECRETS"] == {
+        "name": f"{RELEASE}-forwarder",
+        "key": "FORWARDER_WEBHOOK_SECRETS",
+    }
+    secret = only(objects, "Secret")
+    assert set(secret["data"]) == {"FORWARDER_WEBHOOK_SECRETS"}
+    auth = only(objects, "TriggerAuthentication")["spec"]["secretTargetRef"]
+    assert {"parameter": "password", "name": f"{RELEASE}-forwarder", "key": "password"} in auth
+
+
+def test_refs_without_any_inline_credential_render_no_secret(tmp_path: Path) -> None:
+    """With every credential in a Secret of its own, the chart makes no Secret of its own."""
+    values = {
+        "secrets": {
+            "datagridApiKey": "",
+            "webhookSecrets": "",
+            "refs": {
+                "DATAGRID_API_KEY": {"name": "datagrid", "key": "api-key"},
+                "FORWARDER_WEBHOOK_SECRETS": {"name": "datagrid", "key": "webhook"},
+            },
+        }
+    }
+    objects = render_strimzi(tmp_path, values)
+    assert not [o for o in objects if o["kind"] == "Secret"]
+    _, container = workload(objects)
+    assert {r["name"] for r in _secret_refs(container).values()} >= {"datagrid"}
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (
+            ("secrets.refs.DATAGRID_API_KEY.name=dg", "secrets.refs.DATAGRID_API_KEY.key=k"),
+            "secrets.datagridApiKey and secrets.refs.DATAGRID_API_KEY both give",
+        ),
+        (("secrets.refs.DATAGRID_API_KY.name=dg", "secrets.refs.DATAGRID_API_KY.key=k"), "refs"),
+        (("secrets.refs.FORWARDER_API_TOKENS.name=t",), "key"),
+        (("strimzi.enabled=true",), "strimzi.cluster"),
+        (
+            (
+                "strimzi.enabled=true",
+                "strimzi.cluster=c",
+                "config.FORWARDER_KAFKA_CREATE_TOPICS=true",
+            ),
+            "remove config.FORWARDER_KAFKA_CREATE_TOPICS",
+        ),
+    ],
+)
+def test_bad_refs_and_strimzi_values_are_refused(sets: tuple[str, ...], message: str) -> None:
+    """A credential given twice, an unknown or incomplete ref, Strimzi without its cluster or
+    with topic creation on: refused with a message naming the value."""
+    assert message in render_fails(*sets)
+
+
+def test_strimzi_topics_carry_what_the_forwarder_would_create(tmp_path: Path) -> None:
+    """The KafkaTopics are the forwarder's topic_specs for the same settings, with
+    min.insync.replicas = min(2, replicas); the pods then never create topics."""
+    values = {
+        **STRIMZI_VALUES,
+        "config": {**STRIMZI_VALUES["config"], "FORWARDER_RESULTS_RETENTION_HOURS": 48},
+    }
+    objects = render_strimzi(tmp_path, values)
+    settings = Settings(results_retention_hours=48)
+    specs = topic_specs(settings)
+    topics = {o["spec"]["topicName"]: o for o in objects if o["kind"] == "KafkaTopic"}
+    assert set(topics) == set(specs)
+    for name, topic in topics.items():
+        assert topic["metadata"]["labels"]["strimzi.io/cluster"] == "prod-kafka"
+        assert topic["spec"]["replicas"] == 3
+        assert topic["spec"]["partitions"] == settings.kafka_topic_partitions
+        config = {k: str(v) for k, v in topic["spec"]["config"].items()}
+        assert config == {**specs[name], "min.insync.replicas": str(min_insync_replicas(3))}, name
+    _, container = workload(objects)
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["FORWARDER_KAFKA_CREATE_TOPICS"] == "false"
+
+
+#: Strimzi's ACL resource types for the documentation's.
+STRIMZI_RESOURCE = {"topic": "topic", "group": "group", "transactional-id": "transactionalId"}
+
+
+@pytest.mark.parametrize("mode", ["at-least-once", "exactly-once"])
+def test_strimzi_user_has_exactly_the_documented_acls(tmp_path: Path, mode: str) -> None:
+    """The KafkaUser's ACLs are docs/security.md's rows for the mode (Create aside: Strimzi
+    makes the topics), on the configured names, nothing more."""
+    from tests.test_secured_kafka import documented_acls
+
+    values = {**STRIMZI_VALUES, "config": {**STRIMZI_VALUES["config"], "FORWARDER_DELIVERY": mode}}
+    objects = render_strimzi(tmp_path, values)
+    user = only(objects, "KafkaUser")
+    assert user["metadata"]["name"] == f"{RELEASE}-forwarder"
+    assert user["spec"]["authentication"] == {"type": "scram-sha-512"}
+    settings = Settings()
+    wanted = set()
+    for row in documented_acls():
+        if row.when == "creating topics" or (row.when == "exactly-once" and mode != row.when):
+            continue
+        if row.when not in ("always", "exactly-once"):
+            raise AssertionError(f"an ACL row the chart does not know: {row}")
+        name = (
+            f"{settings.consumer_group}-"
+            if row.name == "<group>-"
+            else str(settings_default(row.name))
+        )
+        pattern = {"literal": "literal", "prefixed": "prefix"}[row.pattern]
+        for operation in row.operations:
+            wanted.add((STRIMZI_RESOURCE[row.resource], name, pattern, operation))
+    got = {
+        (acl["resource"]["type"], acl["resource"]["name"], acl["resource"]["patternType"], op)
+        for acl in user["spec"]["authorization"]["acls"]
+        for op in acl["operations"]
+    }
+    assert got == wanted
+
+
+def test_kubeconform_refuses_a_misspelt_strimzi_field(tmp_path: Path) -> None:
+    """The vendored Strimzi schemas are strict: a misspelt KafkaUser field fails."""
+    objects = render_strimzi(tmp_path, STRIMZI_VALUES)
+    broken = json.loads(json.dumps(only(objects, "KafkaUser")))
+    broken["spec"]["authorisation"] = broken["spec"].pop("authorization")
+    with pytest.raises(AssertionError, match="authorisation"):
+        kubeconform([broken])

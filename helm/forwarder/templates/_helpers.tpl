@@ -187,17 +187,21 @@ Deployment, so every render runs them.
 {{- end }}
 {{- end }}
 {{- end }}
-{{- if not .Values.secrets.existingSecret }}
-{{- if not .Values.secrets.datagridApiKey }}
-{{- fail "secrets.datagridApiKey (DATAGRID_API_KEY) is required, or name a Secret holding it in secrets.existingSecret" }}
+{{- if not (include "forwarder.hasCredential" (list $ "DATAGRID_API_KEY")) }}
+{{- fail "secrets.datagridApiKey (DATAGRID_API_KEY) is required, or name a Secret holding it in secrets.existingSecret or secrets.refs.DATAGRID_API_KEY" }}
 {{- end }}
-{{- if not .Values.secrets.webhookSecrets }}
-{{- fail "secrets.webhookSecrets (FORWARDER_WEBHOOK_SECRETS) is required, or name a Secret holding it in secrets.existingSecret" }}
+{{- if not (include "forwarder.hasCredential" (list $ "FORWARDER_WEBHOOK_SECRETS")) }}
+{{- fail "secrets.webhookSecrets (FORWARDER_WEBHOOK_SECRETS) is required, or name a Secret holding it in secrets.existingSecret or secrets.refs.FORWARDER_WEBHOOK_SECRETS" }}
 {{- end }}
-{{- if and (include "forwarder.kafkaSasl" .) (not .Values.secrets.kafkaSaslPassword) }}
-{{- fail "config.FORWARDER_KAFKA_SECURITY_PROTOCOL is SASL_*: secrets.kafkaSaslPassword (FORWARDER_KAFKA_SASL_PASSWORD) is required" }}
+{{- if and (include "forwarder.kafkaSasl" .) (not (include "forwarder.hasCredential" (list $ "FORWARDER_KAFKA_SASL_PASSWORD"))) }}
+{{- fail "config.FORWARDER_KAFKA_SECURITY_PROTOCOL is SASL_*: secrets.kafkaSaslPassword (FORWARDER_KAFKA_SASL_PASSWORD) is required, or name its Secret in secrets.refs.FORWARDER_KAFKA_SASL_PASSWORD or secrets.existingSecret" }}
+{{- end }}
+{{- range $variable, $value := include "forwarder.credentials" . | fromYaml }}
+{{- if and (hasKey $.Values.secrets.refs $variable) (get $.Values.secrets $value) }}
+{{- fail (printf "secrets.%s and secrets.refs.%s both give %s: set one" $value $variable $variable) }}
 {{- end }}
 {{- end }}
+{{- include "forwarder.validateStrimzi" . }}
 {{- if include "forwarder.kafkaSasl" . }}
 {{- range $key := list "FORWARDER_KAFKA_SASL_MECHANISM" "FORWARDER_KAFKA_SASL_USERNAME" }}
 {{- if not (index $.Values.config $key) }}
@@ -236,6 +240,73 @@ named by serviceMonitor.jobLabel).
 {{- $value }}
 {{- else }}
 {{- include "forwarder.fullname" . }}
+{{- end }}
+{{- end }}
+
+{{/*
+The credentials the chart knows by name, with the secrets.* value that can hold each inline.
+*/}}
+{{- define "forwarder.credentials" -}}
+DATAGRID_API_KEY: datagridApiKey
+FORWARDER_WEBHOOK_SECRETS: webhookSecrets
+FORWARDER_API_TOKENS: apiTokens
+FORWARDER_KAFKA_SASL_PASSWORD: kafkaSaslPassword
+{{- end }}
+
+{{/*
+Where a credential comes from, as the `name:` and `key:` lines of a secretKeyRef: its own
+secrets.refs.<VARIABLE> when given (a Strimzi KafkaUser Secret, say), else the chart's Secret or
+secrets.existingSecret.
+Usage: include "forwarder.secretKeyRef" (list $ "DATAGRID_API_KEY")
+*/}}
+{{- define "forwarder.secretKeyRef" -}}
+{{- $root := index . 0 }}
+{{- $variable := index . 1 }}
+{{- with get $root.Values.secrets.refs $variable }}
+name: {{ .name }}
+key: {{ .key }}
+{{- else }}
+name: {{ include "forwarder.secretName" $root }}
+key: {{ include "forwarder.secretKey" (list $root $variable) }}
+{{- end }}
+{{- end }}
+
+{{/*
+"true" when a credential is given somewhere: its own ref, secrets.existingSecret, or inline.
+Usage: include "forwarder.hasCredential" (list $ "DATAGRID_API_KEY")
+*/}}
+{{- define "forwarder.hasCredential" -}}
+{{- $root := index . 0 }}
+{{- $variable := index . 1 }}
+{{- $inline := get (include "forwarder.credentials" $root | fromYaml) $variable }}
+{{- if or (hasKey $root.Values.secrets.refs $variable) $root.Values.secrets.existingSecret (get $root.Values.secrets $inline) }}true{{ end }}
+{{- end }}
+
+{{/*
+Kafka's retention.ms for a number of hours from config (-1 stays -1: kept for ever).
+Usage: include "forwarder.retentionMs" 720
+*/}}
+{{- define "forwarder.retentionMs" -}}
+{{- if eq (float64 .) -1.0 }}-1{{ else }}{{ mulf (float64 .) 3600000 | int64 }}{{ end }}
+{{- end }}
+
+{{/* The KafkaUser's name (also its SASL user name and the Secret Strimzi makes for it). */}}
+{{- define "forwarder.strimziUser" -}}
+{{- .Values.strimzi.user.name | default (include "forwarder.fullname" .) }}
+{{- end }}
+
+{{/* strimzi.* checks (included by forwarder.validate). */}}
+{{- define "forwarder.validateStrimzi" -}}
+{{- if .Values.strimzi.enabled }}
+{{- if not .Values.strimzi.cluster }}
+{{- fail "strimzi.enabled: strimzi.cluster (the Kafka cluster's name, label strimzi.io/cluster) is required" }}
+{{- end }}
+{{- if eq (toString (get .Values.config "FORWARDER_KAFKA_CREATE_TOPICS" | default "false")) "true" }}
+{{- fail "strimzi.enabled: the KafkaTopic resources make the topics; remove config.FORWARDER_KAFKA_CREATE_TOPICS" }}
+{{- end }}
+{{- if and (eq .Values.strimzi.user.authentication "scram-sha-512") (include "forwarder.kafkaSasl" .) (ne (toString (get .Values.config "FORWARDER_KAFKA_SASL_USERNAME")) (include "forwarder.strimziUser" .)) }}
+{{- fail (printf "strimzi.enabled: config.FORWARDER_KAFKA_SASL_USERNAME must be the KafkaUser's name, %s" (include "forwarder.strimziUser" .)) }}
+{{- end }}
 {{- end }}
 {{- end }}
 
