@@ -4,18 +4,28 @@ What it shows (aiokafka for Kafka, SQLite from the standard library as the sink)
 
 * reads the results and dead-letter topics in one consumer group with
   ``isolation_level="read_committed"`` (needed in exactly-once mode, harmless otherwise);
-* writes each result to an idempotent sink: a SQLite table whose primary key is
-  (``datagrid-batch-id`` header, record key), so duplicates (at-least-once redelivery, replays)
-  change nothing; dead letters are keyed by (batch id, ``datagrid-line``);
+* writes each record to an idempotent sink keyed by the line's identity, the CloudEvents
+  (``ce_source``, ``ce_id``) headers: a copy of a line (at-least-once redelivery, a replay)
+  changes nothing, while two lines of one batch that share a ``custom_id`` are two results and
+  both are stored. Records of a forwarder before 0.3 have no ``ce_*`` headers: they are keyed by
+  (``datagrid-batch-id``, ``datagrid-line``), the same identity, and a copy of the same line
+  written with and without the headers is still stored once;
 * commits Kafka offsets only after the sink has committed (a crash re-reads, never loses);
 * follows the compacted state topic to know when a batch is complete: its state says
   ``forwarded`` and this consumer has read the results and dead-letter partitions up to where
   they ended when that state was read (every line is written before its batch's state);
-* tolerates format evolution: ignores unknown fields and headers, counts unknown statuses.
+* tolerates format evolution: ignores unknown fields and headers, counts unknown statuses;
+* logs in like a production consumer: TLS (``--ssl-cafile``, and ``--ssl-certfile`` with
+  ``--ssl-keyfile`` for mutual TLS) and SASL PLAIN or SCRAM (``--sasl-*``; the password is best
+  given in the environment variable ``KAFKA_SASL_PASSWORD``, which is never printed).
 
 Run it::
 
     python examples/consumer.py --bootstrap localhost:9092 --until-complete bpred_1 bpred_2
+
+    KAFKA_SASL_PASSWORD=... python examples/consumer.py --bootstrap kafka:9093 \\
+        --security-protocol SASL_SSL --sasl-mechanism SCRAM-SHA-512 --sasl-username reader \\
+        --ssl-cafile ca.pem
 
 It prints one line per completed or failed batch and exits 0 once every batch named by
 ``--until-complete`` is complete (1 if one failed or ``--timeout`` passed). Without
@@ -27,14 +37,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sqlite3
 import sys
 from collections import Counter
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.helpers import create_ssl_context
 
 KNOWN_STATUSES = {"succeeded", "errored", "canceled", "expired"}
+#: The SASL password comes from here unless --sasl-password is given (an option is visible to
+#: every user of the machine in the process list; the environment is not).
+PASSWORD_VARIABLE = "KAFKA_SASL_PASSWORD"  # noqa: S105 - a variable name, not a password
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,43 +63,110 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--db", default=":memory:", help="SQLite file of the sink (default: memory)")
     p.add_argument("--until-complete", nargs="*", default=[], metavar="BATCH_ID")
     p.add_argument("--timeout", type=float, default=0, help="give up after SECONDS (0: never)")
-    return p.parse_args(argv)
+    login = p.add_argument_group("login (as the forwarder's FORWARDER_KAFKA_* settings)")
+    login.add_argument(
+        "--security-protocol",
+        default="PLAINTEXT",
+        choices=["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"],
+    )
+    login.add_argument(
+        "--sasl-mechanism",
+        default="SCRAM-SHA-512",
+        choices=["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"],
+    )
+    login.add_argument("--sasl-username")
+    login.add_argument(
+        "--sasl-password",
+        # Never the value as a default: --help would print it.
+        help=f"SASL password (default: the environment variable {PASSWORD_VARIABLE})",
+    )
+    login.add_argument("--ssl-cafile", help="CA bundle (PEM) to verify the brokers with")
+    login.add_argument("--ssl-certfile", help="client certificate (PEM), for mutual TLS")
+    login.add_argument("--ssl-keyfile", help="the client certificate's private key (PEM)")
+    args = p.parse_args(argv)
+    if args.sasl_password is None:
+        args.sasl_password = os.environ.get(PASSWORD_VARIABLE)
+    if args.security_protocol.startswith("SASL") and not (
+        args.sasl_username and args.sasl_password
+    ):
+        p.error(
+            f"{args.security_protocol} needs --sasl-username and a password ({PASSWORD_VARIABLE})"
+        )
+    if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
+        p.error("--ssl-certfile and --ssl-keyfile go together")
+    return args
+
+
+def kafka_options(args: argparse.Namespace) -> dict[str, Any]:
+    """aiokafka's connection and login arguments, the same for every client of this consumer."""
+    options: dict[str, Any] = {
+        "bootstrap_servers": args.bootstrap,
+        "security_protocol": args.security_protocol,
+    }
+    if args.security_protocol in ("SSL", "SASL_SSL"):
+        # Verifies the brokers' certificates and host names (the system CAs without --ssl-cafile).
+        options["ssl_context"] = create_ssl_context(
+            cafile=args.ssl_cafile, certfile=args.ssl_certfile, keyfile=args.ssl_keyfile
+        )
+    if args.security_protocol.startswith("SASL"):
+        options["sasl_mechanism"] = args.sasl_mechanism
+        options["sasl_plain_username"] = args.sasl_username
+        options["sasl_plain_password"] = args.sasl_password
+    return options
+
+
+class Line:
+    """Where a record comes from: its batch and line number, and its identity (source, id)."""
+
+    def __init__(self, headers: dict[str, str]) -> None:
+        self.batch_id = headers["datagrid-batch-id"]
+        self.number = int(headers["datagrid-line"])
+        # The CloudEvents identity: unique per line within its source (the batch), the same on
+        # every copy of the line. Without ce_* headers (a forwarder before 0.3), the documented
+        # equivalent: the batch and the line number.
+        self.source = headers.get("ce_source") or self.batch_id
+        self.id = headers.get("ce_id") or str(self.number)
 
 
 class Sink:
-    """An idempotent sink: a second copy of a line is a no-op, so duplicates never count twice."""
+    """An idempotent sink: a second copy of a line is a no-op, so duplicates never count twice.
+
+    Keyed by the line, never by ``custom_id``: a batch may hold two lines with the same
+    ``custom_id``, and they are two results. The second key, (batch, line), is the same identity
+    spelled without CloudEvents: it makes a copy written by an older forwarder (no ``ce_*``
+    headers) and one written by a newer one (a replay after an upgrade) the same row.
+    """
 
     def __init__(self, path: str) -> None:
         self.db = sqlite3.connect(path)
         self.db.executescript(
             """
             CREATE TABLE IF NOT EXISTS results (
-                batch_id TEXT, custom_id TEXT, status TEXT, line INTEGER, output TEXT,
-                PRIMARY KEY (batch_id, custom_id));
+                source TEXT, id TEXT, batch_id TEXT, line INTEGER, custom_id TEXT, status TEXT,
+                output TEXT, PRIMARY KEY (source, id), UNIQUE (batch_id, line));
             CREATE TABLE IF NOT EXISTS dead_letters (
-                batch_id TEXT, line INTEGER, reason TEXT, detail TEXT, value BLOB,
-                PRIMARY KEY (batch_id, line));
+                source TEXT, id TEXT, batch_id TEXT, line INTEGER, reason TEXT, detail TEXT,
+                value BLOB, PRIMARY KEY (source, id), UNIQUE (batch_id, line));
             """
         )
         self.duplicates: Counter[str] = Counter()
 
-    def result(self, batch_id: str, custom_id: str, status: str, line: int, output: str) -> None:
-        """Store one result line unless this (batch, custom_id) is already stored."""
-        cur = self.db.execute(
-            "INSERT INTO results VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-            (batch_id, custom_id, status, line, output),
-        )
-        if cur.rowcount == 0:
-            self.duplicates[batch_id] += 1
+    def result(self, line: Line, custom_id: str, status: str, output: str) -> None:
+        """Store one result line unless this line is already stored."""
+        self._insert("results", line, custom_id, status, output)
 
-    def dead_letter(self, batch_id: str, line: int, reason: str, detail: str, value: bytes) -> None:
-        """Store one dead letter unless this (batch, line) is already stored."""
+    def dead_letter(self, line: Line, reason: str, detail: str, value: bytes) -> None:
+        """Store one dead letter unless this line is already stored."""
+        self._insert("dead_letters", line, reason, detail, value)
+
+    def _insert(self, table: str, line: Line, *values: object) -> None:
+        # ON CONFLICT DO NOTHING without a target: a clash on either key is a copy.
         cur = self.db.execute(
-            "INSERT INTO dead_letters VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-            (batch_id, line, reason, detail, value),
+            f"INSERT INTO {table} VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",  # noqa: S608 - a fixed table name
+            (line.source, line.id, line.batch_id, line.number, *values),
         )
         if cur.rowcount == 0:
-            self.duplicates[batch_id] += 1
+            self.duplicates[line.batch_id] += 1
 
     def summary(self, batch_id: str) -> tuple[Counter[str], Counter[str]]:
         """Stored lines by status and dead letters by reason, for one batch."""
@@ -106,8 +188,7 @@ def headers_of(record: Any) -> dict[str, str]:
 def handle(sink: Sink, record: Any, results_topic: str) -> None:
     """Write one results or dead-letter record to the sink."""
     headers = headers_of(record)
-    batch_id = headers["datagrid-batch-id"]
-    line = int(headers["datagrid-line"])
+    line = Line(headers)
     if record.topic == results_topic:
         # The key is the line's custom_id; the value is Datagrid's JSON line, unknown fields
         # included. Read the fields you need and ignore the rest.
@@ -115,22 +196,22 @@ def handle(sink: Sink, record: Any, results_topic: str) -> None:
         line_status = headers["datagrid-status"]
         status = line_status if line_status in KNOWN_STATUSES else "other"
         output = json.loads(record.value).get("output")  # the prediction, if succeeded
-        sink.result(batch_id, custom_id, status, line, json.dumps(output))
+        sink.result(line, custom_id, status, json.dumps(output))
     else:
         # A dead letter's value is raw bytes (maybe not JSON, maybe not UTF-8): keep it for a
         # human, with the reason; never parse it as a result.
         reason = headers["forwarder-error"]
-        sink.dead_letter(batch_id, line, reason, headers["forwarder-error-detail"], record.value)
+        sink.dead_letter(line, reason, headers["forwarder-error-detail"], record.value)
 
 
 class StateFollower:
     """The compacted state topic read from the beginning: the latest state of every batch."""
 
-    def __init__(self, bootstrap: str, topic: str) -> None:
+    def __init__(self, options: dict[str, Any], topic: str) -> None:
         self.topic = topic
         self.consumer = AIOKafkaConsumer(
             topic,
-            bootstrap_servers=bootstrap,
+            **options,
             group_id=None,  # no group: every partition, in every instance
             enable_auto_commit=False,
             isolation_level="read_committed",
@@ -193,16 +274,17 @@ class Completion:
 async def run(args: argparse.Namespace) -> int:
     """Consume until every ``--until-complete`` batch is done (or forever without any)."""
     sink = Sink(args.db)
+    options = kafka_options(args)
     consumer = AIOKafkaConsumer(
         args.results_topic,
         args.dead_letter_topic,
-        bootstrap_servers=args.bootstrap,
+        **options,
         group_id=args.group,
         enable_auto_commit=False,  # commit after the sink, below
         auto_offset_reset="earliest",
         isolation_level="read_committed",
     )
-    state = StateFollower(args.bootstrap, args.state_topic)
+    state = StateFollower(options, args.state_topic)
     completion = Completion()
     wanted = set(args.until_complete)
     loop = asyncio.get_running_loop()

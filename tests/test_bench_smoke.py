@@ -47,3 +47,27 @@ def test_bench_smoke(kafka_bootstrap: str, tmp_path: Path) -> None:
     assert "| service / confluent |" in done.stdout
     assert (tmp_path / "throughput.png").stat().st_size > 0
     assert (tmp_path / "latency.png").stat().st_size > 0
+
+
+def test_bench_headers_smoke(kafka_bootstrap: str, tmp_path: Path) -> None:
+    """`python -m bench.headers --smoke` sends the bench's lines with and without the CloudEvents
+    headers (records and header names verified by the bench) and reports the ce_* bytes."""
+    env = {**os.environ, "FORWARDER_KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap}
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.headers", "--smoke", "--out", str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    (results,) = tmp_path.glob("headers-*.json")
+    data = json.loads(results.read_text())
+    assert [(r["mode"], r["lines"]) for r in data["runs"]] == [("with", 2000), ("without", 2000)]
+    summary = data["summary"]
+    # The ce_* headers are about 190 bytes a record: more than a hundred, less than a kilobyte.
+    extra = summary["with"]["bytes_per_record"] - summary["without"]["bytes_per_record"]
+    assert 100 < extra < 1000, summary
+    assert "| `datagrid-*` only |" in done.stdout
+    assert "the 5% bar" in done.stdout
