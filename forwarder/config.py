@@ -183,6 +183,12 @@ class Settings(BaseSettings):
     delivery: Delivery = Delivery.AT_LEAST_ONCE
     """`at-least-once` (idempotent producer) or `exactly-once` (Kafka transactions)."""
 
+    cloudevents: bool = True
+    """CloudEvents binary-mode headers (`ce_*`) on every results and dead-letter record. They
+    cost about 230 bytes a record before compression and measurably more CPU per line
+    (`bench/RESULTS.md`); `false` leaves them out for consumers that read only the `datagrid-*`
+    headers."""
+
     # --- Work --------------------------------------------------------------------------------
     concurrency: int = Field(default=4, ge=1, le=256)
     """Batches in flight per process."""

@@ -61,6 +61,8 @@ class PublishConfig:
     #: CloudEvents ``ce_source`` of a batch's records is this plus the batch id (the resource
     #: its results came from).
     source_base: str = "https://api.datagrid.com/v1/batch-predictions/"
+    #: Whether records carry the CloudEvents headers (``FORWARDER_CLOUDEVENTS``).
+    cloudevents: bool = True
     #: ``datagrid-status`` header value and metric label per line status (a bounded cache).
     statuses: dict[str, tuple[bytes, str]] = field(default_factory=dict)
 
@@ -76,6 +78,7 @@ class PublishConfig:
             linger=settings.kafka_linger_ms / 1000,
             metrics=metrics,
             source_base=f"{settings.datagrid_base_url}/batch-predictions/",
+            cloudevents=settings.cloudevents,
         )
 
     @property
@@ -158,17 +161,20 @@ class Publisher:
         self._timer: asyncio.TimerHandle | None = None
         self._flushing: asyncio.Future[None] | None = None
         # CloudEvents: ce_id is "<batch id>:<line>", unique within ce_source (the batch) and the
-        # same whenever the line is forwarded again, so consumers dedupe on (source, id).
-        self.ce_id = self.key_batch + b":"
+        # same whenever the line is forwarded again, so consumers dedupe on (source, id). Off
+        # (FORWARDER_CLOUDEVENTS=false): no ce_* header, and an empty ce_id prefix says so.
+        self.ce_id = self.key_batch + b":" if config.cloudevents else b""
         ce = [
             CE_SPECVERSION,
             ("ce_source", (config.source_base + batch.batch_id).encode()),
             ("ce_time", (batch.time or utcnow()).encode()),
         ]
+        ce = ce if config.cloudevents else []
         prefix = [("datagrid-batch-id", self.key_batch), CONTENT_TYPE]
         if batch.event_id:
             prefix.append(("datagrid-event-id", batch.event_id.encode()))
-        self.result_headers = [*prefix, *ce, ("ce_type", RESULT_TYPE)]
+        result_type = [("ce_type", RESULT_TYPE)] if config.cloudevents else []
+        self.result_headers = [*prefix, *ce, *result_type]
         self.dead_letters = DeadLetterTarget(
             config.dead_letter_topic,
             self.key_batch,
@@ -244,11 +250,9 @@ class Publisher:
                         continue
                     fixed = heads.get(status_bytes) or self._heads_for(status_bytes)
                     # A list: aiokafka's C encoder takes no tuple.
-                    headers = [
-                        *fixed,
-                        ("datagrid-line", b"%d" % n),
-                        ("ce_id", b"%s%d" % (ce_id, n)),
-                    ]
+                    headers = [*fixed, ("datagrid-line", b"%d" % n)]
+                    if ce_id:
+                        headers.append(("ce_id", b"%s%d" % (ce_id, n)))
                     partition = partition_for(key, partitions)
                     unit = open_units[partition] or self._open(partition, n, last)
                     if (
@@ -395,10 +399,13 @@ def dead_letter(
         ("forwarder-error", reason.encode()),
         # The value is the offending line's raw bytes, whatever they are.
         ("content-type", b"application/octet-stream"),
-        *target.cloudevent,
-        ("ce_type", DEAD_LETTER_TYPE),
-        ("ce_id", b"%s%d" % (target.ce_id, n)),
     ]
+    if target.ce_id:  # CloudEvents on (FORWARDER_CLOUDEVENTS)
+        headers += [
+            *target.cloudevent,
+            ("ce_type", DEAD_LETTER_TYPE),
+            ("ce_id", b"%s%d" % (target.ce_id, n)),
+        ]
     value, detail_bytes = fit_dead_letter(line, detail, target.room, headers, target.topic)
     return value, [*headers, ("forwarder-error-detail", detail_bytes)]
 

@@ -352,7 +352,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def _cloudevent_agrees(headers: dict[str, str]) -> list[str]:
     """The CloudEvents id and source name the same batch and line as the datagrid-* headers."""
     batch, line = headers.get("datagrid-batch-id"), headers.get("datagrid-line")
+    present = {name for name in headers if name.startswith("ce_")}
+    if not present:
+        return []  # turned off (FORWARDER_CLOUDEVENTS=false): none at all
     out = []
+    if present != {"ce_specversion", "ce_id", "ce_source", "ce_type", "ce_time"}:
+        out.append(f"CloudEvents headers incomplete: {sorted(present)}")
     if headers.get("ce_id") != f"{batch}:{line}":
         out.append("ce_id is not <datagrid-batch-id>:<datagrid-line>")
     if not headers.get("ce_source", "").endswith(f"/batch-predictions/{batch}"):

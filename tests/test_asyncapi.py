@@ -147,8 +147,11 @@ def test_contract_flags_records_that_drift() -> None:
             **{**result_headers, "datagrid_status": "errored"},
         ),
         "line number 0": _record("r", good_line, b"c1", **{**result_headers, "datagrid_line": "0"}),
-        "no CloudEvents id": _record(
+        "CloudEvents without an id": _record(
             "r", good_line, b"c1", **{k: v for k, v in result_headers.items() if k != "ce_id"}
+        ),
+        "an id without the other attributes": _record(
+            "r", good_line, b"c1", **{k: v for k, v in result_headers.items() if k != "ce_time"}
         ),
         "a dead letter's type": _record(
             "r",

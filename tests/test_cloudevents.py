@@ -74,3 +74,18 @@ def test_every_record_is_a_cloudevent_with_stable_ids(
     # The time is the batch's, not the forward's: both copies of a line carry the same one.
     times = {(r.headers["ce_id"], r.headers["ce_time"]) for r in results}
     assert len(times) == 8
+
+
+def test_cloudevents_can_be_turned_off(
+    make_settings: MakeSettings, fake_datagrid: FakeDatagrid, batch_id: str
+) -> None:
+    """FORWARDER_CLOUDEVENTS=false: no ce_* header on results or dead letters, the rest as ever."""
+    settings = make_settings(cloudevents=False)
+    good = json.dumps({"custom_id": "c1", "batch_id": batch_id, "status": "succeeded"})
+    fake_datagrid.configure(batch_id, lines=[good, "{not json"])
+    done = run_forwarder(forwarder_env(settings), "forward", batch_id)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (result,) = asyncio.run(read_topic(settings.kafka_bootstrap_servers, settings.results_topic))
+    (dead,) = asyncio.run(read_topic(settings.kafka_bootstrap_servers, settings.dead_letter_topic))
+    assert not [h for h in (*result.headers, *dead.headers) if h.startswith("ce_")]
+    assert result.headers["datagrid-line"] == b"1" and dead.headers["datagrid-line"] == b"2"
