@@ -30,7 +30,7 @@ from forwarder.jobs import Job, parse_job
 from forwarder.kafka import murmur2, py_murmur2
 from forwarder.observability import Redactor
 from forwarder.webhooks import sign, verify_signature
-from forwarder.worker import PartitionOffsets
+from forwarder.offsets import PartitionOffsets
 
 # Kafka's own test vectors (UtilsTest.testMurmur2), as signed Java ints.
 JAVA_MURMUR2 = {

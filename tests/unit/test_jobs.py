@@ -42,7 +42,7 @@ def test_jobs_and_bare_ids_parse() -> None:
 def test_a_transaction_commits_no_further_than_the_oldest_running_job() -> None:
     """peek(): the offset a finishing job may commit in its transaction, never past an older job
     still running (a crash must redo that one)."""
-    from forwarder.worker import PartitionOffsets
+    from forwarder.offsets import PartitionOffsets
 
     offsets = PartitionOffsets()
     for offset in (5, 6, 7):
