@@ -9,8 +9,8 @@ from collections.abc import Callable
 
 from forwarder.config import Delivery, Settings
 from tests.conftest import REPO
-from tests.fake_datagrid import FakeDatagrid, generate_lines
-from tests.service_helpers import forwarder_env, run_forwarder
+from tests.support.fake_datagrid import FakeDatagrid, generate_lines
+from tests.support.service_helpers import forwarder_env, run_forwarder
 
 MakeSettings = Callable[..., Settings]
 EXAMPLE = REPO / "examples" / "consumer.py"
