@@ -81,8 +81,13 @@ class Settings(BaseSettings):
     """Seconds without a byte from Datagrid before a stream counts as stalled and is retried."""
 
     datagrid_requests_per_minute: float = Field(default=180.0, ge=0)
-    """Most requests per minute to each Datagrid endpoint, shared by all pods of the consumer
-    group (Datagrid allows 200 per teamspace, endpoint and method); 0 turns the limiter off."""
+    """Most requests per minute to each Datagrid endpoint from this process: a window per pod, not
+    shared (N pods may send N times as many). Pods share Datagrid's own limit (200 per 60 s per
+    teamspace, endpoint and method) only by pausing when a response says it is used up
+    (`X-RateLimit-Remaining: 0` until `X-RateLimit-Reset`, or a 429's `Retry-After`). Against an
+    upstream without `X-RateLimit-*` headers, N pods send up to N times this rate; each 429 pauses
+    that pod's endpoint for its `Retry-After` (1 s without one) and costs the batch one of its
+    `FORWARDER_MAX_ATTEMPTS`. 0 turns this window off (the pauses stay)."""
 
     # --- Kafka -----------------------------------------------------------------------------
     kafka_bootstrap_servers: str = "localhost:9092"

@@ -130,16 +130,23 @@ class RateLimiter:
     """At most ``per_minute`` requests to each endpoint in any 60 s, and a pause whenever Datagrid
     says its window is used up (``X-RateLimit-Remaining: 0`` until ``X-RateLimit-Reset``, or a
     429's ``Retry-After``).  Datagrid counts per teamspace, so the pause is what keeps N pods
-    together under its limit: each of them sees the shared window run out."""
+    together under its limit: each of them sees the shared window run out.
+
+    Near the end of the shared window (``X-RateLimit-Remaining`` at most a tenth of
+    ``X-RateLimit-Limit``) and on the first request after a pause, requests to the endpoint go
+    one at a time, each waiting for the previous answer's headers: otherwise every request this
+    pod has in flight when the window runs out is answered 429."""
 
     def __init__(self, per_minute: float, on_wait: Callable[[float], None]) -> None:
         self._limit = int(per_minute)
         self._sent: dict[str, deque[float]] = {}
         self._paused_until: dict[str, float] = {}
+        self._cautious: set[str] = set()
+        self._gates: dict[str, asyncio.Lock] = {}
         self._on_wait = on_wait
 
-    async def acquire(self, endpoint: str) -> None:
-        """Wait until a request to ``endpoint`` may go."""
+    async def acquire(self, endpoint: str) -> asyncio.Lock | None:
+        """Wait until a request to ``endpoint`` may go; the gate to release once it answered."""
         while True:
             now = time.monotonic()
             wait = self._paused_until.get(endpoint, 0.0) - now
@@ -148,24 +155,39 @@ class RateLimiter:
                 sent.popleft()
             if self._limit and len(sent) >= self._limit:
                 wait = max(wait, sent[0] + 60.0 - now)
-            if wait <= 0:
-                if self._limit:
-                    sent.append(now)
-                return
-            self._on_wait(wait)
-            await asyncio.sleep(wait)
+            if wait > 0:
+                self._on_wait(wait)
+                await asyncio.sleep(wait)
+                continue
+            gate = None
+            if endpoint in self._cautious:
+                gate = self._gates.setdefault(endpoint, asyncio.Lock())
+                await gate.acquire()
+                if self._paused_until.get(endpoint, 0.0) > time.monotonic():
+                    gate.release()  # the answer we waited for paused the endpoint
+                    continue
+            if self._limit:
+                sent.append(time.monotonic())
+            return gate
 
     def observe(self, endpoint: str, status: int, headers: httpx.Headers) -> None:
         """Learn from a response's rate-limit headers."""
         pause = None
+        remaining = _seconds(headers.get("x-ratelimit-remaining", ""))
+        limit = _seconds(headers.get("x-ratelimit-limit", ""))
         if status == 429:
             pause = parse_retry_after(headers) or 1.0
-        elif headers.get("x-ratelimit-remaining", "").strip() == "0":
+        elif remaining == 0:
             reset = _seconds(headers.get("x-ratelimit-reset", ""))
             pause = reset - time.time() if reset is not None else None
         if pause is not None and pause > 0:
             until = time.monotonic() + min(pause, RATE_LIMIT_WINDOW)
             self._paused_until[endpoint] = max(self._paused_until.get(endpoint, 0.0), until)
+            self._cautious.add(endpoint)
+        elif remaining is not None and (limit is None or remaining > limit / 10):
+            self._cautious.discard(endpoint)
+        elif remaining is not None:
+            self._cautious.add(endpoint)
 
 
 class DatagridClient:
@@ -247,7 +269,29 @@ class DatagridClient:
     ) -> AsyncIterator[httpx.Response]:
         """Send ``GET path`` and yield the response with its body unread; errors translated."""
         endpoint = _endpoint(path)
-        await self._limiter.acquire(endpoint)
+        gate = await self._limiter.acquire(endpoint)
+        try:
+            response = await self._send(path, accept, endpoint, params)
+        finally:
+            if gate is not None:
+                gate.release()
+        try:
+            encoding = response.headers.get("content-encoding", "identity").strip().lower()
+            if encoding not in ("", "identity"):
+                # We asked for identity: a compressed body can inflate without bound in one
+                # decoded chunk (a "zip bomb"), so none is ever decoded.
+                raise UpstreamUnavailable(
+                    f"GET {path}: {response.status_code} with Content-Encoding "
+                    f"{encoding[:40]!r}, not identity"
+                )
+            yield response
+        finally:
+            await response.aclose()
+
+    async def _send(
+        self, path: str, accept: str, endpoint: str, params: dict[str, str | int] | None
+    ) -> httpx.Response:
+        """Send ``GET path``; the response's headers are read (and observed), its body is not."""
         started = time.perf_counter()
         # identity: a compressed body would let a small response inflate without bound.
         headers = {"Accept": accept, "Accept-Encoding": "identity"}
@@ -262,20 +306,9 @@ class DatagridClient:
         except httpx.TransportError as exc:
             self._on_response("error", time.perf_counter() - started)
             raise UpstreamUnavailable(f"GET {path}: {type(exc).__name__}: {exc}") from exc
-        try:
-            self._on_response(str(response.status_code), time.perf_counter() - started)
-            self._limiter.observe(endpoint, response.status_code, response.headers)
-            encoding = response.headers.get("content-encoding", "identity").strip().lower()
-            if encoding not in ("", "identity"):
-                # We asked for identity: a compressed body can inflate without bound in one
-                # decoded chunk (a "zip bomb"), so none is ever decoded.
-                raise UpstreamUnavailable(
-                    f"GET {path}: {response.status_code} with Content-Encoding "
-                    f"{encoding[:40]!r}, not identity"
-                )
-            yield response
-        finally:
-            await response.aclose()
+        self._on_response(str(response.status_code), time.perf_counter() - started)
+        self._limiter.observe(endpoint, response.status_code, response.headers)
+        return response
 
     @asynccontextmanager
     async def stream_results(self, batch_id: str) -> AsyncIterator[ResultsStream]:

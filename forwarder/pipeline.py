@@ -148,7 +148,7 @@ class Pipeline:
         Returns the final state (``forwarded`` or ``failed``).  Raises :class:`KafkaError` when
         Kafka keeps failing (still retriable after the last attempt, or a configuration problem
         that outlived the batch's deadline): the caller must not count the job as done.  Once the
-        outcome is known, only the state record's write is retried (``_record_outcome``).
+        outcome is known, only the state record's write is retried (:meth:`record`).
         """
         check_batch_id(batch_id)
         delivery = self._settings.delivery.value if txn is None else "exactly-once"
@@ -178,9 +178,12 @@ class Pipeline:
             attempt.logger.warning("batch_timeout", timeout_s=self._settings.batch_timeout_seconds)
         except ForwarderError as exc:
             # Not terminal yet (LATER), another owner (HAND_OFF), or Kafka still failing after the
-            # last attempt: no outcome for this batch; the caller keeps the job (uncommitted).
+            # last attempt (or refusing this pod's setup): no outcome for this batch; the caller
+            # keeps the job (uncommitted).
+            # (A one-shot command does not wait out a configuration problem: the batch fails,
+            # and its state says why.)
             if exc.retry in (Retry.LATER, Retry.HAND_OFF) or (
-                isinstance(exc, KafkaError) and exc.retry in TRANSIENT_OR_CONFIG
+                isinstance(exc, KafkaError) and exc.retry in self._attempt_policy.retry_on
             ):
                 self._keep_for_resume(attempt, txn)
                 raise
@@ -206,6 +209,7 @@ class Pipeline:
 
         async def one() -> None:
             attempt.number = attempt.state.attempts = attempt.number + 1
+            attempt.last_error = None  # the deadline judges the failure it interrupts, if any
             if txn is None:
                 await self._attempt(attempt)
             else:
@@ -295,7 +299,13 @@ class Pipeline:
         publisher = Publisher(
             self._publish,
             attempt.producer,
-            Batch(state.batch_id, state.event_id, most, most + BLANK_LINE_ALLOWANCE),
+            Batch(
+                state.batch_id,
+                state.event_id,
+                most,
+                most + BLANK_LINE_ALLOWANCE,
+                state.terminal_at or state.started_at or "",
+            ),
             progress,
             partitions,
         )

@@ -23,13 +23,20 @@ from typing import Any, cast
 from aiokafka import AIOKafkaProducer
 
 from forwarder.config import Settings
-from forwarder.errors import ForwarderError, StreamDiverged, TooManyLines
+from forwarder.errors import ForwarderError, KafkaConfigProblem, StreamDiverged, TooManyLines
 from forwarder.kafka import RECORD_OVERHEAD_BYTES, TopicLimits, partition_for, translate_send
 from forwarder.ndjson import WHITESPACE as _WS
 from forwarder.ndjson import LineHead, Oversized, classify
 from forwarder.observability import Metrics, line_status_label
+from forwarder.state import utcnow
 
 CONTENT_TYPE = ("content-type", b"application/json")
+#: CloudEvents (Kafka protocol binding, binary mode) on every results and dead-letter record: the
+#: value is the event's data, ``content-type`` its datacontenttype. The type carries the record
+#: format's major version (docs/consumers.md, "Versions"); results and dead letters differ.
+CE_SPECVERSION = ("ce_specversion", b"1.0")
+RESULT_TYPE = b"com.datagrid.batch_prediction.result.v1"
+DEAD_LETTER_TYPE = b"com.datagrid.batch_prediction.dead_letter.v1"
 #: Bytes Kafka adds per header besides its key and value (two varint lengths), counted generously.
 _HEADER_OVERHEAD = 10
 _DETAIL_LIMIT = 1024
@@ -52,6 +59,9 @@ class PublishConfig:
     max_in_flight: int
     linger: float
     metrics: Metrics
+    #: CloudEvents ``ce_source`` of a batch's records is this plus the batch id (the resource
+    #: its results came from).
+    source_base: str = "https://api.datagrid.com/v1/batch-predictions/"
     #: ``datagrid-status`` header value and metric label per line status (a bounded cache).
     statuses: dict[str, tuple[bytes, str]] = field(default_factory=dict)
 
@@ -66,6 +76,7 @@ class PublishConfig:
             max_in_flight=settings.max_in_flight_bytes,
             linger=settings.kafka_linger_ms / 1000,
             metrics=metrics,
+            source_base=f"{settings.datagrid_base_url}/batch-predictions/",
         )
 
     @property
@@ -125,6 +136,9 @@ class Batch:
     expected_lines: int | None = None
     #: Most lines of any kind (blank ones too) read before the stream counts as runaway.
     max_lines: int = 1_000_000_000
+    #: ``ce_time`` of its records: when the batch became terminal (the same on every forward),
+    #: or when this attempt started if Datagrid did not say.
+    time: str = ""
 
 
 class Publisher:
@@ -158,13 +172,24 @@ class Publisher:
         self.failure: ForwarderError | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._flushing: asyncio.Future[None] | None = None
+        # CloudEvents: ce_id is "<batch id>:<line>", unique within ce_source (the batch) and the
+        # same whenever the line is forwarded again, so consumers dedupe on (source, id).
+        self.ce_id = self.key_batch + b":"
+        self.ce = [
+            CE_SPECVERSION,
+            ("ce_source", (config.source_base + batch.batch_id).encode()),
+            ("ce_time", (batch.time or utcnow()).encode()),
+        ]
         prefix = [("datagrid-batch-id", self.key_batch), CONTENT_TYPE]
         if batch.event_id:
             prefix.append(("datagrid-event-id", batch.event_id.encode()))
-        self.result_headers = prefix
+        self.result_headers = [*prefix, *self.ce, ("ce_type", RESULT_TYPE)]
         self.heads: dict[bytes, tuple[tuple[str, bytes], ...]] = {}
-        # Every result record's fixed headers, plus the two per-line header names.
-        self.fixed_size = headers_size(prefix) + 2 * _HEADER_OVERHEAD + 32
+        # Every result record's fixed headers, plus the per-line ones: datagrid-status (its
+        # value counted per line), datagrid-line and ce_id (names, 10 digits each, framing).
+        self.fixed_size = (
+            headers_size(self.result_headers) + 3 * _HEADER_OVERHEAD + 64 + len(self.ce_id)
+        )
 
     async def publish(self, lines: Sequence[bytes | Oversized]) -> None:  # noqa: C901 - the per-line hot path, flat on purpose (see below)
         """Number, classify and batch lines; wait while too much is unacknowledged.
@@ -176,6 +201,7 @@ class Publisher:
         skip_through, first_new = progress.acked_through, progress.high_water
         expected, max_lines, batch_id = batch.expected_lines, batch.max_lines, batch.batch_id
         statuses, status_of, heads = config.statuses, config.status_of, self.heads
+        ce_id = self.ce_id
         limit, fixed_size, partitions = config.results_limit, self.fixed_size, self.partitions
         open_units = self.open
         n, last, blank = self.line_no, self.last_line, progress.blank_lines
@@ -226,7 +252,11 @@ class Publisher:
                         continue
                     fixed = heads.get(status_bytes) or self._heads_for(status_bytes)
                     # A list: aiokafka's C encoder takes no tuple.
-                    headers = [*fixed, ("datagrid-line", b"%d" % n)]
+                    headers = [
+                        *fixed,
+                        ("datagrid-line", b"%d" % n),
+                        ("ce_id", b"%s%d" % (ce_id, n)),
+                    ]
                     partition = partition_for(key, partitions)
                     unit = open_units[partition] or self._open(partition, n, last)
                     if (
@@ -323,31 +353,15 @@ class Publisher:
     async def _dead_letter(
         self, n: int, line: bytes, reason: str, detail: str, before: bytes
     ) -> None:
-        headers = [
-            ("datagrid-batch-id", self.key_batch),
-            ("datagrid-line", str(n).encode()),
-            ("forwarder-error", reason.encode()),
-        ]
-        # Room for the value: the topic's limit less the key and the headers, counting the detail
-        # header at its longest so that a truncation note always fits.
-        room = (
-            self.config.dead_letter_limit
-            - len(self.key_batch)
-            - headers_size(headers)
-            - headers_size([("forwarder-error-detail", b"x" * _DETAIL_LIMIT)])
+        topic = self.config.dead_letter_topic
+        headers = dead_letter_headers(self, n, reason)
+        value, detail_bytes = fit_dead_letter(
+            line, detail, self.config.dead_letter_limit - len(self.key_batch), headers, topic
         )
-        value = line
-        if len(value) > room:
-            note = f"; value truncated to the first {room} bytes"
-            detail = detail[: _DETAIL_LIMIT - len(note) - 8] + note
-            value = value[:room]
-        headers.append(
-            ("forwarder-error-detail", detail.encode("utf-8", "replace")[:_DETAIL_LIMIT])
-        )
+        headers.append(("forwarder-error-detail", detail_bytes))
         unit = _Unit(n, before, size=len(value), dead=True)
         unit.numbers.append(n)
         unit.labels.append(reason)
-        topic = self.config.dead_letter_topic
         send = self.producer.send(topic, value, self.key_batch, headers=headers)
         await self._hand_over(unit, send)
 
@@ -446,6 +460,45 @@ class Publisher:
                     if number < limit
                 )
         self.acked = waiting
+
+
+def dead_letter_headers(publisher: Publisher, n: int, reason: str) -> list[tuple[str, bytes]]:
+    """A dead letter's headers, its detail aside: the line's place, the reason, CloudEvents."""
+    return [
+        ("datagrid-batch-id", publisher.key_batch),
+        ("datagrid-line", str(n).encode()),
+        ("forwarder-error", reason.encode()),
+        # The value is the offending line's raw bytes, whatever they are.
+        ("content-type", b"application/octet-stream"),
+        *publisher.ce,
+        ("ce_type", DEAD_LETTER_TYPE),
+        ("ce_id", b"%s%d" % (publisher.ce_id, n)),
+    ]
+
+
+def fit_dead_letter(
+    line: bytes, detail: str, room: int, headers: Sequence[tuple[str, bytes]], topic: str
+) -> tuple[bytes, bytes]:
+    """The dead letter's value and ``forwarder-error-detail`` within ``room`` bytes (the topic's
+    limit less the key): the headers first, then the detail (up to 1024 bytes), then as much of
+    the line as fits; a cut value says so in its detail. A topic too small for the headers alone
+    can never take a dead letter: a configuration problem, not a line to lose."""
+    room -= headers_size([*headers, ("forwarder-error-detail", b"")])
+    if room < 0:
+        raise KafkaConfigProblem(
+            f"the dead-letter topic {topic}'s max.message.bytes is too small for a dead "
+            f"letter's headers ({-room} bytes short): raise it to at least 4096",
+            topic=topic,
+        )
+    budget = min(_DETAIL_LIMIT, room)
+    text = detail.encode("utf-8", "replace")
+    value = line
+    if len(value) > room - min(len(text), budget):
+        value = line[: max(room - budget, 0)]
+        note = f"; value truncated to the first {len(value)} bytes".encode()
+        text = text[: max(budget - len(note), 0)] + note
+    # Cut on a character boundary: header values stay valid UTF-8.
+    return value, text[:budget].decode("utf-8", "ignore").encode()
 
 
 def _raw(line: bytes | Oversized) -> bytes:

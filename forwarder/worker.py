@@ -102,7 +102,11 @@ class Worker:
         (uncommitted, so another pod, or this one restarted, redoes them)."""
         self._stopping.set()
         if self._loop_task is not None:
-            await self._loop_task
+            # The loop only polls and starts jobs: stopped at once, even while its poll is
+            # retrying against an unreachable broker (the jobs it started run on below).
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
             self._loop_task = None
         running = self._jobs.running()
         if running:

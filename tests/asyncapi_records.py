@@ -151,7 +151,7 @@ class Contract:
             status = payload.get("status")
             if headers.get("datagrid-status") != (status if isinstance(status, str) else ""):
                 out.append("datagrid-status header is not the payload's status")
-        return out
+        return out + _cloudevent_agrees(headers)
 
     def _dead_letter(self, record: RawRecord) -> list[str]:
         key, headers, out = self._key_and_headers("deadLetter", record)
@@ -159,7 +159,7 @@ class Contract:
             out.append("payload: null (a dead letter holds the line's bytes)")
         if key is not None and headers.get("datagrid-batch-id") != key:
             out.append("datagrid-batch-id header is not the key")
-        return out
+        return out + _cloudevent_agrees(headers)
 
     def _state(self, record: RawRecord) -> list[str]:
         key, _headers, out = self._key_and_headers("batchState", record)
@@ -347,3 +347,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         names = getattr(item, "fixturenames", None)
         if names is not None and "kafka_bootstrap" in names and "_asyncapi_records" not in names:
             names.append("_asyncapi_records")
+
+
+def _cloudevent_agrees(headers: dict[str, str]) -> list[str]:
+    """The CloudEvents id and source name the same batch and line as the datagrid-* headers."""
+    batch, line = headers.get("datagrid-batch-id"), headers.get("datagrid-line")
+    out = []
+    if headers.get("ce_id") != f"{batch}:{line}":
+        out.append("ce_id is not <datagrid-batch-id>:<datagrid-line>")
+    if not headers.get("ce_source", "").endswith(f"/batch-predictions/{batch}"):
+        out.append("ce_source does not name the batch")
+    return out

@@ -101,8 +101,22 @@ def _record(topic: str, value: bytes | None, key: bytes | None, **headers: str) 
         0,
         key,
         value,
-        tuple((k.replace("_", "-"), v.encode()) for k, v in headers.items()),
+        tuple(
+            (k if k.startswith("ce_") else k.replace("_", "-"), v.encode())
+            for k, v in headers.items()
+        ),
     )
+
+
+def _cloudevent(kind: str, line: str) -> dict[str, str]:
+    """The CloudEvents headers of batch b1's line ``line``."""
+    return {
+        "ce_specversion": "1.0",
+        "ce_id": f"b1:{line}",
+        "ce_source": "https://api.datagrid.com/v1/batch-predictions/b1",
+        "ce_type": f"com.datagrid.batch_prediction.{kind}.v1",
+        "ce_time": "2026-05-02T08:10:00.120Z",
+    }
 
 
 def test_contract_flags_records_that_drift() -> None:
@@ -117,6 +131,7 @@ def test_contract_flags_records_that_drift() -> None:
         "datagrid_status": "succeeded",
         "datagrid_line": "1",
         "content_type": "application/json",
+        **_cloudevent("result", "1"),
     }
     ok = _record("results-0123456789", good_line, b"c1", **result_headers)
     assert contract.problems("results", ok) == []
@@ -132,6 +147,15 @@ def test_contract_flags_records_that_drift() -> None:
             **{**result_headers, "datagrid_status": "errored"},
         ),
         "line number 0": _record("r", good_line, b"c1", **{**result_headers, "datagrid_line": "0"}),
+        "no CloudEvents id": _record(
+            "r", good_line, b"c1", **{k: v for k, v in result_headers.items() if k != "ce_id"}
+        ),
+        "a dead letter's type": _record(
+            "r",
+            good_line,
+            b"c1",
+            **{**result_headers, "ce_type": "com.datagrid.batch_prediction.dead_letter.v1"},
+        ),
         "no custom_id": _record("r", b'{"status":"succeeded"}', b"c1", **result_headers),
     }
     for what, record in drifted.items():
@@ -141,6 +165,8 @@ def test_contract_flags_records_that_drift() -> None:
         "datagrid_line": "2",
         "forwarder_error": "invalid_json",
         "forwarder_error_detail": "x",
+        "content_type": "application/octet-stream",
+        **_cloudevent("dead_letter", "2"),
     }
     assert contract.problems("dlq", _record("d", b"\xff", b"b1", **dlq_headers)) == []
     bad_reason = {**dlq_headers, "forwarder_error": "too_long"}

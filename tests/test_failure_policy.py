@@ -213,7 +213,9 @@ def test_exactly_once_offsets_commit_in_the_transaction(
     """Exactly-once: each forwarded batch's job offset commits in its transaction (atomically
     with its lines and state), never again by the consumer; a duplicate job, which runs no
     transaction, is committed by the consumer."""
-    settings = make_settings(delivery="exactly-once", kafka_transaction_timeout_ms=60_000)
+    settings = make_settings(
+        delivery="exactly-once", batch_timeout_seconds=30, kafka_transaction_timeout_ms=60_000
+    )
     batches = [f"bpred_eos_{tmp_path.name[-8:]}_{n}" for n in range(3)]
     for batch in batches:
         fake_datagrid.configure(batch, generate={"count": 4, "distinct_ids": 4})

@@ -6,6 +6,7 @@ import io
 import json
 import logging
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,7 @@ async def test_canonical_batch_line(
 ) -> None:
     """One `batch_forwarded` event per batch carries ids, outcome, counts, duration and delay."""
     settings = make_settings()
+    completed = datetime.now(UTC) - timedelta(minutes=2)
     fake_datagrid.configure(
         batch_id,
         lines=[
@@ -42,6 +44,7 @@ async def test_canonical_batch_line(
             "not json",
             '{"custom_id":"b","status":"errored"}',
         ],
+        timestamps={"completed_at": completed.isoformat().replace("+00:00", "Z")},
     )
     async with open_core(settings, Metrics(process=False)) as core:
         with capture_logs() as logs:
@@ -54,7 +57,9 @@ async def test_canonical_batch_line(
     assert line["source"] == "webhook" and line["attempt"] == 1
     assert line["lines"] == {"succeeded": 1, "errored": 1}
     assert line["dead_letters"] == {"invalid_json": 1} and line["blank_lines"] == 1
-    assert line["duration_s"] >= 0 and line["forward_delay_s"] >= 0
+    # The delay runs from the batch's completion (2 minutes ago) to its last line acknowledged.
+    assert 0 < line["duration_s"] < 60
+    assert 120 <= line["forward_delay_s"] < 120 + 60
     assert line["error"] is None and line["delivery"] == "at-least-once"
 
 

@@ -79,7 +79,13 @@ async def test_values_keys_headers_and_partitions(
             "datagrid-line": str(number).encode(),
             "content-type": b"application/json",
             "datagrid-event-id": b"evt_42",
+            "ce_specversion": b"1.0",
+            "ce_id": f"{batch_id}:{number}".encode(),
+            "ce_source": f"{settings.datagrid_base_url}/batch-predictions/{batch_id}".encode(),
+            "ce_type": b"com.datagrid.batch_prediction.result.v1",
+            "ce_time": (state.terminal_at or "").encode(),
         }
+        assert state.terminal_at  # the fake says when the batch completed
         assert record.partition == java_partition(record.key, settings.kafka_topic_partitions)
     assert metric(metrics, "forwarder_lines_forwarded_total", status="succeeded") == 2
     assert metric(metrics, "forwarder_batches_total", outcome="forwarded") == 1

@@ -22,6 +22,9 @@ Upstream API (base path ``/v1``, ``Authorization: Bearer <api key>``):
 * Errors are RFC 9457 ``application/problem+json`` with
   ``type`` ``https://api.datagrid.com/errors/<code>``. Every ``/v1`` response carries
   ``X-Request-Id`` and ``X-RateLimit-*`` headers.
+* By default nothing is limited (the ``X-RateLimit-*`` values are fixed). With
+  ``--rate-limit N [--rate-window S]`` (:func:`start_fake_datagrid`'s ``rate_limit`` and
+  ``rate_window``) the fake enforces Datagrid's documented limit, see :class:`SlidingWindow`.
 
 Control API (no auth, JSON): see :data:`CONTROL_API_DOC` and ``PUT /_fake/batches/{id}``.
 """
@@ -35,6 +38,7 @@ import binascii
 import contextlib
 import email.utils
 import json
+import math
 import os
 import re
 import shutil
@@ -161,6 +165,61 @@ _SPEC_KEYS = frozenset({
     "timestamps",
 })
 # fmt: on
+
+
+class SlidingWindow:
+    """Datagrid's documented rate limit, enforced: at most ``limit`` requests in any ``window``
+    seconds (200 per 60 s for Datagrid) per route and method (the fake has one API key, so one
+    teamspace).
+
+    Every authorised ``/v1`` response carries ``X-RateLimit-Limit``, ``X-RateLimit-Remaining``
+    (slots left in the window after this request) and ``X-RateLimit-Reset``; a request over the
+    limit is answered 429 and does not use a slot. When no slot is left (the request that took the
+    last one, and every 429) the response also carries ``Retry-After``, as Datagrid documents.
+
+    Datagrid documents ``X-RateLimit-Reset`` as Unix epoch seconds but not which moment of a
+    sliding window it names; here it is when the oldest request in the window leaves it, i.e. the
+    first moment another request is accepted, rounded up to a whole second (rounding down would
+    invite a request one second too early). ``Retry-After`` is the same moment as whole seconds
+    from now, at least 1.
+    """
+
+    def __init__(self, limit: int, window: float) -> None:
+        if limit < 1 or window <= 0:
+            raise ValueError("rate limit must be >= 1 request per window > 0 seconds")
+        self.limit = limit
+        self.window = window
+        self._sent: dict[tuple[str, str], deque[float]] = {}
+
+    def take(self, method: str, path: str) -> dict[str, Any]:
+        """Count one request now; return its rate-limit facts (``allowed`` False: answer 429)."""
+        now = time.time()
+        sent = self._sent.setdefault((method, route_of(path)), deque())
+        while sent and sent[0] <= now - self.window:
+            sent.popleft()
+        allowed = len(sent) < self.limit
+        if allowed:
+            sent.append(now)
+        remaining = self.limit - len(sent)
+        frees_at = sent[0] + self.window if sent else now
+        facts: dict[str, Any] = {
+            "allowed": allowed,
+            "limit": self.limit,
+            "remaining": remaining,
+            "reset": math.ceil(frees_at),
+            "retry_after": None,
+        }
+        if remaining == 0:
+            facts["retry_after"] = max(1, math.ceil(frees_at - now))
+        return facts
+
+
+def route_of(path: str) -> str:
+    """The route a path belongs to (Datagrid counts per route, not per batch id)."""
+    match = _BATCH_PATH.fullmatch(path)
+    if match is None:
+        return path
+    return "/v1/batch-predictions/{id}" + (match.group(2) or "")
 
 
 class SpecError(ValueError):
@@ -661,8 +720,9 @@ def _head(status: int, headers: Iterable[tuple[str, str]]) -> bytes:
 class FakeDatagridServer:
     """The asyncio connection handler and all server state."""
 
-    def __init__(self, api_key: str) -> None:
+    def __init__(self, api_key: str, rate_limit: SlidingWindow | None = None) -> None:
         self.api_key = api_key
+        self.rate_limit = rate_limit
         self.batches: dict[str, Batch] = {}
         self.log: list[dict[str, Any]] = []
 
@@ -715,14 +775,24 @@ class FakeDatagridServer:
         return await self._send(writer, request, status, _compact(data), "application/json")
 
     @staticmethod
-    def _api_headers(request_id: str, limited: bool = False) -> list[tuple[str, str]]:
-        reset = str(int(time.time()) + 60)
-        return [
-            ("X-Request-Id", request_id),
-            ("X-RateLimit-Limit", "200"),
-            ("X-RateLimit-Remaining", "0" if limited else "199"),
-            ("X-RateLimit-Reset", reset),
+    def _api_headers(record: dict[str, Any], limited: bool = False) -> list[tuple[str, str]]:
+        facts = record["ratelimit"]
+        if facts is None:  # not enforcing: fixed values
+            return [
+                ("X-Request-Id", record["request_id"]),
+                ("X-RateLimit-Limit", "200"),
+                ("X-RateLimit-Remaining", "0" if limited else "199"),
+                ("X-RateLimit-Reset", str(int(time.time()) + 60)),
+            ]
+        headers = [
+            ("X-Request-Id", record["request_id"]),
+            ("X-RateLimit-Limit", str(facts["limit"])),
+            ("X-RateLimit-Remaining", str(facts["remaining"])),
+            ("X-RateLimit-Reset", str(facts["reset"])),
         ]
+        if facts["retry_after"] is not None:
+            headers.append(("Retry-After", str(facts["retry_after"])))
+        return headers
 
     async def _problem(
         self,
@@ -749,7 +819,7 @@ class FakeDatagridServer:
             )
         record["status"] = status
         record["outcome"] = "problem"
-        headers = [*self._api_headers(record["request_id"], status == 429), *extra]
+        headers = [*self._api_headers(record, status == 429), *extra]
         body = _compact(problem)
         return await self._send(writer, request, status, body, "application/problem+json", headers)
 
@@ -772,6 +842,7 @@ class FakeDatagridServer:
             "lines_sent": 0,
             "bytes_sent": 0,
             "headers": {k: v for k, v in request.headers.items() if k != "authorization"},
+            "ratelimit": None,
         }
         self.log.append(record)
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -779,6 +850,13 @@ class FakeDatagridServer:
         if not record["auth_ok"]:
             detail = "Missing, invalid, expired or revoked API key."
             return await self._problem(writer, request, record, 401, detail)
+        if self.rate_limit is not None:
+            # Counted once authenticated: Datagrid's window belongs to the key's teamspace.
+            record["ratelimit"] = self.rate_limit.take(request.method, request.path)
+            if not record["ratelimit"]["allowed"]:
+                await self._problem(writer, request, record, 429, "Rate limit exceeded.")
+                record["outcome"] = "rate_limited"
+                return True
         if request.path == "/v1/batch-predictions" and request.method == "GET":
             return await self._list(writer, request, record)
         match = _BATCH_PATH.fullmatch(request.path)
@@ -801,7 +879,7 @@ class FakeDatagridServer:
         if not results:
             record["status"], record["outcome"] = 200, "ok"
             body = _compact(batch.to_json(status))
-            headers = self._api_headers(record["request_id"])
+            headers = self._api_headers(record)
             return await self._send(writer, request, 200, body, "application/json", headers)
         return await self._results(writer, request, record, batch, status)
 
@@ -833,7 +911,7 @@ class FakeDatagridServer:
             }
         )
         record["status"], record["outcome"] = 200, "ok"
-        headers = self._api_headers(record["request_id"])
+        headers = self._api_headers(record)
         return await self._send(writer, request, 200, body, "application/json", headers)
 
     async def _results(
@@ -875,7 +953,7 @@ class FakeDatagridServer:
             ("Content-Type", "application/x-ndjson"),
             ("Transfer-Encoding", "chunked"),
             ("Date", email.utils.formatdate(usegmt=True)),
-            *self._api_headers(record["request_id"]),
+            *self._api_headers(record),
         ]
         if not request.keep_alive:
             headers.append(("Connection", "close"))
@@ -1002,9 +1080,15 @@ def _phrase(status: int) -> str:
         return "Error"
 
 
-async def serve(host: str, port: int, api_key: str, port_file: str | None = None) -> None:
+async def serve(
+    host: str,
+    port: int,
+    api_key: str,
+    port_file: str | None = None,
+    rate_limit: SlidingWindow | None = None,
+) -> None:
     """Run the fake until SIGTERM/SIGINT."""
-    app = FakeDatagridServer(api_key)
+    app = FakeDatagridServer(api_key, rate_limit)
     server = await asyncio.start_server(app.handle, host, port)
     actual_port = server.sockets[0].getsockname()[1]
     if port_file:
@@ -1037,10 +1121,26 @@ def main(argv: list[str] | None = None) -> None:
         help="accepted bearer token (default: $DATAGRID_API_KEY)",
     )
     parser.add_argument("--port-file", help="write the bound port here once listening")
+    parser.add_argument(
+        "--rate-limit",
+        type=int,
+        metavar="N",
+        help="enforce Datagrid's limit: N requests per window per route and method, 429 and "
+        "Retry-After beyond (Datagrid: 200; default: no limit)",
+    )
+    parser.add_argument(
+        "--rate-window", type=float, default=60.0, metavar="S", help="window seconds (60)"
+    )
     args = parser.parse_args(argv)
     if not args.api_key:
         parser.error("--api-key (or DATAGRID_API_KEY) is required")
-    asyncio.run(serve(args.host, args.port, args.api_key, args.port_file))
+    limiter = None
+    if args.rate_limit is not None:
+        try:
+            limiter = SlidingWindow(args.rate_limit, args.rate_window)
+        except ValueError as exc:
+            parser.error(str(exc))
+    asyncio.run(serve(args.host, args.port, args.api_key, args.port_file, limiter))
 
 
 # --------------------------------------------------------------------------- test client
@@ -1138,16 +1238,25 @@ class FakeDatagrid:
 
 
 def start_fake_datagrid(
-    api_key: str = "test-api-key", *, host: str = "127.0.0.1", startup_timeout: float = 10.0
+    api_key: str = "test-api-key",
+    *,
+    host: str = "127.0.0.1",
+    startup_timeout: float = 10.0,
+    rate_limit: int | None = None,
+    rate_window: float = 60.0,
 ) -> FakeDatagrid:
     """Start the fake as a subprocess on a free port and wait until it answers.
 
+    ``rate_limit`` (requests per ``rate_window`` seconds per route and method) turns on the
+    enforced limit of :class:`SlidingWindow`; without it nothing is limited.
     Call ``.stop()`` on the result, or use it in a ``with`` block.
     """
     tmpdir = tempfile.mkdtemp(prefix="fake-datagrid-")
     port_file = Path(tmpdir) / "port"
     command = [sys.executable, "-m", "tests.support.fake_datagrid", "--host", host, "--port", "0"]
     command += ["--api-key", api_key, "--port-file", str(port_file)]
+    if rate_limit is not None:
+        command += ["--rate-limit", str(rate_limit), "--rate-window", str(rate_window)]
     process = subprocess.Popen(command, cwd=_REPO_ROOT, stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + startup_timeout
     while not port_file.exists():
