@@ -16,6 +16,7 @@ listener the consumer calls when the group moves partitions).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 from collections.abc import Callable
