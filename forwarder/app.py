@@ -323,4 +323,4 @@ async def _probe_kafka(
         await asyncio.sleep(every)
 
 
-__all__ = ["Services", "create_app"]
+__all__ = ["Services", "create_app", "provider"]
