@@ -19,6 +19,11 @@ demo: install ## Run the demo: broker + fake Datagrid + forwarder serve + a sign
 test: ## Run the whole test suite against a real local broker (what CI runs)
 	scripts/test.sh
 
+.PHONY: test-unit
+test-unit: ## Run the unit tests (tests/unit): no broker, seconds
+	@test -x $(PY) || scripts/bootstrap.sh
+	$(PY) -m pytest tests/unit
+
 .PHONY: lint
 lint: install ## ruff and mypy (strict on the package)
 	$(PY) -m ruff check forwarder tests bench deploy examples

@@ -26,7 +26,7 @@ from bench.harness import BenchFailure, log, measure
 from bench.oneshot import contender_command
 from bench.testbed import Rig
 from forwarder.kafka import murmur2
-from tests.kafka_helpers import read_topic
+from tests.support.kafka_helpers import read_topic
 
 #: The service first: it is the reference the others are compared with.
 CONTENDERS = ("service", "send-loop", "batch-api", "confluent", "kcat", "kcat-jq")

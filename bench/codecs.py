@@ -102,7 +102,7 @@ def offline(codec: str, lines: list[bytes]) -> dict[str, Any]:
 
 def offline_table(count: int) -> str:
     """The offline table: bytes per line and CPU per million lines, both data sets."""
-    from tests.fake_datagrid import generate_lines
+    from tests.support.fake_datagrid import generate_lines
 
     sets = {
         "fake (lorem ipsum)": list(

@@ -1,9 +1,9 @@
 """The data every contender forwards, and the records it must leave on the results topic.
 
-The fake Datagrid generates the lines on the fly (``tests/fake_datagrid.py``): ``line_bytes``-byte
-JSON lines (plus ``\\n``) whose ``custom_id`` cycles through ``distinct_ids`` values, served in
-64 KiB chunks.  The same spec gives the same ``custom_id`` sequence whatever the batch id, so the
-expected records per partition are computed once per spec.
+The fake Datagrid generates the lines on the fly (``tests/support/fake_datagrid.py``):
+``line_bytes``-byte JSON lines (plus ``\\n``) whose ``custom_id`` cycles through ``distinct_ids``
+values, served in 64 KiB chunks.  The same spec gives the same ``custom_id`` sequence whatever the
+batch id, so the expected records per partition are computed once per spec.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 
 from forwarder.kafka import partition_for
-from tests.fake_datagrid import generate_lines
+from tests.support.fake_datagrid import generate_lines
 
 #: The chunk size the fake serves the body in.
 CHUNK = 65_536

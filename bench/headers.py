@@ -52,7 +52,7 @@ from bench.testbed import Rig
 from forwarder.kafka import partition_for
 from forwarder.observability import Metrics
 from forwarder.publish import Batch, Progress, PublishConfig, Publisher
-from tests.fake_datagrid import generate_lines
+from tests.support.fake_datagrid import generate_lines
 
 MODES = ("with", "without")
 #: The issue's bar: headers costing more than this share of lines/s should become optional.

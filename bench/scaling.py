@@ -3,9 +3,10 @@
 Parts (``--only``), each on fresh topics and consumer groups, with the machine's load per run:
 
 * ``readiness``: for each state size (``--sizes``, records preloaded on a 6-partition state topic
-  with ``tests.test_scale.preload_state``), one pod then ``--pods`` pods started at once: seconds
-  from process start to ``/readyz`` 200, VmRSS and ``forwarder_state_batches`` per pod once the
-  group has settled (every jobs partition reported by exactly one pod). Size 0 is the reference.
+  with ``tests.support.state_preload.preload_state``), one pod then ``--pods`` pods started at
+  once: seconds from process start to ``/readyz`` 200, VmRSS and ``forwarder_state_batches`` per
+  pod once the group has settled (every jobs partition reported by exactly one pod). Size 0 is the
+  reference.
 * ``throughput``: 1, 2, 3 pods against an I/O-bound upstream (the fake Datagrid drips each
   stream: ``--drip`` seconds between 4 KiB chunks), ``--batches`` batches written to the jobs
   topic at once; lines/s and batches/s from the first job to the last record, records verified.
@@ -44,10 +45,10 @@ from bench.machine import LoadWindow, describe
 from bench.testbed import API_TOKEN, WEBHOOK_SECRET, Rig, rig
 from bench.topics import produce_values, wait_for_records
 from forwarder.kafka import partition_for
-from tests.fake_datagrid import generate_lines
-from tests.kafka_helpers import read_topic
-from tests.reliability_report import Tally
-from tests.test_scale import preload_state
+from tests.support.fake_datagrid import generate_lines
+from tests.support.kafka_helpers import read_topic
+from tests.support.state_preload import preload_state
+from tests.support.tally import Tally
 
 PARTITIONS = 6
 CHUNK = 4096  # small chunks, each after --drip seconds: a slow, I/O-bound upstream

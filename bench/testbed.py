@@ -1,7 +1,8 @@
 """The test bed every contender runs on: a Kafka broker, the fake Datagrid, fresh topic names.
 
 ``Rig`` starts a private broker with ``deploy/kafka/rig.py`` (or reuses the one that
-``FORWARDER_KAFKA_BOOTSTRAP_SERVERS`` names) and the fake Datagrid from ``tests/fake_datagrid.py``,
+``FORWARDER_KAFKA_BOOTSTRAP_SERVERS`` names) and the fake Datagrid from
+``tests/support/fake_datagrid.py``,
 hands out fresh topic names per run, builds the contenders' environments, and verifies a run's
 records against what the data predicts.
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 from bench.data import CHUNK, Workload, expected_counts
 from bench.harness import REPO, BenchFailure, log, proc_cpu
 from bench.topics import create_topics, delete_topics, watermarks
-from tests.fake_datagrid import FakeDatagrid, start_fake_datagrid
+from tests.support.fake_datagrid import FakeDatagrid, start_fake_datagrid
 
 sys.path.insert(0, str(REPO / "deploy" / "kafka"))
 import rig
@@ -73,7 +74,7 @@ class Rig:
             self.broker.start(wait=120)
             self.bootstrap = self.broker.bootstrap
             self.broker_pid = self.broker.pid
-        log("starting the fake Datagrid (tests/fake_datagrid.py)")
+        log("starting the fake Datagrid (tests/support/fake_datagrid.py)")
         self.fake = start_fake_datagrid(API_KEY)
 
     def stop(self) -> None:

@@ -23,9 +23,9 @@ import rig  # noqa: E402
 from pydantic import SecretStr  # noqa: E402
 
 from forwarder.config import Settings  # noqa: E402
-from tests.fake_datagrid import start_fake_datagrid  # noqa: E402
-from tests.kafka_helpers import read_topic  # noqa: E402
-from tests.service_helpers import API_TOKEN, Forwarder, event_body, wait_until  # noqa: E402
+from tests.support.fake_datagrid import start_fake_datagrid  # noqa: E402
+from tests.support.kafka_helpers import read_topic  # noqa: E402
+from tests.support.service_helpers import API_TOKEN, Forwarder, event_body, wait_until  # noqa: E402
 
 BATCH = "bpred_demo_1"
 API_KEY = "dg_demo_key"

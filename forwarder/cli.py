@@ -130,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings.check_files()
         redactor = Redactor.for_settings(settings)
         if args.command == "serve":
-            from forwarder.app import serve
+            from forwarder.server import serve
 
             configure_logging(settings.log_format, settings.log_level, redactor=redactor)
             _log_service_links()

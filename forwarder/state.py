@@ -1,8 +1,9 @@
-"""A batch's forwarding state, its transitions, and the store that remembers it.
+"""A batch's forwarding state and its transitions.
 
 :class:`BatchState` is the state topic's value and the body of ``GET /v1/batches/{id}``; its
 status is a :class:`Status`, and each transition has a named constructor or method.
-The store that remembers it, per pod, is ``store.py``.
+The map that holds this pod's states is ``statemap.py``; ``store.py`` follows the state topic
+into it.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 The state topic is co-partitioned with the jobs topic, so each pod restores only its own
 partitions' state (``StateStore.own`` on every rebalance) and follows it; that is what makes
 "forward each batch once" hold across restarts, rebalances and pods, with memory that grows with
-what a pod owns.  States are held encoded and decoded when read.
+what a pod owns.  The states themselves are held in a ``statemap.StateMap``; this module follows
+the topic into it.
 """
 
 from __future__ import annotations
@@ -15,20 +16,19 @@ import gc
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
-import msgspec
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from forwarder.config import Settings
 from forwarder.errors import KAFKA_BACKOFF, ConfigError, KafkaError
 from forwarder.health import Health
-from forwarder.kafka import kafka_errors, make_reader, partition_for, topic_partitions
+from forwarder.kafka import kafka_errors, make_reader, topic_partitions
 from forwarder.observability import Metrics
 from forwarder.retry import Policy, retry
-from forwarder.state import BatchState, Status
+from forwarder.state import BatchState
+from forwarder.statemap import StateMap, decode_state
 
 log = structlog.get_logger("forwarder.store")
 
@@ -45,13 +45,9 @@ class StateStore:
 
     def __init__(self, settings: Settings, metrics: Metrics, health: Health | None = None) -> None:
         self._settings = settings
-        self._metrics = metrics
         self._health = health
         self._topic = settings.state_topic
-        # By state partition: batch id -> (record timestamp in ms, the record's JSON). Kept
-        # encoded (about half the memory of decoded states) and decoded when read.
-        self._states: dict[int, dict[str, tuple[int, bytes]]] = {}
-        self._partition_count = 0
+        self._map = StateMap(metrics, settings.state_retention_hours)
         self._consumer: AIOKafkaConsumer | None = None
         # End offsets come from a second client: on the follower's own connection a ListOffsets
         # request queues behind its idle fetch (a long poll of fetch_max_wait_ms, 500 ms), which
@@ -59,77 +55,32 @@ class StateStore:
         self._end_reader: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
         self._progress = asyncio.Condition()
-        self._retention = settings.state_retention_hours * 3600.0
-        self._pruned_at = time.monotonic()
         self._restoring: dict[int, _Restore] = {}  # partitions being read up to their end
         self.assigned = False  # own() was called: the worker joined its group
 
-    def partition_of(self, batch_id: str) -> int:
-        """The state (and jobs) partition of ``batch_id``."""
-        return partition_for(batch_id.encode(), self._partition_count)
-
+    # --- the map (statemap.StateMap), as the worker, the reconciler and the API read it -------
     @property
     def owned(self) -> list[int]:
         """The partitions whose state this pod holds."""
-        return sorted(self._states)
-
-    def _held(self, batch_id: str) -> dict[str, tuple[int, bytes]] | None:
-        """The states of ``batch_id``'s partition, if this pod holds it."""
-        return self._states.get(self.partition_of(batch_id)) if self._partition_count else None
+        return self._map.partitions
 
     def owns(self, batch_id: str) -> bool:
         """True when ``batch_id``'s partition is this pod's."""
-        return self._held(batch_id) is not None
+        return self._map.owns(batch_id)
 
     def get(self, batch_id: str) -> BatchState | None:
         """The latest state of ``batch_id`` if this pod owns it (None: unknown or not ours)."""
-        held = self._held(batch_id)
-        entry = held.get(batch_id) if held is not None else None
-        return _decode(entry[1], batch_id) if entry is not None else None
+        return self._map.get(batch_id)
 
     def put(self, state: BatchState) -> None:
         """Remember a state this process just wrote (the topic will echo it later)."""
-        held = self._held(state.batch_id)
-        if held is not None:
-            held[state.batch_id] = (int(time.time() * 1000), state.encode())
-            self._count()
+        self._map.put(state)
 
     def waiting(self) -> list[BatchState]:
         """Owned batches parked until Datagrid finishes them."""
-        found = []
-        for held in self._states.values():
-            for batch_id, (_, value) in held.items():
-                if _WAITING in value:  # a cheap filter; the decoded status decides
-                    state = _decode(value, batch_id)
-                    if state is not None and state.status is Status.WAITING:
-                        found.append(state)
-        return found
+        return self._map.waiting()
 
-    def __len__(self) -> int:
-        return sum(len(held) for held in self._states.values())
-
-    def _count(self) -> None:
-        self._metrics.state_batches.set(len(self))
-
-    def prune(self, now: datetime | None = None) -> int:
-        """Forget finished batches whose state was written longer than the retention ago (as the
-        broker's ``retention.ms`` counts); waiting and forwarding ones stay.  Returns how many
-        were forgotten."""
-        self._pruned_at = time.monotonic()
-        cutoff = ((now or datetime.now(UTC)).timestamp() - self._retention) * 1000
-        forgotten = 0
-        for held in self._states.values():
-            old = [
-                batch_id
-                for batch_id, (written, value) in held.items()
-                if written < cutoff and _UNFINISHED not in value and _WAITING not in value
-            ]
-            for batch_id in old:
-                del held[batch_id]
-            forgotten += len(old)
-        self._count()
-        return forgotten
-
+    # --- following the state topic ---------------------------------------------------------
     async def start(self) -> None:
         """Connect, and check that the state topic is co-partitioned with the jobs topic."""
         settings = self._settings
@@ -149,7 +100,7 @@ class StateStore:
                 "pod keeps the state of its own jobs partitions (create the state topic with "
                 f"{len(jobs)} partitions and name it in FORWARDER_STATE_TOPIC)"
             )
-        self._partition_count = len(state)
+        self._map.partition_count = len(state)
 
     async def own(self, partitions: Collection[int]) -> None:
         """Hold exactly ``partitions`` (this pod's jobs partitions after a rebalance): drop the
@@ -166,7 +117,8 @@ class StateStore:
     async def _reassign(self, wanted: set[int]) -> None:
         consumer, end_reader = self._consumer, self._end_reader
         assert consumer is not None and end_reader is not None
-        added, dropped = wanted - set(self._states), set(self._states) - wanted
+        held = set(self._map.partitions)
+        added, dropped = wanted - held, held - wanted
         self.assigned = True
         if not added and not dropped:
             return
@@ -184,10 +136,10 @@ class StateStore:
                 await consumer.seek_to_beginning(*(tps[p] for p in added))
                 ends = await end_reader.end_offsets([tps[p] for p in added])
         for p in dropped:
-            del self._states[p]
+            self._map.drop(p)
             self._restoring.pop(p, None)
         for p in added:
-            self._states[p] = {}
+            self._map.hold(p)
             self._restoring[p] = _Restore(ends[tps[p]], time.monotonic())
         if wanted:
             self._task = asyncio.create_task(self._follow(), name="state-store")
@@ -202,7 +154,7 @@ class StateStore:
 
     async def restored(self, batch_id: str) -> None:
         """Wait until the state of ``batch_id``'s partition is restored, if this pod owns it."""
-        await self.restored_partition(self.partition_of(batch_id))
+        await self.restored_partition(self._map.partition_of(batch_id))
 
     async def restored_partition(self, partition: int) -> None:
         """Wait until the state of ``partition`` is restored, if this pod owns it."""
@@ -219,35 +171,19 @@ class StateStore:
                 log.info(
                     "state_restored",
                     partition=p,
-                    batches=len(self._states.get(p, ())),
+                    batches=self._map.size(p),
                     duration_s=round(time.monotonic() - restore.started, 3),
                 )
 
     async def find(self, batch_id: str) -> BatchState | None:
         """The latest state of any batch: from memory if this pod owns it, else read from its
         state partition on the broker (a scan of that one partition)."""
-        partition = self.partition_of(batch_id)
-        if partition in self._states:
+        partition = self._map.partition_of(batch_id)
+        if self._map.holds(partition):
             await self.restored(batch_id)
             await self.sync()
             return self.get(batch_id)
-        key, found = batch_id.encode(), None
-        tp = TopicPartition(self._topic, partition)
-        reader = make_reader(self._settings)
-        try:
-            with kafka_errors(f"reading the state of {batch_id}"):
-                await reader.start()
-                reader.assign([tp])
-                await reader.seek_to_beginning(tp)
-                end = (await reader.end_offsets([tp]))[tp]
-                while await reader.position(tp) < end:
-                    for records in (await reader.getmany(tp, timeout_ms=1000)).values():
-                        for record in records:
-                            if record.key == key:
-                                found = record.value
-        finally:
-            await reader.stop()
-        return _decode(found, batch_id) if found is not None else None
+        return await _read_latest(self._settings, TopicPartition(self._topic, partition), batch_id)
 
     async def _follow(self) -> None:
         consumer = self._consumer
@@ -266,16 +202,14 @@ class StateStore:
                 health=self._health,
                 component="state_topic",
             )
-            for tp, records in batches.items():
-                held = self._states.get(tp.partition)
-                if held is not None:
-                    for record in records:
-                        _apply(held, record)
+            for records in batches.values():
+                for record in records:
+                    self._map.apply(record)
             with contextlib.suppress(KafkaError), kafka_errors("reading state positions"):
                 await self._check_restores()
-            if time.monotonic() - self._pruned_at > 60:
-                self.prune()
-            self._count()
+            if time.monotonic() - self._map.pruned_at > 60:
+                self._map.prune()
+            self._map.update_gauge()
             async with self._progress:
                 self._progress.notify_all()
 
@@ -284,7 +218,7 @@ class StateStore:
         read."""
         consumer, end_reader = self._consumer, self._end_reader
         assert consumer is not None and end_reader is not None
-        owned = [TopicPartition(self._topic, p) for p in self._states]
+        owned = [TopicPartition(self._topic, p) for p in self._map.partitions]
         if not owned:
             return
         with kafka_errors("reading state topic offsets"):
@@ -326,32 +260,30 @@ class _Restore:
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+async def _read_latest(settings: Settings, tp: TopicPartition, batch_id: str) -> BatchState | None:
+    """The latest state of ``batch_id`` in state partition ``tp``, read from its beginning by a
+    client of its own (the follower reads only this pod's partitions)."""
+    key, found = batch_id.encode(), None
+    reader = make_reader(settings)
+    try:
+        with kafka_errors(f"reading the state of {batch_id}"):
+            await reader.start()
+            reader.assign([tp])
+            await reader.seek_to_beginning(tp)
+            end = (await reader.end_offsets([tp]))[tp]
+            while await reader.position(tp) < end:
+                for records in (await reader.getmany(tp, timeout_ms=1000)).values():
+                    for record in records:
+                        if record.key == key:
+                            found = record.value
+    finally:
+        await reader.stop()
+    return decode_state(found, batch_id) if found is not None else None
+
+
 def _release_memory() -> None:
     """Hand the memory of dropped partitions back to the system: CPython's small-object arenas
     go back when empty, glibc's free lists only when trimmed."""
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def _apply(held: dict[str, tuple[int, bytes]], record: ConsumerRecord[Any, Any]) -> None:
-    if record.key is None:
-        return
-    batch_id = record.key.decode("utf-8", "replace")
-    if record.value is None:  # tombstone: forget the batch
-        held.pop(batch_id, None)
-    else:
-        held[batch_id] = (record.timestamp, record.value)
-
-
-#: How the status of a waiting or a forwarding batch reads in its record (msgspec writes no spaces).
-_WAITING = b'"status":"waiting"'
-_UNFINISHED = b'"status":"forwarding"'
-
-
-def _decode(value: bytes, batch_id: str) -> BatchState | None:
-    try:
-        return BatchState.decode(value)
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        log.warning("state_record_unreadable", batch_id=batch_id)
-        return None

@@ -7,6 +7,10 @@ and re-checked on a timer by the pod owning its jobs partition, so it blocks nei
 partition's commits.  In exactly-once mode each jobs partition has its own transactional producer
 (``kafka.TransactionalProducers``), whose id is derived from the partition so that a new owner
 fences the old one.
+
+Its collaborators, each beside it: ``offsets`` (what a partition may commit, the per-batch lock),
+``parking`` (the timers of waiting batches), ``lag`` (the lag gauges) and ``rebalance`` (the
+listener the consumer calls when the group moves partitions).
 """
 
 from __future__ import annotations
@@ -15,27 +19,23 @@ import asyncio
 import contextlib
 import functools
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
-from aiokafka.abc import ConsumerRebalanceListener
 
 from forwarder.config import Settings
-from forwarder.errors import (
-    KAFKA_BACKOFF,
-    Backoff,
-    BatchNotReady,
-    Fenced,
-    InvalidJob,
-    KafkaError,
-)
+from forwarder.errors import KAFKA_BACKOFF, BatchNotReady, Fenced, InvalidJob, KafkaError
 from forwarder.jobs import Job, JobQueue, deployment_of, parse_job
 from forwarder.kafka import kafka_errors, make_jobs_consumer, partition_for
+from forwarder.lag import LagReporter
 from forwarder.observability import Metrics
+from forwarder.offsets import JobsLedger, KeyedLock, PartitionOffsets
+from forwarder.parking import Parking
 from forwarder.pipeline import Pipeline, Transaction
 from forwarder.producers import TransactionalProducers
+from forwarder.rebalance import Rebalance, finish_or_abandon
 from forwarder.retry import Policy, retry
 from forwarder.state import BatchState, Status
 from forwarder.store import StateStore
@@ -43,66 +43,7 @@ from forwarder.store import StateStore
 log = structlog.get_logger("forwarder.worker")
 
 
-class PartitionOffsets:
-    """Offsets of one partition's jobs in flight; the committable offset is the oldest
-    unfinished one."""
-
-    def __init__(self) -> None:
-        self.pending: dict[int, bool] = {}  # offset -> finished (insertion order = offset order)
-        self.committed = -1
-
-    def add(self, offset: int) -> None:
-        """A job at ``offset`` started."""
-        self.pending[offset] = False
-
-    def peek(self, offset: int) -> int | None:
-        """The offset :meth:`finish` would commit if ``offset`` finished now (None if it would
-        not move): what an exactly-once transaction may commit without skipping an older job
-        still running."""
-        commit = None
-        for pending_offset, finished in self.pending.items():
-            if not (finished or pending_offset == offset):
-                break
-            commit = pending_offset + 1
-        return commit if commit is not None and commit > self.committed else None
-
-    def finish(self, offset: int) -> int | None:
-        """Mark done; return the new offset to commit, if it moved."""
-        if offset in self.pending:
-            self.pending[offset] = True
-        commit = None
-        for pending_offset in list(self.pending):
-            if not self.pending[pending_offset]:
-                break
-            del self.pending[pending_offset]
-            commit = pending_offset + 1
-        if commit is not None and commit > self.committed:
-            self.committed = commit
-            return commit
-        return None
-
-
-class KeyedLock:
-    """One asyncio lock per key, dropped when nobody holds or waits for it."""
-
-    def __init__(self) -> None:
-        self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
-
-    @contextlib.asynccontextmanager
-    async def hold(self, key: str) -> AsyncIterator[None]:
-        """Hold ``key``'s lock for the block."""
-        entry = self._locks.setdefault(key, (asyncio.Lock(), [0]))
-        entry[1][0] += 1
-        try:
-            async with entry[0]:
-                yield
-        finally:
-            entry[1][0] -= 1
-            if entry[1][0] == 0:
-                del self._locks[key]
-
-
-class Worker(ConsumerRebalanceListener):  # type: ignore[misc]
+class Worker:
     """Consumes the jobs topic and forwards each batch once."""
 
     def __init__(
@@ -126,26 +67,33 @@ class Worker(ConsumerRebalanceListener):  # type: ignore[misc]
         self._txn = TransactionalProducers(settings.consumer_group, make) if make else None
         self._consumer: AIOKafkaConsumer | None = None
         self._loop_task: asyncio.Task[None] | None = None
-        self._tasks: dict[asyncio.Task[None], tuple[TopicPartition, int, float]] = {}
-        self._offsets: dict[TopicPartition, PartitionOffsets] = {}
-        # Exactly-once: the highest offset of each partition a transaction committed.
-        self._in_transactions: dict[TopicPartition, int] = {}
-        self._ends: dict[TopicPartition, int] = {}  # end offsets read from the broker
-        self._ends_at = 0.0
-        self._waiters: dict[str, asyncio.Task[None]] = {}
-        self._adopting: asyncio.Task[None] | None = None
+        self._jobs = JobsLedger()
         self._batch_locks = KeyedLock()
         self._slots = asyncio.Semaphore(settings.concurrency)
         self._stopping = asyncio.Event()
-        # Polls of a batch that is not terminal: 2, 4, 8 ... s, up to the poll setting.
-        self._not_ready = Backoff(base=1.0, cap=settings.not_ready_poll_seconds, jitter=0.2)
-        self.assigned = asyncio.Event()  # joined the group (possibly with no partitions)
+        self._lag = LagReporter(metrics)
+        self._parking = Parking(
+            store,
+            metrics,
+            rerun=self._run_until_done,
+            jobs_partition=self._jobs_partition,
+            poll_cap=settings.not_ready_poll_seconds,
+        )
+        self._rebalance = Rebalance(
+            store=store,
+            parking=self._parking,
+            lag=self._lag,
+            txn=self._txn,
+            jobs=self._jobs,
+            grace=settings.drain_timeout_seconds,
+        )
+        self.assigned = self._rebalance.assigned  # joined the group (possibly with no partitions)
 
     # --- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
         """Join the consumer group and start the loop."""
         self._consumer = make_jobs_consumer(self._settings)
-        self._consumer.subscribe([self._settings.jobs_topic], listener=self)
+        self._consumer.subscribe([self._settings.jobs_topic], listener=self._rebalance)
         with kafka_errors("starting the jobs consumer"):
             await self._consumer.start()
         self._loop_task = asyncio.create_task(self._loop(), name="jobs-loop")
@@ -161,13 +109,11 @@ class Worker(ConsumerRebalanceListener):  # type: ignore[misc]
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
             self._loop_task = None
-        running = [t for t in self._tasks if not t.done()]
+        running = self._jobs.running()
         if running:
             log.info("draining", batches=len(running), timeout_s=grace)
-            await self._finish_or_abandon(running, grace, "drain_timeout_abandoned")
-        for waiter in [*self._waiters.values(), *filter(None, [self._adopting])]:
-            waiter.cancel()
-        self._waiters.clear()
+            await finish_or_abandon(running, grace, "drain_timeout_abandoned")
+        self._parking.cancel()
 
     async def stop(self) -> None:
         """Drain with no grace (if not drained yet) and leave the group (safe to call twice)."""
@@ -179,64 +125,12 @@ class Worker(ConsumerRebalanceListener):  # type: ignore[misc]
         if self._txn is not None:
             await self._txn.close()
 
-    @staticmethod
-    async def _finish_or_abandon(tasks: list[asyncio.Task[None]], grace: float, event: str) -> None:
-        _, late = await asyncio.wait(tasks, timeout=grace)
-        for task in late:
-            task.cancel()
-        if late:
-            # Uncommitted: the partition's next owner redoes them (at-least-once: duplicates).
-            log.warning(event, batches=len(late), timeout_s=grace)
-            await asyncio.wait(late)
-
-    # --- rebalance listener ------------------------------------------------------------------
-    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        """Finish (within the drain timeout) or abandon the jobs of partitions leaving us."""
-        revoked_set = set(revoked)
-        mine = [t for t, (tp, _, _) in self._tasks.items() if tp in revoked_set and not t.done()]
-        if mine:
-            grace = self._settings.drain_timeout_seconds
-            await self._finish_or_abandon(mine, grace, "rebalance_abandoned")
-        for tp in revoked_set:
-            self._offsets.pop(tp, None)
-            self._in_transactions.pop(tp, None)
-            with contextlib.suppress(KeyError):  # its new owner reports its lag now
-                self._metrics.jobs_lag.remove(str(tp.partition))
-            if self._txn is not None:
-                await self._txn.discard(tp)
-        for batch_id, waiter in list(self._waiters.items()):
-            if self._jobs_partition(batch_id) in revoked_set:
-                waiter.cancel()
-                del self._waiters[batch_id]
-        self._metrics.batches_waiting.set(len(self._waiters))
-
-    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        """Start restoring the state of the partitions now ours (each job waits for its own
-        partition's), track them, and adopt their waiting batches once restored."""
-        await self._store.own([tp.partition for tp in assigned])
-        for tp in assigned:
-            self._offsets.setdefault(tp, PartitionOffsets())
-            if self._txn is not None:
-                with contextlib.suppress(KafkaError):  # logged; run_job tries again
-                    await self._txn.get(tp)
-        # (an earlier adoption still running only parks batches this pod holds, once each)
-        self._adopting = asyncio.create_task(self._adopt_waiting(assigned), name="adopt")
-        self.assigned.set()
-
-    async def _adopt_waiting(self, assigned: list[TopicPartition]) -> None:
-        for tp in assigned:
-            await self._store.restored_partition(tp.partition)
-        for state in self._store.waiting():  # the store holds only this pod's batches
-            if state.batch_id not in self._waiters:
-                source = state.source or "producer"
-                self._park(Job(state.batch_id, source=source, event_id=state.event_id), 0.0)
-
     # --- the loop ------------------------------------------------------------------------------
     async def _loop(self) -> None:
         consumer = self._consumer
         assert consumer is not None
         while not self._stopping.is_set():
-            running = [t for t in self._tasks if not t.done()]
+            running = self._jobs.running()
             free = self._settings.concurrency - len(running)
             assignment = list(consumer.assignment())
             # When full, keep polling (paused: the group must not think we died) but wait for a
@@ -257,7 +151,8 @@ class Worker(ConsumerRebalanceListener):  # type: ignore[misc]
             for tp, records in batches.items():
                 for record in records:
                     self._start(tp, record)
-            await self._update_lag()
+            queued_at = (queued for _, _, queued in self._jobs.tasks.values())
+            await self._lag.update(consumer, self._jobs.offsets, queued_at)
 
     @staticmethod
     async def _poll(
@@ -269,14 +164,14 @@ class Worker(ConsumerRebalanceListener):  # type: ignore[misc]
             return batches
 
     def _start(self, tp: TopicPartition, record: ConsumerRecord[Any, Any]) -> None:
-        offsets = self._offsets.setdefault(tp, PartitionOffsets())
+        offsets = self._jobs.offsets.setdefault(tp, PartitionOffsets())
         offsets.add(record.offset)
         task = asyncio.create_task(
             self._handle(tp, record), name=f"job-{tp.partition}-{record.offset}"
         )
         queued_at = record.timestamp / 1000 if record.timestamp else time.time()
-        self._tasks[task] = (tp, record.offset, queued_at)
-        task.add_done_callback(self._tasks.pop)
+        self._jobs.tasks[task] = (tp, record.offset, queued_at)
+        task.add_done_callback(self._jobs.tasks.pop)
 
     async def _handle(self, tp: TopicPartition, record: ConsumerRecord[Any, Any]) -> None:
         """One job record, from parsing to commit. Whatever happens, the partition's commits go
@@ -373,7 +268,7 @@ class Worker(ConsumerRebalanceListener):  # type: ignore[misc]
             # The job's offset commits in its batch's transaction, and only so far as no older
             # job of the partition is still running (a crash then redoes that one); what the
             # transaction commits, the consumer does not commit again (_commit).
-            tracked = self._offsets.get(tp)
+            tracked = self._jobs.offsets.get(tp)
             commit = tracked.peek(offset) if tracked is not None and offset is not None else None
             offsets = {tp: commit} if commit is not None else None
             txn = Transaction(producer, offsets, self._settings.consumer_group)
@@ -384,7 +279,7 @@ class Worker(ConsumerRebalanceListener):  # type: ignore[misc]
                 await self._txn.discard(tp)
                 raise
             if txn.offsets_committed and commit is not None:
-                self._in_transactions[tp] = max(commit, self._in_transactions.get(tp, -1))
+                self._jobs.committed_in_transaction(tp, commit)
 
     async def _run_locked(self, job: Job, txn: Transaction | None) -> None:
         logger = log.bind(batch_id=job.batch_id, event_id=job.event_id, source=job.source)
@@ -394,7 +289,7 @@ class Worker(ConsumerRebalanceListener):  # type: ignore[misc]
             await self._store.restored(job.batch_id)
             known = self._store.get(job.batch_id)
             parked = known is not None and known.status is Status.WAITING
-            if known is not None and (known.done or (parked and job.batch_id in self._waiters)):
+            if known is not None and (known.done or (parked and job.batch_id in self._parking)):
                 self._metrics.batches.labels(outcome="duplicate").inc()
                 logger.info("batch_duplicate", status=known.status.value)
                 return
@@ -419,37 +314,16 @@ class Worker(ConsumerRebalanceListener):  # type: ignore[misc]
             self._metrics.batches.labels(outcome="failed").inc()
             log.warning("batch_failed", batch_id=job.batch_id, error=state.error)
             return
-        delay = self._not_ready.delay(checks + 1)
-        log.info(
-            "batch_waiting",
-            batch_id=job.batch_id,
-            batch_status=exc.batch_status,
-            next_check_s=round(delay, 2),
-            checks=checks,
-        )
-        self._park(job, delay)
-
-    def _park(self, job: Job, delay: float) -> None:
-        async def wake() -> None:
-            await asyncio.sleep(delay)
-            self._waiters.pop(job.batch_id, None)
-            self._metrics.batches_waiting.set(len(self._waiters))
-            await self._run_until_done(job)
-
-        old = self._waiters.pop(job.batch_id, None)
-        if old is not None:
-            old.cancel()
-        self._waiters[job.batch_id] = asyncio.create_task(wake(), name=f"wait-{job.batch_id}")
-        self._metrics.batches_waiting.set(len(self._waiters))
+        self._parking.schedule(job, checks, exc.batch_status)
 
     async def _commit(self, tp: TopicPartition, offset: int) -> None:
-        offsets = self._offsets.get(tp)
+        offsets = self._jobs.offsets.get(tp)
         if offsets is None or self._consumer is None:
             return  # partition revoked meanwhile: its new owner decides
         commit = offsets.finish(offset)
         if commit is None:
             return
-        if commit <= self._in_transactions.get(tp, -1):
+        if self._jobs.in_transaction(tp, commit):
             self._metrics.job_commits.labels(via="transaction").inc()
             return  # exactly-once: committed with the batch, atomically
         try:
@@ -476,31 +350,3 @@ class Worker(ConsumerRebalanceListener):  # type: ignore[misc]
             return None
         index = partition_for(batch_id.encode(), len(partitions))
         return TopicPartition(self._settings.jobs_topic, index)
-
-    async def _update_lag(self) -> None:
-        """Jobs lag per partition, from the broker: its end offset less our oldest unfinished job
-        (or our position), so it is right from the first poll after a restart, not only once a
-        fetch has returned records."""
-        consumer = self._consumer
-        if consumer is None:
-            return
-        assignment = list(consumer.assignment())
-        now = time.monotonic()
-        if assignment and now - self._ends_at > 5.0:
-            self._ends_at = now
-            with contextlib.suppress(KafkaError), kafka_errors("reading jobs end offsets"):
-                self._ends = await consumer.end_offsets(assignment)
-        for tp in assignment:
-            offsets = self._offsets.get(tp)
-            end = consumer.highwater(tp) or self._ends.get(tp)
-            if offsets is None or end is None:
-                continue
-            position = next(iter(offsets.pending), None)
-            if position is None:
-                with contextlib.suppress(KafkaError), kafka_errors("reading a position"):
-                    position = await consumer.position(tp)
-            if position is not None:
-                lag = max(end - position, 0)
-                self._metrics.jobs_lag.labels(partition=str(tp.partition)).set(lag)
-        oldest = min((queued for _, _, queued in self._tasks.values()), default=None)
-        self._metrics.jobs_lag_seconds.set(0 if oldest is None else max(time.time() - oldest, 0))

@@ -21,8 +21,8 @@ import pytest
 from pydantic import SecretStr
 
 from forwarder.config import Settings
-from tests.fake_datagrid import FakeDatagrid, start_fake_datagrid
-from tests.service_helpers import API_TOKEN, WEBHOOK_SECRET
+from tests.support.fake_datagrid import FakeDatagrid, start_fake_datagrid
+from tests.support.service_helpers import API_TOKEN, WEBHOOK_SECRET
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "deploy" / "kafka"))

@@ -21,12 +21,13 @@ import json
 import os
 import sys
 import xml.etree.ElementTree as ET
-from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from tests.support.tally import Tally
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / ".cache" / "reliability"
@@ -46,41 +47,6 @@ JUNIT_SUITES = {
 
 EXACTLY_ONCE = "exactly-once"
 AT_LEAST_ONCE = "at-least-once"
-
-
-@dataclass
-class Tally:
-    """What a read_committed consumer saw of the lines one case expected."""
-
-    expected: int  # distinct (batch, custom_id) keys that must be in the results topic
-    seen: int  # of those, how many are there at least once
-    duplicates: int  # extra copies of expected keys (records - distinct keys)
-    unexpected: int  # records whose key no case expected, or whose bytes differ from the line
-    lost: int  # expected - seen
-
-    @classmethod
-    def of(
-        cls,
-        records: Iterable[tuple[str, bytes | None, bytes | None]],
-        expected: Mapping[tuple[str, bytes], bytes],
-    ) -> Tally:
-        """Count ``(batch id, key, value)`` records against ``{(batch id, key): line bytes}``."""
-        copies: Counter[tuple[str, bytes]] = Counter()
-        unexpected = 0
-        for batch_id, key, value in records:
-            wanted = expected.get((batch_id, key or b""))
-            if wanted is None or value != wanted:
-                unexpected += 1
-            else:
-                copies[(batch_id, key or b"")] += 1
-        seen = len(copies)
-        return cls(
-            expected=len(expected),
-            seen=seen,
-            duplicates=sum(copies.values()) - seen,
-            unexpected=unexpected,
-            lost=len(expected) - seen,
-        )
 
 
 @dataclass

@@ -28,8 +28,8 @@ from tests.asyncapi_records import (
     topic_partitions,
 )
 from tests.conftest import REPO
-from tests.fake_datagrid import FakeDatagrid, generate_lines
-from tests.service_helpers import forwarder_env, run_forwarder
+from tests.support.fake_datagrid import FakeDatagrid, generate_lines
+from tests.support.service_helpers import forwarder_env, run_forwarder
 
 VENDOR = REPO / "tests" / "vendor" / "asyncapi"
 MakeSettings = Callable[..., Settings]

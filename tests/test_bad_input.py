@@ -35,9 +35,9 @@ from forwarder.ndjson import LineHead, Oversized, classify
 from forwarder.observability import Metrics
 from forwarder.webhooks import sign, verify_signature
 from tests.conftest import API_KEY, REPO, settings_for
-from tests.fake_datagrid import FakeDatagrid
-from tests.kafka_helpers import Record, read_topic
-from tests.service_helpers import (
+from tests.support.fake_datagrid import FakeDatagrid
+from tests.support.kafka_helpers import Record, read_topic
+from tests.support.service_helpers import (
     API_TOKEN,
     Forwarder,
     event_body,

@@ -24,7 +24,7 @@ from pydantic import SecretStr
 
 from forwarder.config import Settings
 from tests.conftest import REPO
-from tests.service_helpers import forwarder_env
+from tests.support.service_helpers import forwarder_env
 
 MakeSettings = Callable[..., Settings]
 FORWARDER = REPO / ".venv" / "bin" / "forwarder"

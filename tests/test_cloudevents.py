@@ -12,9 +12,9 @@ from cloudevents.core.bindings.kafka import KafkaMessage, from_binary_event
 from cloudevents.core.formats.json import JSONFormat
 
 from forwarder.config import Settings
-from tests.fake_datagrid import FakeDatagrid
-from tests.kafka_helpers import Record, read_topic
-from tests.service_helpers import forwarder_env, run_forwarder
+from tests.support.fake_datagrid import FakeDatagrid
+from tests.support.kafka_helpers import Record, read_topic
+from tests.support.service_helpers import forwarder_env, run_forwarder
 
 MakeSettings = Callable[..., Settings]
 

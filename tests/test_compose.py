@@ -101,10 +101,11 @@ def test_forwarder_reaches_the_fake_datagrid() -> None:
 
 
 def test_fake_datagrid_command_is_what_the_fake_accepts() -> None:
-    """The fake runs `python -m tests.fake_datagrid` from the mounted tests/, with valid flags."""
+    """The fake runs `python -m tests.support.fake_datagrid` from the mounted tests/, with valid
+    flags."""
     service = SERVICES["fake-datagrid"]
-    assert service["entrypoint"] == ["python", "-m", "tests.fake_datagrid"]
-    help_text = run([sys.executable, "-m", "tests.fake_datagrid", "--help"]).stdout
+    assert service["entrypoint"] == ["python", "-m", "tests.support.fake_datagrid"]
+    help_text = run([sys.executable, "-m", "tests.support.fake_datagrid", "--help"]).stdout
     for flag in (arg for arg in service["command"] if arg.startswith("--")):
         assert flag in help_text, flag
     assert (REPO / "tests", f"{service['working_dir']}/tests") in bind_mounts("fake-datagrid")

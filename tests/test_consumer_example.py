@@ -19,9 +19,9 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from forwarder.config import Delivery, Settings
 from tests.conftest import REPO
-from tests.fake_datagrid import FakeDatagrid, generate_lines
-from tests.kafka_helpers import read_topic
-from tests.service_helpers import forwarder_env, run_forwarder
+from tests.support.fake_datagrid import FakeDatagrid, generate_lines
+from tests.support.kafka_helpers import read_topic
+from tests.support.service_helpers import forwarder_env, run_forwarder
 
 MakeSettings = Callable[..., Settings]
 EXAMPLE = REPO / "examples" / "consumer.py"

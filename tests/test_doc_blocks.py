@@ -18,7 +18,7 @@ import pytest
 
 from tests import docblocks
 from tests.docblocks import NOT_RUN, RUN_BY, Block
-from tests.fake_datagrid import FakeDatagrid, start_fake_datagrid
+from tests.support.fake_datagrid import FakeDatagrid, start_fake_datagrid
 
 REPO = docblocks.REPO
 THIS = "tests/test_doc_blocks.py"

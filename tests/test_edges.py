@@ -1,7 +1,8 @@
 """Reliability at the edges: broken and hostile upstreams, long batches, slow clients, secrets.
 
 Each case runs the real ``forwarder`` (``forward`` or ``serve``) against the real broker, and either
-the fake Datagrid or ``tests/hostile_upstream.py`` (a real HTTP server that sends scripted bytes).
+the fake Datagrid or ``tests/support/hostile_upstream.py`` (a real HTTP server that sends scripted
+bytes).
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ from aiokafka.errors import TopicAlreadyExistsError
 from forwarder.config import Settings
 from forwarder.kafka import partition_for
 from tests.conftest import API_KEY
-from tests.fake_datagrid import FakeDatagrid
-from tests.hostile_upstream import Answer, HostileUpstream, batch_json
-from tests.kafka_helpers import read_topic
-from tests.service_helpers import Forwarder, forwarder_env, run_forwarder, wait_until
+from tests.support.fake_datagrid import FakeDatagrid
+from tests.support.hostile_upstream import Answer, HostileUpstream, batch_json
+from tests.support.kafka_helpers import read_topic
+from tests.support.service_helpers import Forwarder, forwarder_env, run_forwarder, wait_until
 
 MakeSettings = Callable[..., Settings]
 NDJSON = {"Content-Type": "application/x-ndjson"}

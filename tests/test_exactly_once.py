@@ -15,9 +15,9 @@ from forwarder.kafka import make_producer, topic_partitions
 from forwarder.observability import Metrics
 from forwarder.pipeline import Transaction
 from forwarder.state import BatchState
-from tests.fake_datagrid import FakeDatagrid, generate_lines
-from tests.kafka_helpers import read_topic
-from tests.service_helpers import Forwarder, wait_until
+from tests.support.fake_datagrid import FakeDatagrid, generate_lines
+from tests.support.kafka_helpers import read_topic
+from tests.support.service_helpers import Forwarder, wait_until
 
 MakeSettings = Callable[..., Settings]
 

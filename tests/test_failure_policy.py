@@ -20,9 +20,9 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from forwarder.config import Settings
 from forwarder.jobs import Job, deployment_of
 from forwarder.kafka import partition_for
-from tests.fake_datagrid import FakeDatagrid
-from tests.kafka_helpers import read_topic
-from tests.service_helpers import Forwarder, wait_until
+from tests.support.fake_datagrid import FakeDatagrid
+from tests.support.kafka_helpers import read_topic
+from tests.support.service_helpers import Forwarder, wait_until
 
 MakeSettings = Callable[..., Settings]
 

@@ -14,7 +14,12 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from tests.fake_datagrid import FakeDatagrid, expected_body, generate_lines, start_fake_datagrid
+from tests.support.fake_datagrid import (
+    FakeDatagrid,
+    expected_body,
+    generate_lines,
+    start_fake_datagrid,
+)
 
 API_KEY = "test-key-123"
 PROBLEM = "https://api.datagrid.com/errors/"

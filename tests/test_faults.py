@@ -34,10 +34,11 @@ import pytest
 from forwarder.config import Delivery, Settings
 from forwarder.state import BatchState
 from forwarder.webhooks import sign
-from tests.fake_datagrid import FakeDatagrid, generate_lines
-from tests.kafka_helpers import Record, read_topic
-from tests.reliability_report import Outcome, Tally, record
-from tests.service_helpers import WEBHOOK_SECRET, Forwarder, event_body, wait_until
+from tests.reliability_report import Outcome, record
+from tests.support.fake_datagrid import FakeDatagrid, generate_lines
+from tests.support.kafka_helpers import Record, read_topic
+from tests.support.service_helpers import WEBHOOK_SECRET, Forwarder, event_body, wait_until
+from tests.support.tally import Tally
 
 MakeSettings = Callable[..., Settings]
 Expected = dict[tuple[str, bytes], bytes]

@@ -31,10 +31,10 @@ import yaml
 
 from forwarder.webhooks import sign
 from tests import docblocks
-from tests.fake_datagrid import FakeDatagrid, generate_lines, start_fake_datagrid
-from tests.kafka_helpers import read_topic
-from tests.reliability_report import Tally
-from tests.service_helpers import wait_until
+from tests.support.fake_datagrid import FakeDatagrid, generate_lines, start_fake_datagrid
+from tests.support.kafka_helpers import read_topic
+from tests.support.service_helpers import wait_until
+from tests.support.tally import Tally
 
 REPO = Path(__file__).resolve().parent.parent
 CHART = REPO / "helm" / "forwarder"

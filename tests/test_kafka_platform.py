@@ -20,9 +20,9 @@ from structlog.testing import capture_logs
 from forwarder.config import Settings
 from forwarder.kafka import min_insync_replicas, prepare_topics, topic_specs
 from tests.conftest import API_KEY, REPO, rig, settings_for
-from tests.fake_datagrid import FakeDatagrid
-from tests.kafka_helpers import read_topic
-from tests.service_helpers import forwarder_env, run_forwarder
+from tests.support.fake_datagrid import FakeDatagrid
+from tests.support.kafka_helpers import read_topic
+from tests.support.service_helpers import forwarder_env, run_forwarder
 
 MakeSettings = Callable[..., Settings]
 

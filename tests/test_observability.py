@@ -15,8 +15,8 @@ from structlog.testing import capture_logs
 from forwarder.config import Settings
 from forwarder.core import open_core
 from forwarder.observability import Metrics, configure_logging
-from tests.fake_datagrid import FakeDatagrid
-from tests.service_helpers import Forwarder, event_body, wait_until
+from tests.support.fake_datagrid import FakeDatagrid
+from tests.support.service_helpers import Forwarder, event_body, wait_until
 
 MakeSettings = Callable[..., Settings]
 
@@ -111,7 +111,7 @@ def _signature(body: bytes) -> str:
     import time
 
     from forwarder.webhooks import sign
-    from tests.service_helpers import WEBHOOK_SECRET
+    from tests.support.service_helpers import WEBHOOK_SECRET
 
     t = int(time.time())
     return f"t={t},v1={sign(WEBHOOK_SECRET.encode(), t, body)}"

@@ -14,9 +14,9 @@ from forwarder.config import Settings
 from forwarder.core import open_core
 from forwarder.observability import Metrics
 from forwarder.state import BatchState
-from tests.fake_datagrid import FakeDatagrid, generate_lines
-from tests.kafka_helpers import java_partition, read_topic
-from tests.service_helpers import forwarder_env, run_forwarder
+from tests.support.fake_datagrid import FakeDatagrid, generate_lines
+from tests.support.kafka_helpers import java_partition, read_topic
+from tests.support.service_helpers import forwarder_env, run_forwarder
 
 MakeSettings = Callable[..., Settings]
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 from forwarder.config import Settings
 from tests.conftest import REPO
-from tests.fake_datagrid import FakeDatagrid
-from tests.kafka_helpers import read_topic
 from tests.prometheus_rig import PrometheusRig
-from tests.service_helpers import Forwarder, event_body, wait_until
+from tests.support.fake_datagrid import FakeDatagrid
+from tests.support.kafka_helpers import read_topic
+from tests.support.service_helpers import Forwarder, event_body, wait_until
 from tests.test_dashboard import dashboard_queries
 
 MakeSettings = Callable[..., Settings]

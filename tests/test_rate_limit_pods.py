@@ -27,9 +27,9 @@ from forwarder.jobs import Job
 from forwarder.kafka import make_job_writer
 from forwarder.state import BatchState, Status
 from tests.conftest import API_KEY, settings_for
-from tests.fake_datagrid import FakeDatagrid, route_of, start_fake_datagrid
-from tests.kafka_helpers import read_topic
-from tests.service_helpers import Forwarder, wait_until
+from tests.support.fake_datagrid import FakeDatagrid, route_of, start_fake_datagrid
+from tests.support.kafka_helpers import read_topic
+from tests.support.service_helpers import Forwarder, wait_until
 
 LIMIT = 200  # Datagrid's documented default: requests per window, per route and method
 #: Seconds: the real window. Not scaled down to shorten the test: the slack (15% of it) would

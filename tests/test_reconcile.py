@@ -11,9 +11,9 @@ from pathlib import Path
 
 from forwarder.config import Settings
 from tests.conftest import API_KEY
-from tests.fake_datagrid import start_fake_datagrid
-from tests.kafka_helpers import read_topic
-from tests.service_helpers import Forwarder, event_body, wait_until
+from tests.support.fake_datagrid import start_fake_datagrid
+from tests.support.kafka_helpers import read_topic
+from tests.support.service_helpers import Forwarder, event_body, wait_until
 
 
 def _iso(when: datetime) -> str:

@@ -26,18 +26,15 @@ from typing import Any
 
 import httpx
 import pytest
-from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from forwarder.config import Delivery, Settings
 from forwarder.kafka import partition_for
-from forwarder.state import BatchState, Status, utcnow
-from tests.fake_datagrid import FakeDatagrid, generate_lines
-from tests.kafka_helpers import read_topic
-from tests.reliability_report import Tally
-from tests.service_helpers import API_TOKEN, Forwarder, wait_until
+from tests.support.fake_datagrid import FakeDatagrid, generate_lines
+from tests.support.kafka_helpers import read_topic
+from tests.support.service_helpers import API_TOKEN, Forwarder, wait_until
+from tests.support.state_preload import PARTITIONS, preload_state
+from tests.support.tally import Tally
 
-PARTITIONS = 6
 PRELOADED = 300_000
 LINES = 120  # per queued batch; streamed slowly (below) so that batches are in flight for seconds
 STREAM = {"chunk_size": 4096, "drip_delay": 0.1}  # ~13 lines per chunk: ~1 s per stream
@@ -45,87 +42,6 @@ MODES = [
     pytest.param(Delivery.AT_LEAST_ONCE, id="at-least-once"),
     pytest.param(Delivery.EXACTLY_ONCE, id="exactly-once"),
 ]
-
-
-# --- preloading the state topic (also used by bench/scaling.py) -----------------------------
-
-
-def preloaded_id(tag: str, index: int) -> str:
-    """The batch id of the ``index``-th preloaded state record."""
-    return f"bpred_pre{tag}{index:07d}"
-
-
-async def preload_state(
-    bootstrap: str,
-    topic: str,
-    count: int,
-    *,
-    partitions: int = PARTITIONS,
-    tag: str = "",
-    retention_hours: float = 720.0,
-) -> list[str]:
-    """Create ``topic`` (``partitions``, compact+delete) and write ``count`` forwarded batches'
-    states to it, keyed by batch id and partitioned with murmur2 (as the jobs are); return the ids.
-
-    Written with ``create_batch``/``send_batch`` per partition: 300,000 records take seconds.
-    """
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        config = {
-            "cleanup.policy": "compact,delete",
-            "retention.ms": str(int(retention_hours * 3_600_000)),
-        }
-        response = await admin.create_topics(
-            [NewTopic(topic, num_partitions=partitions, replication_factor=1, topic_configs=config)]
-        )
-        for name, code, *_ in response.topic_errors:
-            assert code == 0, f"creating {name}: error {code}"
-    finally:
-        await admin.close()
-    now = utcnow()
-    producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap, acks="all", max_batch_size=512 * 1024, linger_ms=0
-    )
-    await producer.start()
-    ids = [preloaded_id(tag, i) for i in range(count)]
-    try:
-        pending: list[asyncio.Future[Any]] = []
-        batches: dict[int, Any] = {}
-        for batch_id in ids:
-            key = batch_id.encode()
-            value = BatchState(
-                batch_id=batch_id,
-                status=Status.FORWARDED,
-                lines={"succeeded": 100},
-                expected_lines=100,
-                attempts=1,
-                batch_status="completed",
-                source="webhook",
-                event_id=f"evt_{batch_id}",
-                delivery="at-least-once",
-                started_at=now,
-                finished_at=now,
-                terminal_at=now,
-            ).encode()
-            partition = partition_for(key, partitions)
-            batch = batches.get(partition)
-            if batch is None:
-                batch = batches[partition] = producer.create_batch()
-            if batch.append(key=key, value=value, timestamp=None) is None:
-                pending.append(await producer.send_batch(batch, topic, partition=partition))
-                batch = batches[partition] = producer.create_batch()
-                batch.append(key=key, value=value, timestamp=None)
-            if len(pending) >= 32:  # bound what is buffered: await the oldest sends
-                await asyncio.gather(*pending)
-                pending.clear()
-        for partition, batch in batches.items():
-            if batch.record_count():
-                pending.append(await producer.send_batch(batch, topic, partition=partition))
-        await asyncio.gather(*pending)
-    finally:
-        await producer.stop()
-    return ids
 
 
 # --- helpers ---------------------------------------------------------------------------------

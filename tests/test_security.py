@@ -24,9 +24,9 @@ from pydantic import SecretStr
 
 from forwarder.config import Settings
 from tests.conftest import settings_for
-from tests.fake_datagrid import FakeDatagrid
-from tests.kafka_helpers import read_topic
-from tests.service_helpers import Forwarder, event_body, run_forwarder, wait_until
+from tests.support.fake_datagrid import FakeDatagrid
+from tests.support.kafka_helpers import read_topic
+from tests.support.service_helpers import Forwarder, event_body, run_forwarder, wait_until
 
 MARKER = "LEAKCHECK"
 SECRETS = {

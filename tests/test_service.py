@@ -19,9 +19,9 @@ from pydantic import SecretStr
 
 from forwarder.config import Settings
 from tests.conftest import REPO
-from tests.fake_datagrid import FakeDatagrid
-from tests.kafka_helpers import read_topic
-from tests.service_helpers import (
+from tests.support.fake_datagrid import FakeDatagrid
+from tests.support.kafka_helpers import read_topic
+from tests.support.service_helpers import (
     WEBHOOK_SECRET,
     Forwarder,
     event_body,

@@ -16,8 +16,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from forwarder.config import Settings
 from forwarder.kafka import partition_for
-from tests.fake_datagrid import FakeDatagrid
-from tests.service_helpers import Forwarder, forwarder_env, run_forwarder, wait_until
+from tests.support.fake_datagrid import FakeDatagrid
+from tests.support.service_helpers import Forwarder, forwarder_env, run_forwarder, wait_until
 
 
 def _create_topic(bootstrap: str, name: str, partitions: int) -> None:

@@ -30,7 +30,6 @@ from forwarder.jobs import Job, parse_job
 from forwarder.kafka import murmur2, py_murmur2
 from forwarder.observability import Redactor
 from forwarder.webhooks import sign, verify_signature
-from forwarder.worker import PartitionOffsets
 
 # Kafka's own test vectors (UtilsTest.testMurmur2), as signed Java ints.
 JAVA_MURMUR2 = {
@@ -48,21 +47,6 @@ def test_murmur2_matches_javas_test_vectors(impl: object) -> None:
     """Both murmur2 implementations give Java's values on Kafka's own test vectors."""
     for data, java in JAVA_MURMUR2.items():
         assert impl(data) == java & 0xFFFFFFFF, data  # type: ignore[operator]
-
-
-def test_commit_offset_is_the_oldest_unfinished_job() -> None:
-    """A partition commits only past jobs that are all finished, whatever order they end in."""
-    offsets = PartitionOffsets()
-    for offset in (5, 6, 7):
-        offsets.add(offset)
-    assert offsets.finish(7) is None  # 5 and 6 still run: nothing may be committed
-    assert offsets.finish(5) == 6
-    assert offsets.finish(5) is None  # finishing twice moves nothing
-    assert offsets.finish(6) == 8  # 6 and the already finished 7
-    assert offsets.pending == {}
-    offsets.add(8)
-    assert offsets.finish(99) is None  # an unknown offset is not a licence to commit
-    assert offsets.finish(8) == 9
 
 
 @pytest.mark.parametrize(
@@ -291,41 +275,6 @@ async def test_rate_limiter_keeps_to_the_window_and_to_the_servers_word() -> Non
     off = RateLimiter(0, waits.append)  # 0: no client-side limit, still the server's word
     for _ in range(500):
         await off.acquire("results")
-
-
-def test_state_store_forgets_only_finished_batches_past_the_retention() -> None:
-    """Retention drops forwarded and failed states written before it; waiting and forwarding ones
-    are kept whatever their age (the age is the record's, as the broker's retention.ms counts)."""
-    import time
-
-    from aiokafka import ConsumerRecord
-
-    from forwarder.observability import Metrics
-    from forwarder.state import BatchState, Status
-    from forwarder.store import StateStore, _apply
-
-    store = StateStore(_settings(state_retention_hours=24), Metrics(process=False))
-    store._partition_count, store._states = 1, {0: {}}  # as own([0]) leaves it, without a broker
-    now_ms = int(time.time() * 1000)
-    old, recent = now_ms - 25 * 3_600_000, now_ms - 3_600_000
-    cases = [
-        ("old_done", Status.FORWARDED, old),
-        ("old_failed", Status.FAILED, old),
-        ("old_waiting", Status.WAITING, old),
-        ("old_forwarding", Status.FORWARDING, old),
-        ("recent_done", Status.FORWARDED, recent),
-    ]
-    for offset, (batch_id, status, written) in enumerate(cases):
-        value = BatchState(batch_id=batch_id, status=status).encode()
-        record = ConsumerRecord(
-            "state", 0, offset, written, 0, batch_id.encode(), value, None, 0, len(value), ()
-        )
-        _apply(store._states[0], record)
-    store.put(BatchState(batch_id="just_written", status=Status.FORWARDED))
-    assert store.prune() == 2
-    kept = {b for b in store._states[0] if store.get(b) is not None}
-    assert kept == {"old_waiting", "old_forwarding", "recent_done", "just_written"}
-    assert [s.batch_id for s in store.waiting()] == ["old_waiting"]
 
 
 class _Producer:

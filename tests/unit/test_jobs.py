@@ -37,18 +37,3 @@ def test_jobs_and_bare_ids_parse() -> None:
     assert parse_job(job.encode()) == job
     assert parse_job(b"bpred_2") == Job(batch_id="bpred_2")
     assert parse_job(b'"bpred_3"') == Job(batch_id="bpred_3")
-
-
-def test_a_transaction_commits_no_further_than_the_oldest_running_job() -> None:
-    """peek(): the offset a finishing job may commit in its transaction, never past an older job
-    still running (a crash must redo that one)."""
-    from forwarder.worker import PartitionOffsets
-
-    offsets = PartitionOffsets()
-    for offset in (5, 6, 7):
-        offsets.add(offset)
-    assert offsets.peek(6) is None  # 5 still runs
-    assert offsets.peek(5) == 6
-    assert offsets.finish(7) is None and offsets.peek(5) == 6
-    assert offsets.finish(6) is None and offsets.peek(5) == 8  # 6 and 7 are done
-    assert offsets.finish(5) == 8 and offsets.peek(5) is None

@@ -1,6 +1,7 @@
 """A real HTTP server that answers like a broken or hostile Datagrid: raw bytes on a real socket.
 
-The fake Datagrid (``tests/fake_datagrid.py``) is a well-behaved API with injected faults; this one
+The fake Datagrid (``tests/support/fake_datagrid.py``) is a well-behaved API with injected faults;
+this one
 sends whatever a test scripts, framing included: close-delimited bodies cut mid-line, HTML pages,
 bodies that never end, compressed bombs, oversized metadata.  It runs on its own event loop in a
 thread, listening on 127.0.0.1, and logs every request it receives.

@@ -2,7 +2,7 @@
 
 Run it as a subprocess from the repository root::
 
-    python -m tests.fake_datagrid --host 127.0.0.1 --port 0 --api-key KEY [--port-file PATH]
+    python -m tests.support.fake_datagrid --host 127.0.0.1 --port 0 --api-key KEY [--port-file PATH]
 
 ``--port 0`` picks a free port; the port is printed (``fake-datagrid listening on
 http://HOST:PORT/v1``) and, with ``--port-file``, written to PATH (atomically, only once the
@@ -1106,9 +1106,9 @@ async def serve(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command-line entry point (``python -m tests.fake_datagrid``)."""
+    """Command-line entry point (``python -m tests.support.fake_datagrid``)."""
     parser = argparse.ArgumentParser(
-        prog="python -m tests.fake_datagrid",
+        prog="python -m tests.support.fake_datagrid",
         description="Fake Datagrid batch-predictions API for tests and demos.",
         epilog=CONTROL_API_DOC,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -1145,7 +1145,7 @@ def main(argv: list[str] | None = None) -> None:
 
 # --------------------------------------------------------------------------- test client
 
-_REPO_ROOT = Path(__file__).resolve().parent.parent
+_REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class FakeDatagrid:
@@ -1253,7 +1253,7 @@ def start_fake_datagrid(
     """
     tmpdir = tempfile.mkdtemp(prefix="fake-datagrid-")
     port_file = Path(tmpdir) / "port"
-    command = [sys.executable, "-m", "tests.fake_datagrid", "--host", host, "--port", "0"]
+    command = [sys.executable, "-m", "tests.support.fake_datagrid", "--host", host, "--port", "0"]
     command += ["--api-key", api_key, "--port-file", str(port_file)]
     if rate_limit is not None:
         command += ["--rate-limit", str(rate_limit), "--rate-window", str(rate_window)]

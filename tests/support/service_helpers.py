@@ -18,7 +18,7 @@ from pydantic import SecretStr
 from forwarder.config import Settings, env_name
 from forwarder.webhooks import sign
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 WEBHOOK_SECRET = "whsec_test_fake_secret_123"
 API_TOKEN = "api-token-1"
 
