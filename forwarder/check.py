@@ -34,18 +34,19 @@ from aiokafka.errors import for_code
 
 from forwarder.config import Delivery, Settings, load_settings
 from forwarder.datagrid import DatagridClient
-from forwarder.errors import ConfigError, ForwarderError
+from forwarder.errors import Backoff, ConfigError, ForwarderError, Retry
 from forwarder.kafka import (
-    DEFAULT_MAX_MESSAGE_BYTES,
     RECORD_OVERHEAD_BYTES,
     TopicLimits,
     connection_options,
+    kafka_errors,
     make_job_writer,
     make_producer,
-    topic_specs,
     translate,
 )
 from forwarder.observability import Metrics, Redactor, configure_logging
+from forwarder.retry import Policy, retry
+from forwarder.topics import DEFAULT_MAX_MESSAGE_BYTES, topic_specs
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 DEFAULT_TIMEOUT = 10.0
@@ -338,21 +339,28 @@ def line_topic_sizes(settings: Settings, configs: dict[str, dict[str, str]]) -> 
 TOPIC_CONFIG_RULES: list[TopicConfigRule] = [state_topic_cleanup, line_topic_sizes]
 
 
+#: Asked again while the cluster makes its offsets topic (bounded by the probe's own timeout).
+_COORDINATOR = Policy(
+    "coordinator_unavailable",
+    Backoff(base=0.25, cap=0.25, jitter=0.0),
+    retry_on=frozenset({Retry.BACKOFF}),
+    quiet=True,
+)
+
+
 async def group_acl(probe: Probe) -> list[Result]:
     """The consumer group may be described (its coordinator found): Kafka grants that with Read."""
     assert probe.admin is not None
     group = probe.settings.consumer_group
     admin = probe.admin
 
+    async def coordinator() -> int:
+        with kafka_errors(f"finding group {group}'s coordinator"):
+            return int(await admin.find_coordinator(group))
+
     async def find() -> int:
-        while True:
-            try:
-                return int(await admin.find_coordinator(group))
-            except AIOKafkaError as exc:
-                # A new cluster makes its offsets topic on the first ask: retriable, not a refusal.
-                if not exc.retriable:
-                    raise
-                await asyncio.sleep(0.25)
+        # A new cluster makes its offsets topic on the first ask: retriable, not a refusal.
+        return await retry(coordinator, _COORDINATOR)
 
     check = f"acl group {group}"
     try:

@@ -14,10 +14,11 @@ import httpx
 from forwarder.config import Settings
 from forwarder.datagrid import DatagridClient
 from forwarder.health import Health
-from forwarder.kafka import TopicLimits, prepare_topics
+from forwarder.kafka import TopicLimits
 from forwarder.observability import Metrics
 from forwarder.pipeline import Pipeline
 from forwarder.producers import SharedProducer
+from forwarder.topics import prepare_topics
 
 
 @dataclass(frozen=True)

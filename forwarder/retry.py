@@ -48,6 +48,8 @@ class Policy:
     #: Transient failures allowed before the last one is raised; None: no bound (until cancelled).
     attempts: int | None = None
     retry_on: frozenset[Retry] = TRANSIENT_OR_CONFIG
+    #: Transient failures are expected (metadata still spreading): logged at debug, not warning.
+    quiet: bool = False
 
 
 #: Where a configuration problem shows in :class:`Health`: a component, or the error's component.
@@ -92,7 +94,7 @@ async def retry(
             if config and health is not None and where is not None:
                 health.fail(where, str(exc))
                 failed_in.add(where)
-            emit = logger.error if config else logger.warning
+            emit = logger.error if config else logger.debug if policy.quiet else logger.warning
             emit(
                 policy.event,
                 error=str(exc),
@@ -104,7 +106,7 @@ async def retry(
             )
             await asyncio.sleep(delay)
             continue
-        if failures:
+        if failures and not (policy.quiet and not failed_in):
             logger.info("retry_recovered", after=policy.event, failures=failures)
             for where in failed_in:
                 assert health is not None  # only ever added with a health

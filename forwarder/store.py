@@ -24,11 +24,12 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from forwarder.config import Settings
 from forwarder.errors import KAFKA_BACKOFF, ConfigError, KafkaError
 from forwarder.health import Health
-from forwarder.kafka import kafka_errors, make_reader, topic_partitions
+from forwarder.kafka import kafka_errors, make_reader
 from forwarder.observability import Metrics
 from forwarder.retry import Policy, retry
 from forwarder.state import BatchState
 from forwarder.statemap import StateMap, decode_state
+from forwarder.topics import topic_partitions
 
 log = structlog.get_logger("forwarder.store")
 

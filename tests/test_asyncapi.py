@@ -17,9 +17,9 @@ from aiokafka import TopicPartition
 
 from forwarder.config import Settings
 from forwarder.jobs import Job
-from forwarder.kafka import topic_specs
 from forwarder.observability import LINE_STATUSES
 from forwarder.state import BatchState
+from forwarder.topics import topic_specs
 from tests.asyncapi_records import (
     Contract,
     RawRecord,

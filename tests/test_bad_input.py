@@ -30,9 +30,9 @@ from forwarder.api import PROBLEM_BASE
 from forwarder.config import Settings
 from forwarder.core import open_core
 from forwarder.errors import SignatureError
-from forwarder.kafka import topic_partitions
 from forwarder.ndjson import LineHead, Oversized, classify
 from forwarder.observability import Metrics
+from forwarder.topics import topic_partitions
 from forwarder.webhooks import sign, verify_signature
 from tests.conftest import API_KEY, REPO, settings_for
 from tests.support.fake_datagrid import FakeDatagrid

@@ -11,10 +11,11 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from forwarder.config import Delivery, Settings
 from forwarder.core import open_core
-from forwarder.kafka import make_producer, topic_partitions
+from forwarder.kafka import make_producer
 from forwarder.observability import Metrics
 from forwarder.pipeline import Transaction
 from forwarder.state import BatchState
+from forwarder.topics import topic_partitions
 from tests.support.fake_datagrid import FakeDatagrid, generate_lines
 from tests.support.kafka_helpers import read_topic
 from tests.support.service_helpers import Forwarder, wait_until

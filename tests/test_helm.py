@@ -32,9 +32,9 @@ from pydantic import SecretStr
 from forwarder.app import Services, create_app
 from forwarder.cli import build_parser
 from forwarder.config import Settings, describe_variables, env_name, load_settings
-from forwarder.kafka import min_insync_replicas, topic_specs
 from forwarder.observability import Metrics
 from forwarder.server import create_management_app
+from forwarder.topics import min_insync_replicas, topic_specs
 from tests.deploy_helpers import REPO, run, setting_variables, settings_default, tool
 
 CHART = REPO / "helm" / "forwarder"

@@ -18,7 +18,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from structlog.testing import capture_logs
 
 from forwarder.config import Settings
-from forwarder.kafka import min_insync_replicas, prepare_topics, topic_specs
+from forwarder.topics import min_insync_replicas, prepare_topics, topic_specs
 from tests.conftest import API_KEY, REPO, rig, settings_for
 from tests.support.fake_datagrid import FakeDatagrid
 from tests.support.kafka_helpers import read_topic

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from forwarder.kafka import topic_partitions
+from forwarder.topics import topic_partitions
 
 
 @dataclass(frozen=True)

@@ -24,10 +24,8 @@ from forwarder.kafka import (
     make_admin,
     make_job_writer,
     make_producer,
-    min_insync_replicas,
-    topic_config_warnings,
-    topic_specs,
 )
+from forwarder.topics import min_insync_replicas, topic_config_warnings, topic_specs
 
 #: What the kubelet injects for a Service `forwarder` (ClusterIP 10.96.0.12, port 8080 named
 #: http) and one named `forwarder-metrics` (port 9090), as seen in a pod of the same namespace.
