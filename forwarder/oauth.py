@@ -310,8 +310,8 @@ class _RefusalCheck(OAuthAuthenticator):  # type: ignore[misc]  # aiokafka is un
             answer = payload.decode("utf-8", "replace")[:100]
             raise TokenRefused(
                 f"Kafka refused the OAUTHBEARER token ({answer}): {describe_token(self._token)}; "
-                "the brokers check its signature against their JWKS, its issuer, audience and "
-                "expiry, and their log says which failed"
+                "the brokers check its signature (JWKS), issuer, audience and expiry; their "
+                "log says which failed"
             )
         return None
 
