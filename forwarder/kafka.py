@@ -195,16 +195,16 @@ def connection_options(settings: Settings) -> dict[str, Any]:
             certfile=settings.kafka_ssl_certfile,
             keyfile=settings.kafka_ssl_keyfile,
         )
-    if settings.kafka_sasl_mechanism in ("OAUTHBEARER", "AWS_MSK_IAM"):
-        if settings.kafka_security_protocol.startswith("SASL"):
+    if settings.kafka_security_protocol.startswith("SASL"):
+        if settings.kafka_sasl_mechanism in ("OAUTHBEARER", "AWS_MSK_IAM"):
             # MSK's IAM login is OAUTHBEARER with a token AWS's signer makes.
             options["sasl_mechanism"] = "OAUTHBEARER"
             options["sasl_oauth_token_provider"] = token_provider(settings)
-    elif settings.kafka_security_protocol.startswith("SASL"):
-        options["sasl_mechanism"] = settings.kafka_sasl_mechanism
-        options["sasl_plain_username"] = settings.kafka_sasl_username
-        assert settings.kafka_sasl_password is not None  # checked by Settings
-        options["sasl_plain_password"] = settings.kafka_sasl_password.get_secret_value()
+        else:
+            options["sasl_mechanism"] = settings.kafka_sasl_mechanism
+            options["sasl_plain_username"] = settings.kafka_sasl_username
+            assert settings.kafka_sasl_password is not None  # checked by Settings
+            options["sasl_plain_password"] = settings.kafka_sasl_password.get_secret_value()
     return options
 
 

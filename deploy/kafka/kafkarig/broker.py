@@ -104,6 +104,8 @@ class Broker:
             )
         oauth = None
         if oauth_jwks_url is not None:
+            if not oauth_issuer:  # Kafka 4.x's BrokerJwtValidator does not start without one
+                raise BrokerError("an OAuth listener needs oauth_issuer (the tokens' iss)")
             oauth = OAuthListener(oauth_port, oauth_jwks_url, oauth_issuer, oauth_audience)
         return cls(port, data_dir, controller_port, extra_properties, jvm_opts, security, oauth)
 
