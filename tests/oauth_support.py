@@ -47,9 +47,15 @@ class TokenPolicy:
 class TokenEndpoint:
     """The token and JWKS endpoints, with the tokens issued and requests seen, for assertions."""
 
-    def __init__(self, clients: dict[str, str], audience: str = "kafka") -> None:
+    def __init__(
+        self,
+        clients: dict[str, str],
+        audience: str = "kafka",
+        key: rsa.RSAPrivateKey | None = None,
+    ) -> None:
         self.policy = TokenPolicy(audience=audience, clients=dict(clients))
-        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        # ``key``: another endpoint's, to stand in for it (the same identity provider, restarted).
+        self.key = key or rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.forger = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.issued: list[dict[str, Any]] = []
         self.requests: list[dict[str, str]] = []
@@ -95,8 +101,9 @@ class TokenEndpoint:
             self.issued.append(claims)
         return token, policy.lifetime
 
-    def start(self) -> TokenEndpoint:
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+    def start(self, port: int = 0) -> TokenEndpoint:
+        """Serve on ``port`` (0: a free one) in a thread."""
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), _handler(self))
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self

@@ -34,7 +34,7 @@ from forwarder.oauth import REFRESH_AT, ClientCredentials, MskIam, token_provide
 from tests.fake_datagrid import FakeDatagrid
 from tests.kafka_helpers import read_topic
 from tests.oauth_support import ISSUER, TokenEndpoint, TokenPolicy, token_endpoint
-from tests.service_helpers import forwarder_env, run_forwarder
+from tests.service_helpers import Forwarder, forwarder_env, run_forwarder, wait_until
 
 MakeSettings = Callable[..., Settings]
 SECRET = "forwarder-client-secret"
@@ -191,6 +191,34 @@ def test_a_token_endpoint_that_is_down_is_a_named_retriable_error(
     message = str(raised.value)
     assert f"FORWARDER_KAFKA_OAUTH_TOKEN_URL={down} is unreachable" in message, message
     assert "ConnectError" in message, message
+
+
+def test_serve_waits_out_a_token_endpoint_that_is_down_then_gets_ready(
+    make_settings: MakeSettings,
+    oauth_broker: rig.Broker,
+    idp: TokenEndpoint,
+    client_id: str,
+    tmp_path: Path,
+) -> None:
+    """`forwarder serve` started while the token endpoint is down logs startup_retry naming it and
+    is not ready; once the endpoint answers (the same keys, on the same URL) it gets ready."""
+    port = rig.free_port()
+    url = f"http://127.0.0.1:{port}/token"
+    settings = make_settings(**oauth_login(oauth_broker, idp, client_id, kafka_oauth_token_url=url))
+    fwd = Forwarder(settings, tmp_path).start()
+    late: TokenEndpoint | None = None
+    try:
+        wait_until(lambda: fwd.events("startup_retry"), 60, "startup_retry")
+        retry = fwd.events("startup_retry")[0]
+        assert f"FORWARDER_KAFKA_OAUTH_TOKEN_URL={url} is unreachable" in retry["error"], retry
+        assert not fwd.ready()
+        late = TokenEndpoint({client_id: SECRET}, key=idp.key).start(port)
+        fwd.wait_ready(90)
+        assert [c["sub"] for c in late.issued] == [client_id]
+    finally:
+        fwd.stop()
+        if late is not None:
+            late.stop()
 
 
 def test_a_wrong_client_secret_is_a_config_error_naming_the_client_settings(
