@@ -280,11 +280,13 @@ def describe_token(token: str, now: float | None = None) -> str:
     if not isinstance(claims, dict):
         return "the token is not a JWT"
     now = time.time() if now is None else now
-    said = [f"issuer {claims.get('iss')!r}", f"audience {claims.get('aud')!r}"]
+    said = []
     exp = claims.get("exp")
     if isinstance(exp, int | float):
         left = round(exp - now)
         said.append(f"expired {-left} s ago" if left <= 0 else f"expires in {left} s")
+    # Shortest first: the whole message is cut at a few hundred characters in a log line.
+    said += [f"audience {claims.get('aud')!r}", f"issuer {claims.get('iss')!r}"]
     return ", ".join(said)
 
 
