@@ -95,8 +95,8 @@ class Settings(BaseSettings):
         Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER", "AWS_MSK_IAM"] | None
     ) = None
     """SASL mechanism when the protocol is SASL_*: `PLAIN` and `SCRAM-*` log in with a user name
-    and password, `OAUTHBEARER` with a token from an OIDC token endpoint (client credentials),
-    `AWS_MSK_IAM` with AWS credentials (needs `SASL_SSL` and `AWS_REGION`)."""
+    and password, `OAUTHBEARER` with a token from an OIDC token endpoint (client id and secret),
+    `AWS_MSK_IAM` with the pod's AWS role or keys (needs `SASL_SSL` and `AWS_REGION`)."""
 
     kafka_sasl_username: str | None = None
     """SASL user name."""
@@ -105,7 +105,8 @@ class Settings(BaseSettings):
     """SASL password."""
 
     kafka_oauth_token_url: str | None = None
-    """OAUTHBEARER: the OIDC token endpoint the client credentials are exchanged at."""
+    """OAUTHBEARER: the OIDC token endpoint, where the client id and secret are exchanged for a
+    token."""
 
     kafka_oauth_client_id: str | None = None
     """OAUTHBEARER: client id at the token endpoint."""
