@@ -96,14 +96,37 @@ class Settings(BaseSettings):
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     """Kafka security protocol."""
 
-    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
-    """SASL mechanism when the protocol is SASL_*."""
+    kafka_sasl_mechanism: (
+        Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER", "AWS_MSK_IAM"] | None
+    ) = None
+    """SASL mechanism when the protocol is SASL_*: `PLAIN` and `SCRAM-*` log in with a user name
+    and password, `OAUTHBEARER` with a token from an OIDC token endpoint (client id and secret),
+    `AWS_MSK_IAM` with the pod's AWS role or keys (needs `SASL_SSL` and `AWS_REGION`)."""
 
     kafka_sasl_username: str | None = None
     """SASL user name."""
 
     kafka_sasl_password: SecretStr | None = None
     """SASL password."""
+
+    kafka_oauth_token_url: str | None = None
+    """OAUTHBEARER: the OIDC token endpoint, where the client id and secret are exchanged for a
+    token."""
+
+    kafka_oauth_client_id: str | None = None
+    """OAUTHBEARER: client id at the token endpoint."""
+
+    kafka_oauth_client_secret: SecretStr | None = None
+    """OAUTHBEARER: client secret at the token endpoint."""
+
+    kafka_oauth_scope: str | None = None
+    """OAUTHBEARER: scope to ask the token endpoint for (space-separated), if it wants one."""
+
+    # Named as the variable (see env_name): AWS's own, read by every AWS SDK, not FORWARDER_*.
+    AWS_REGION: str | None = Field(
+        default=None, validation_alias=AliasChoices("AWS_REGION", "AWS_DEFAULT_REGION")
+    )
+    """AWS_MSK_IAM: the cluster's AWS region (`AWS_DEFAULT_REGION` also accepted)."""
 
     kafka_ssl_cafile: str | None = None
     """CA bundle (PEM) that signed the brokers' certificates."""
@@ -301,6 +324,13 @@ class Settings(BaseSettings):
             raise ValueError("must be an http(s) URL")
         return value.rstrip("/")
 
+    @field_validator("kafka_oauth_token_url")
+    @classmethod
+    def _token_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/\s]+\S*\Z", value):
+            raise ValueError("must be an http(s) URL")
+        return value
+
     @field_validator("kafka_bootstrap_servers")
     @classmethod
     def _bootstrap(cls, value: str) -> str:
@@ -310,7 +340,12 @@ class Settings(BaseSettings):
         return value
 
     @field_validator(
-        "datagrid_api_key", "webhook_secrets", "api_tokens", "kafka_sasl_password", mode="before"
+        "datagrid_api_key",
+        "webhook_secrets",
+        "api_tokens",
+        "kafka_sasl_password",
+        "kafka_oauth_client_secret",
+        mode="before",
     )
     @classmethod
     def _secret(cls, value: object) -> object:
@@ -388,17 +423,52 @@ class Settings(BaseSettings):
     def secret_values(self) -> list[str]:
         """Every configured secret, for scrubbing error details."""
         secrets = [*self.webhook_secrets, *self.api_tokens]
-        secrets += [s for s in (self.datagrid_api_key, self.kafka_sasl_password) if s is not None]
+        secrets += [
+            s
+            for s in (
+                self.datagrid_api_key,
+                self.kafka_sasl_password,
+                self.kafka_oauth_client_secret,
+            )
+            if s is not None
+        ]
         return [s.get_secret_value() for s in secrets if s.get_secret_value()]
 
     @model_validator(mode="after")
     def _sasl(self) -> Settings:
-        if self.kafka_security_protocol.startswith("SASL") and not (
-            self.kafka_sasl_mechanism and self.kafka_sasl_username and self.kafka_sasl_password
-        ):
+        """Each SASL mechanism has the settings it logs in with (and only MSK IAM needs TLS)."""
+        if not self.kafka_security_protocol.startswith("SASL"):
+            return self
+        mechanism = self.kafka_sasl_mechanism
+        if mechanism is None:
             raise ValueError(
-                "FORWARDER_KAFKA_SECURITY_PROTOCOL is SASL_*: set FORWARDER_KAFKA_SASL_MECHANISM, "
-                "FORWARDER_KAFKA_SASL_USERNAME and FORWARDER_KAFKA_SASL_PASSWORD"
+                "FORWARDER_KAFKA_SECURITY_PROTOCOL is SASL_*: set FORWARDER_KAFKA_SASL_MECHANISM"
+            )
+        needed: dict[str, object]
+        if mechanism == "OAUTHBEARER":
+            needed = {
+                "FORWARDER_KAFKA_OAUTH_TOKEN_URL": self.kafka_oauth_token_url,
+                "FORWARDER_KAFKA_OAUTH_CLIENT_ID": self.kafka_oauth_client_id,
+                "FORWARDER_KAFKA_OAUTH_CLIENT_SECRET": self.kafka_oauth_client_secret,
+            }
+        elif mechanism == "AWS_MSK_IAM":
+            needed = {"AWS_REGION (or AWS_DEFAULT_REGION)": self.AWS_REGION}
+        else:
+            needed = {
+                "FORWARDER_KAFKA_SASL_USERNAME": self.kafka_sasl_username,
+                "FORWARDER_KAFKA_SASL_PASSWORD": self.kafka_sasl_password,
+            }
+        missing = [name for name, value in needed.items() if not value]
+        if missing:
+            raise ValueError(
+                f"FORWARDER_KAFKA_SASL_MECHANISM is {mechanism}: set {' and '.join(missing)}"
+            )
+        # MSK's IAM listener (port 9098) is TLS only; a signed token in the clear is a replayable
+        # credential for its lifetime.
+        if mechanism == "AWS_MSK_IAM" and self.kafka_security_protocol != "SASL_SSL":
+            raise ValueError(
+                "FORWARDER_KAFKA_SASL_MECHANISM is AWS_MSK_IAM: set "
+                "FORWARDER_KAFKA_SECURITY_PROTOCOL=SASL_SSL (MSK takes IAM logins over TLS only)"
             )
         return self
 

@@ -54,6 +54,7 @@ from forwarder.errors import (
     Retry,
     TopicMissing,
 )
+from forwarder.oauth import token_provider
 
 _c_murmur2: Callable[[bytes, int], int] | None
 try:  # Kafka's murmur2 in C: the same function, about ten times faster than the one below.
@@ -95,6 +96,11 @@ class _RecentKafkaLog(logging.Handler):
 
 
 _LOGIN_PROBLEMS = [
+    (  # raised by forwarder.oauth; first, since it is a SaslAuthenticationFailed too
+        ("refused the OAUTHBEARER token",),
+        "Kafka refused the login token: check FORWARDER_KAFKA_OAUTH_TOKEN_URL, "
+        "FORWARDER_KAFKA_OAUTH_SCOPE and the issuer and audience the brokers expect",
+    ),
     (
         ("SaslAuthenticationFailed", "Authentication failed", "SASL authentication"),
         "Kafka refused the login: check FORWARDER_KAFKA_SASL_USERNAME, "
@@ -245,10 +251,15 @@ def connection_options(settings: Settings) -> dict[str, Any]:
             keyfile=settings.kafka_ssl_keyfile,
         )
     if settings.kafka_security_protocol.startswith("SASL"):
-        options["sasl_mechanism"] = settings.kafka_sasl_mechanism
-        options["sasl_plain_username"] = settings.kafka_sasl_username
-        assert settings.kafka_sasl_password is not None  # checked by Settings
-        options["sasl_plain_password"] = settings.kafka_sasl_password.get_secret_value()
+        if settings.kafka_sasl_mechanism in ("OAUTHBEARER", "AWS_MSK_IAM"):
+            # MSK's IAM login is OAUTHBEARER with a token AWS's signer makes.
+            options["sasl_mechanism"] = "OAUTHBEARER"
+            options["sasl_oauth_token_provider"] = token_provider(settings)
+        else:
+            options["sasl_mechanism"] = settings.kafka_sasl_mechanism
+            options["sasl_plain_username"] = settings.kafka_sasl_username
+            assert settings.kafka_sasl_password is not None  # checked by Settings
+            options["sasl_plain_password"] = settings.kafka_sasl_password.get_secret_value()
     return options
 
 

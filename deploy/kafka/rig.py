@@ -26,6 +26,9 @@ Python API (for tests that need a private broker to stop, kill or freeze mid-tes
     secured = Broker.on_free_ports(tmp_path / "kafka", secured=True)  # SASL_SSL + mTLS, ACLs on
     secured.sasl_ssl_bootstrap, secured.ssl_bootstrap, secured.security.tls.ca_cert
 
+    oauth = Broker.on_free_ports(tmp_path / "kafka", oauth_jwks_url=jwks, oauth_issuer=iss)
+    oauth.oauth_bootstrap              # SASL_PLAINTEXT, OAUTHBEARER JWTs checked against the JWKS
+
 Layout: ``$KAFKA_RIG_CACHE`` (default ``<repo>/.cache/kafka``) holds ``jars/`` and the default data
 dirs ``data-<port>/``. A data dir holds ``server.properties``, ``kraft/`` (the Kafka log dirs),
 ``logs/server.log`` (log4j), ``broker.out`` (JVM stdout/stderr), ``broker.pid``, ``rig.json`` and,
@@ -57,6 +60,7 @@ from kafkarig.layout import (  # noqa: E402
     kafka_version,
 )
 from kafkarig.net import HOST, free_port, free_ports  # noqa: E402
+from kafkarig.oauth import BROKER_JWT_VALIDATOR, OAuthListener  # noqa: E402
 from kafkarig.properties import NODE_ID  # noqa: E402
 from kafkarig.protocol import probe_metadata  # noqa: E402
 from kafkarig.security import ADMIN_USER, DEFAULT_USERS, SCRAM_MECHANISM, Security  # noqa: E402
@@ -64,6 +68,7 @@ from kafkarig.tls import TlsFiles, make_ca, make_client_cert, make_pki  # noqa: 
 
 __all__ = [
     "ADMIN_USER",
+    "BROKER_JWT_VALIDATOR",
     "DEFAULT_PORT",
     "DEFAULT_USERS",
     "HOST",
@@ -77,6 +82,7 @@ __all__ = [
     "AclError",
     "Broker",
     "BrokerError",
+    "OAuthListener",
     "Security",
     "TlsFiles",
     "cache_dir",

@@ -8,6 +8,7 @@
 - ``tls``: test certificates (a CA, the broker's keystore, client certificates) made with openssl.
 - ``security``: the opt-in secured listeners (SASL_SSL with SCRAM-SHA-512, SSL with client
   certificates) and ACLs on.
+- ``oauth``: the opt-in OAUTHBEARER listener (JWTs checked against a JWKS).
 - ``broker``: one broker process: format, start, wait until ready, stop, kill, pause.
 - ``cli``: ``rig.py fetch | start | status | stop``.
 

@@ -20,6 +20,7 @@ from kafkarig.acls import Acl, create_acls
 from kafkarig.jars import fetch
 from kafkarig.layout import LOG4J_CONFIG, cache_dir, jars_dir, log
 from kafkarig.net import HOST, free_ports, port_in_use
+from kafkarig.oauth import OAuthListener
 from kafkarig.properties import NODE_ID, server_properties
 from kafkarig.protocol import probe_metadata
 from kafkarig.security import Security
@@ -61,9 +62,11 @@ class Broker:
         extra_properties: dict[str, str] | None = None,
         jvm_opts: list[str] | None = None,
         security: Security | None = None,
+        oauth: OAuthListener | None = None,
     ) -> None:
         self.port = port
         self.security = security
+        self.oauth = oauth
         self.controller_port = controller_port if controller_port is not None else port + 1
         if data_dir is None:
             data_dir = cache_dir() / f"data-{port}"
@@ -81,21 +84,30 @@ class Broker:
         *,
         secured: bool = False,
         scram_users: Mapping[str, str] | None = None,
+        oauth_jwks_url: str | None = None,
+        oauth_issuer: str = "",
+        oauth_audience: str = "kafka",
     ) -> Broker:
         """A broker on free ports, for a test's private broker beside the shared one.
 
         ``secured=True`` adds the SASL_SSL and SSL listeners with ACLs on (see ``security``),
         their certificates made in ``<data_dir>/tls``, and the SCRAM users ``scram_users``
         (default: ``admin`` and ``forwarder``; each also gets a client certificate).
+        ``oauth_jwks_url`` adds the OAUTHBEARER listener (see ``oauth``), taking JWTs signed by
+        that JWKS's keys, issued by ``oauth_issuer`` for ``oauth_audience``.
         """
-        if not secured:
-            port, controller_port = free_ports(2)
-            return cls(port, data_dir, controller_port, extra_properties, jvm_opts)
-        port, controller_port, sasl_ssl_port, ssl_port = free_ports(4)
-        security = Security.create(
-            sasl_ssl_port, ssl_port, Path(data_dir).resolve() / "tls", scram_users
-        )
-        return cls(port, data_dir, controller_port, extra_properties, jvm_opts, security)
+        port, controller_port, sasl_ssl_port, ssl_port, oauth_port = free_ports(5)
+        security = None
+        if secured:
+            security = Security.create(
+                sasl_ssl_port, ssl_port, Path(data_dir).resolve() / "tls", scram_users
+            )
+        oauth = None
+        if oauth_jwks_url is not None:
+            if not oauth_issuer:  # Kafka 4.x's BrokerJwtValidator does not start without one
+                raise BrokerError("an OAuth listener needs oauth_issuer (the tokens' iss)")
+            oauth = OAuthListener(oauth_port, oauth_jwks_url, oauth_issuer, oauth_audience)
+        return cls(port, data_dir, controller_port, extra_properties, jvm_opts, security, oauth)
 
     # paths
     @property
@@ -112,6 +124,13 @@ class Broker:
     def ssl_bootstrap(self) -> str:
         """The SSL listener of a secured broker (client certificates required)."""
         return f"{HOST}:{self._secured().ssl_port}"
+
+    @property
+    def oauth_bootstrap(self) -> str:
+        """The SASL_PLAINTEXT (OAUTHBEARER) listener of a broker started with ``oauth``."""
+        if self.oauth is None:
+            raise BrokerError(f"{self!r} was not started with an OAuth listener")
+        return f"{HOST}:{self.oauth.port}"
 
     def create_acls(self, acls: list[Acl]) -> None:
         """Create ALLOW ``acls`` as the super user (through the PLAINTEXT listener)."""
@@ -156,7 +175,9 @@ class Broker:
     # configuration
     def properties(self) -> dict[str, str]:
         """server.properties: the rig's settings (``properties.py``), then ``extra_properties``."""
-        props = server_properties(self.port, self.controller_port, self.log_dirs, self.security)
+        props = server_properties(
+            self.port, self.controller_port, self.log_dirs, self.security, self.oauth
+        )
         props.update(self.extra_properties)
         return props
 
@@ -166,6 +187,8 @@ class Broker:
         ports = {"port": self.port, "controller_port": self.controller_port}
         if self.security is not None:
             ports |= self.security.ports()
+        if self.oauth is not None:
+            ports |= self.oauth.ports()
         if rig.is_file():
             recorded = json.loads(rig.read_text())
             if recorded != ports:
@@ -185,6 +208,7 @@ class Broker:
         return [
             java,
             *self.jvm_opts,
+            *(self.oauth.jvm_opts() if self.oauth is not None else []),
             f"-Dkafka.logs.dir={self.data_dir / 'logs'}",
             f"-Dlog4j2.configurationFile={LOG4J_CONFIG}",
             "-cp",
@@ -281,6 +305,8 @@ class Broker:
         ports = [self.port, self.controller_port]
         if self.security is not None:
             ports += self.security.ports().values()
+        if self.oauth is not None:
+            ports += self.oauth.ports().values()
         for port in ports:
             if port_in_use(port):
                 raise BrokerError(f"port {port} on {HOST} is already in use by another process")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kafkarig.net import HOST
+from kafkarig.oauth import OAUTH_LISTENER, OAuthListener
 from kafkarig.security import Security
 
 NODE_ID = 1
@@ -15,13 +16,19 @@ def server_properties(
     controller_port: int,
     log_dirs: Path,
     security: Security | None = None,
+    oauth: OAuthListener | None = None,
 ) -> dict[str, str]:
-    """The properties of one KRaft node; with ``security``, plus its secured listeners."""
+    """The properties of one KRaft node; with ``security``, plus its secured listeners; with
+    ``oauth``, plus its OAUTHBEARER listener."""
     listeners = {"PLAINTEXT": port}
     if security is not None:
         listeners |= {"SASL_SSL": security.sasl_ssl_port, "SSL": security.ssl_port}
+    # A listener's name is its protocol, except the OAuth one: SASL_PLAINTEXT under its own name.
+    protocol = {OAUTH_LISTENER: "SASL_PLAINTEXT"}
+    if oauth is not None:
+        listeners |= {OAUTH_LISTENER: oauth.port}
     advertised = ",".join(f"{name}://{HOST}:{p}" for name, p in listeners.items())
-    protocols = ",".join(f"{name}:{name}" for name in listeners)
+    protocols = ",".join(f"{name}:{protocol.get(name, name)}" for name in listeners)
     props = {
         "process.roles": "broker,controller",
         "node.id": str(NODE_ID),
@@ -61,4 +68,6 @@ def server_properties(
     }
     if security is not None:
         props |= security.properties()
+    if oauth is not None:
+        props |= oauth.properties()
     return props
