@@ -1435,3 +1435,41 @@ def test_kubeconform_refuses_a_misspelt_strimzi_field(tmp_path: Path) -> None:
     broken["spec"]["authorisation"] = broken["spec"].pop("authorization")
     with pytest.raises(AssertionError, match="authorisation"):
         kubeconform([broken])
+
+
+def test_oauthbearer_login_renders_without_a_sasl_password() -> None:
+    """OAUTHBEARER needs the token endpoint, client id and client secret (inline or its own
+    Secret), never a SASL user name or password; the secret reaches the pod from a Secret."""
+    login = (
+        "config.FORWARDER_KAFKA_SECURITY_PROTOCOL=SASL_SSL",
+        "config.FORWARDER_KAFKA_SASL_MECHANISM=OAUTHBEARER",
+        "config.FORWARDER_KAFKA_OAUTH_TOKEN_URL=https://idp.example/token",
+        "config.FORWARDER_KAFKA_OAUTH_CLIENT_ID=forwarder",
+    )
+    assert "kafkaOauthClientSecret" in render_fails(*login)
+    objects = render("default-values.yaml", MAX_KUBE, (*login, "secrets.kafkaOauthClientSecret=s3"))
+    _, container = workload(objects)
+    env = {e["name"]: e for e in container["env"]}
+    assert "FORWARDER_KAFKA_SASL_PASSWORD" not in env
+    ref = env["FORWARDER_KAFKA_OAUTH_CLIENT_SECRET"]["valueFrom"]["secretKeyRef"]
+    secret = only(objects, "Secret")
+    assert ref == {"name": secret["metadata"]["name"], "key": "FORWARDER_KAFKA_OAUTH_CLIENT_SECRET"}
+    assert "FORWARDER_KAFKA_OAUTH_CLIENT_SECRET" not in configmap_data(objects)
+    assert "FORWARDER_KAFKA_OAUTH_CLIENT_ID" in render_fails(
+        *login[:3], "secrets.kafkaOauthClientSecret=s3"
+    )
+
+
+def test_msk_iam_login_needs_a_region_and_no_keda_trigger() -> None:
+    """AWS_MSK_IAM needs AWS_REGION (credentials come from the pod's role); the chart's KEDA
+    trigger cannot log in with a token mechanism and says so."""
+    login = (
+        "config.FORWARDER_KAFKA_SECURITY_PROTOCOL=SASL_SSL",
+        "config.FORWARDER_KAFKA_SASL_MECHANISM=AWS_MSK_IAM",
+    )
+    assert "AWS_REGION" in render_fails(*login)
+    objects = render("default-values.yaml", MAX_KUBE, (*login, "config.AWS_REGION=eu-west-1"))
+    _, container = workload(objects)
+    assert not [e for e in container["env"] if e["name"].startswith("FORWARDER_KAFKA_SASL_PASS")]
+    assert configmap_data(objects)["AWS_REGION"] == "eu-west-1"
+    assert "KEDA" in render_fails(*login, "config.AWS_REGION=eu-west-1", "keda.enabled=true")

@@ -134,9 +134,19 @@ one cluster never split each other's jobs (the transactional ids derive from it 
 {{- .Values.config.FORWARDER_KAFKA_SECURITY_PROTOCOL | default "PLAINTEXT" }}
 {{- end }}
 
-{{/* "true" when the pods talk SASL to Kafka (they then need FORWARDER_KAFKA_SASL_PASSWORD). */}}
+{{/*
+"true" when the pods log in to Kafka with a SASL user name and password (PLAIN, SCRAM): they then
+need FORWARDER_KAFKA_SASL_PASSWORD. The token mechanisms (OAUTHBEARER, AWS_MSK_IAM) are
+forwarder.kafkaSaslToken's.
+*/}}
 {{- define "forwarder.kafkaSasl" -}}
-{{- if hasPrefix "SASL" (include "forwarder.kafkaSecurityProtocol" .) }}true{{ end }}
+{{- if and (hasPrefix "SASL" (include "forwarder.kafkaSecurityProtocol" .)) (not (include "forwarder.kafkaSaslToken" .)) }}true{{ end }}
+{{- end }}
+
+{{/* The token mechanism (OAUTHBEARER or AWS_MSK_IAM) when the pods log in with one. */}}
+{{- define "forwarder.kafkaSaslToken" -}}
+{{- $mechanism := toString (.Values.config.FORWARDER_KAFKA_SASL_MECHANISM | default "") }}
+{{- if and (hasPrefix "SASL" (include "forwarder.kafkaSecurityProtocol" .)) (has $mechanism (list "OAUTHBEARER" "AWS_MSK_IAM")) }}{{ $mechanism }}{{ end }}
 {{- end }}
 
 {{/* "true" when the pods talk TLS to Kafka. */}}
@@ -167,7 +177,7 @@ Checks that values.schema.json cannot express (or cannot explain well). Included
 Deployment, so every render runs them.
 */}}
 {{- define "forwarder.validate" -}}
-{{- range $key := list "DATAGRID_API_KEY" "FORWARDER_DATAGRID_API_KEY" "FORWARDER_WEBHOOK_SECRETS" "FORWARDER_API_TOKENS" "FORWARDER_KAFKA_SASL_PASSWORD" }}
+{{- range $key := list "DATAGRID_API_KEY" "FORWARDER_DATAGRID_API_KEY" "FORWARDER_WEBHOOK_SECRETS" "FORWARDER_API_TOKENS" "FORWARDER_KAFKA_SASL_PASSWORD" "FORWARDER_KAFKA_OAUTH_CLIENT_SECRET" }}
 {{- if hasKey $.Values.config $key }}
 {{- fail (printf "config.%s: secrets do not belong in the ConfigMap; use the secrets.* values or secrets.existingSecret" $key) }}
 {{- end }}
@@ -202,6 +212,23 @@ Deployment, so every render runs them.
 {{- end }}
 {{- end }}
 {{- include "forwarder.validateStrimzi" . }}
+{{- $token := include "forwarder.kafkaSaslToken" . }}
+{{- if eq $token "OAUTHBEARER" }}
+{{- range $key := list "FORWARDER_KAFKA_OAUTH_TOKEN_URL" "FORWARDER_KAFKA_OAUTH_CLIENT_ID" }}
+{{- if not (index $.Values.config $key) }}
+{{- fail (printf "config.FORWARDER_KAFKA_SASL_MECHANISM is OAUTHBEARER: config.%s is required" $key) }}
+{{- end }}
+{{- end }}
+{{- if not (include "forwarder.hasCredential" (list $ "FORWARDER_KAFKA_OAUTH_CLIENT_SECRET")) }}
+{{- fail "config.FORWARDER_KAFKA_SASL_MECHANISM is OAUTHBEARER: secrets.kafkaOauthClientSecret (FORWARDER_KAFKA_OAUTH_CLIENT_SECRET) is required, or name its Secret in secrets.refs.FORWARDER_KAFKA_OAUTH_CLIENT_SECRET or secrets.existingSecret" }}
+{{- end }}
+{{- end }}
+{{- if and (eq $token "AWS_MSK_IAM") (not .Values.config.AWS_REGION) }}
+{{- fail "config.FORWARDER_KAFKA_SASL_MECHANISM is AWS_MSK_IAM: config.AWS_REGION is required (the pod's AWS credentials come from its ServiceAccount's role: serviceAccount.annotations)" }}
+{{- end }}
+{{- if and $token .Values.keda.enabled }}
+{{- fail (printf "keda.enabled: the chart's KEDA trigger logs in with a SASL user name and password or TLS only, not %s; scale on CPU (autoscaling) or write the ScaledObject yourself" $token) }}
+{{- end }}
 {{- if include "forwarder.kafkaSasl" . }}
 {{- range $key := list "FORWARDER_KAFKA_SASL_MECHANISM" "FORWARDER_KAFKA_SASL_USERNAME" }}
 {{- if not (index $.Values.config $key) }}
@@ -251,6 +278,7 @@ DATAGRID_API_KEY: datagridApiKey
 FORWARDER_WEBHOOK_SECRETS: webhookSecrets
 FORWARDER_API_TOKENS: apiTokens
 FORWARDER_KAFKA_SASL_PASSWORD: kafkaSaslPassword
+FORWARDER_KAFKA_OAUTH_CLIENT_SECRET: kafkaOauthClientSecret
 {{- end }}
 
 {{/*
