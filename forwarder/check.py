@@ -32,8 +32,9 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError as AIOKafkaError
 from aiokafka.errors import for_code
 
-from forwarder.config import Delivery, Settings, load_settings
+from forwarder.config import Delivery, Settings
 from forwarder.datagrid import DatagridClient
+from forwarder.environment import load_settings
 from forwarder.errors import Backoff, ConfigError, ForwarderError, Retry
 from forwarder.kafka import (
     RECORD_OVERHEAD_BYTES,
@@ -46,7 +47,7 @@ from forwarder.kafka import (
 )
 from forwarder.observability import Metrics, Redactor, configure_logging
 from forwarder.retry import Policy, retry
-from forwarder.topics import DEFAULT_MAX_MESSAGE_BYTES, topic_specs
+from forwarder.topics import DEFAULT_MAX_MESSAGE_BYTES, topic_config_warnings, topic_specs
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 DEFAULT_TIMEOUT = 10.0
@@ -89,6 +90,8 @@ class Probe:
     brokers: int = 0
     #: Topics that exist and this principal may describe, by name: their partition count.
     partitions: dict[str, int] = field(default_factory=dict)
+    #: The same topics' replication factors.
+    replication: dict[str, int] = field(default_factory=dict)
     #: Existing topics' configs, or the refusal to read them.
     configs: dict[str, dict[str, str] | str] = field(default_factory=dict)
 
@@ -154,6 +157,8 @@ async def topics(probe: Probe) -> list[Result]:
         for entry in described:
             if entry["error_code"] == 0:
                 probe.partitions[entry["topic"]] = len(entry["partitions"])
+                replicas = [len(p["replicas"]) for p in entry["partitions"]]
+                probe.replication[entry["topic"]] = min(replicas, default=1)
     results = []
     missing = [name for name in specs if name not in probe.partitions]
     for name in probe.partitions:
@@ -275,6 +280,10 @@ async def topic_configs(probe: Probe) -> list[Result]:
     readable = {t: c for t, c in probe.configs.items() if isinstance(c, dict)}
     for rule in TOPIC_CONFIG_RULES:
         results += rule(settings, readable)
+    # What weakens the delivery guarantees (the same judgement start-up logs as warnings).
+    for weak in topic_config_warnings(settings, readable, probe.replication):
+        detail = f"{weak.config}={weak.value}: {weak.problem}"
+        results.append(Result(Status.WARN, f"topic config {weak.topic}", detail))
     return results
 
 

@@ -19,14 +19,9 @@ from typing import TYPE_CHECKING
 import structlog
 
 from forwarder import __version__
-from forwarder.config import (
-    Delivery,
-    Settings,
-    describe_variables,
-    load_settings,
-    service_links,
-)
+from forwarder.config import Delivery, Settings
 from forwarder.datagrid import check_batch_id
+from forwarder.environment import describe_variables, load_settings, service_links
 from forwarder.errors import Backoff, BatchNotReady, ConfigError, ForwarderError, InvalidBatchId
 from forwarder.kafka import kafka_errors, make_producer
 from forwarder.observability import Metrics, Redactor, configure_logging

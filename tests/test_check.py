@@ -23,6 +23,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from pydantic import SecretStr
 
 from forwarder.config import Settings
+from forwarder.topics import topic_specs
 from tests.conftest import REPO
 from tests.support.service_helpers import forwarder_env
 
@@ -114,15 +115,11 @@ def the_topics(settings: Settings) -> list[str]:
 
 
 def create_all(bootstrap: str, settings: Settings, partitions: int = 3) -> None:
-    """The four topics, made as an operator would (state topic compacted and deleted)."""
-    configs = {"cleanup.policy": "compact,delete"}
-    create_topics(
-        bootstrap,
-        {
-            t: (partitions, configs if t == settings.state_topic else {})
-            for t in the_topics(settings)
-        },
-    )
+    """The four topics, made as an operator following docs/consumers.md would: with the configs
+    the forwarder itself creates them with (state topic compacted and deleted, line topics
+    retained at least as long as the state)."""
+    specs = topic_specs(settings)
+    create_topics(bootstrap, {t: (partitions, specs[t]) for t in the_topics(settings)})
 
 
 @pytest.fixture
@@ -210,6 +207,27 @@ def test_state_topic_shape_is_held_to_what_start_up_needs(
     assert status == "FAIL" and "has 2 partitions" in detail and "has 3" in detail
     status, detail = run.line(f"config {settings.state_topic} cleanup.policy")
     assert status == "warn" and detail.startswith("delete: not compacted")
+
+
+def test_configs_that_weaken_the_guarantees_are_warnings(
+    make_settings: MakeSettings, kafka_bootstrap: str
+) -> None:
+    """An existing results topic kept for 1 hour (shorter than the state retention) or compacted
+    is reported as a warning naming the config and why; the rest stays ok and the exit 0."""
+    settings = make_settings(kafka_create_topics=False)
+    specs = topic_specs(settings)
+    weak = {"retention.ms": "3600000", "cleanup.policy": "compact"}
+    create_topics(
+        kafka_bootstrap,
+        {t: (3, weak if t == settings.results_topic else specs[t]) for t in the_topics(settings)},
+    )
+    run = run_check(settings)
+    assert run.returncode == 0, run.stdout + run.stderr
+    weak_lines = [d for s, c, d in run.lines if c == f"topic config {settings.results_topic}"]
+    assert len(weak_lines) == 2, run.stdout
+    assert any(d.startswith("retention.ms=3600000") for d in weak_lines)
+    assert any(d.startswith("cleanup.policy=compact") for d in weak_lines)
+    assert all(s == "warn" for s, c, _ in run.lines if c.startswith("topic config")), run.stdout
 
 
 def test_warnings_alone_exit_0(make_settings: MakeSettings, kafka_bootstrap: str) -> None:

@@ -20,7 +20,7 @@ import jsonschema
 import pytest
 import yaml
 
-from forwarder.config import load_settings
+from forwarder.environment import load_settings
 from tests.deploy_helpers import REPO, run, setting_variables, settings_default
 
 DEPLOY = REPO / "deploy"

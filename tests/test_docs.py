@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from forwarder.cli import build_parser
-from forwarder.config import describe_variables
+from forwarder.environment import describe_variables
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -31,7 +31,8 @@ from pydantic import SecretStr
 
 from forwarder.app import Services, create_app
 from forwarder.cli import build_parser
-from forwarder.config import Settings, describe_variables, env_name, load_settings
+from forwarder.config import Settings
+from forwarder.environment import describe_variables, env_name, load_settings
 from forwarder.observability import Metrics
 from forwarder.server import create_management_app
 from forwarder.topics import min_insync_replicas, topic_specs

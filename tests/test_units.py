@@ -12,8 +12,9 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from forwarder.config import Settings, check_unknown_variables, load_settings
+from forwarder.config import Settings
 from forwarder.datagrid import RateLimiter, _raise_for_status, expected_lines, parse_retry_after
+from forwarder.environment import check_unknown_variables, load_settings
 from forwarder.errors import (
     Backoff,
     BatchNotReady,

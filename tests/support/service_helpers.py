@@ -15,7 +15,8 @@ from typing import Any
 import httpx
 from pydantic import SecretStr
 
-from forwarder.config import Settings, env_name
+from forwarder.config import Settings
+from forwarder.environment import env_name
 from forwarder.webhooks import sign
 
 REPO = Path(__file__).resolve().parents[2]

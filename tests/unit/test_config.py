@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from forwarder import kafka
-from forwarder.config import (
-    Settings,
+from forwarder.config import Settings
+from forwarder.environment import (
     check_unknown_variables,
     known_variables,
     load_settings,
