@@ -29,12 +29,13 @@ from pydantic import SecretStr
 
 from forwarder.config import Settings
 from forwarder.errors import ConfigError, KafkaError
-from forwarder.kafka import connection_options, prepare_topics
+from forwarder.kafka import connection_options
 from forwarder.oauth import REFRESH_AT, ClientCredentials, MskIam, token_provider
-from tests.fake_datagrid import FakeDatagrid
-from tests.kafka_helpers import read_topic
+from forwarder.topics import prepare_topics
 from tests.oauth_support import ISSUER, TokenEndpoint, TokenPolicy, token_endpoint
-from tests.service_helpers import Forwarder, forwarder_env, run_forwarder, wait_until
+from tests.support.fake_datagrid import FakeDatagrid
+from tests.support.kafka_helpers import read_topic
+from tests.support.service_helpers import Forwarder, forwarder_env, run_forwarder, wait_until
 
 MakeSettings = Callable[..., Settings]
 SECRET = "forwarder-client-secret"
