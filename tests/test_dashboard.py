@@ -197,7 +197,9 @@ def test_legends_name_pods_not_instances() -> None:
             assert "{{instance}}" not in legend, panel["title"]
             if "{{pod}}" in legend:
                 per_target += 1
-                assert re.match(r"\w+ by \(pod, instance(, \w+)*\) \(", target["expr"]), panel["title"]
+                assert re.match(r"\w+ by \(pod, instance(, \w+)*\) \(", target["expr"]), panel[
+                    "title"
+                ]
     assert per_target >= 5, "no per-pod legend found: the scan is broken"
 
 

@@ -535,16 +535,18 @@ def test_results_topic_recreated_with_fewer_partitions_mid_batch(
     # re-sent): never a task dying unseen, never a traceback.
     assert "never retrieved" not in err and "Traceback" not in err, err[-3000:]
     state = last_state(settings, batch_id)
-    # Whichever way it ended, the state counts exactly the distinct lines now in Kafka (the
-    # recreated topic lost those sent before it went), and a forwarded batch holds them all.
+    # Whichever way it ended, every line the recreated topic holds is counted in the state, and
+    # the state counts no line twice (it may count more than the topic holds: lines Kafka
+    # acknowledged before the deletion went with the old topic); a forwarded batch counts all.
     held = {
         r.headers["datagrid-line"]
         for r in topic_records(settings, settings.results_topic, batch_id)
     }
-    assert sum(state["lines"].values()) == len(held), state
+    counted = sum(state["lines"].values())
+    assert len(held) <= counted <= 400, (len(held), state)
     assert state["status"] in ("forwarded", "failed"), state
     if state["status"] == "forwarded":
-        assert len(held) == 400
+        assert counted == 400
     else:
         assert state["error"]["code"] in ("topic_missing", "kafka_error", "upstream_unavailable")
 

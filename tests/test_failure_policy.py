@@ -227,6 +227,26 @@ def test_exactly_once_offsets_commit_in_the_transaction(
     via_txn = 'forwarder_job_commits_total{via="transaction"}'
     wait_until(lambda: metric(fwd, via_txn) == 3, 30, "three commits in transactions")
     assert metric(fwd, 'forwarder_job_commits_total{via="consumer"}') == 0
+    # The group's committed offsets come from the transactions alone: past every job.
+    jobs = asyncio.run(read_topic(settings.kafka_bootstrap_servers, settings.jobs_topic))
+    expected = {}
+    for record in jobs:
+        expected[record.partition] = max(expected.get(record.partition, 0), record.offset + 1)
+
+    async def committed() -> dict[int, int | None]:
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=settings.kafka_bootstrap_servers, group_id=settings.consumer_group
+        )
+        await consumer.start()
+        try:
+            return {
+                p: await consumer.committed(TopicPartition(settings.jobs_topic, p))
+                for p in expected
+            }
+        finally:
+            await consumer.stop()
+
+    assert asyncio.run(committed()) == expected
     assert fwd.queue(batches[0]).status_code == 202  # already forwarded: a duplicate
     via_consumer = 'forwarder_job_commits_total{via="consumer"}'
     wait_until(lambda: metric(fwd, via_consumer) == 1, 30, "the duplicate's commit")

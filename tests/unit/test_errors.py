@@ -26,6 +26,26 @@ def test_refusals_no_retry_can_mend_are_configuration_problems(kind: type) -> No
     assert kind.__name__ in str(error)
 
 
+#: Written out, not read from CONFIG_PROBLEMS: dropping an entry there must fail here.
+MUST_BE_CONFIGURATION = (
+    aiokafka_errors.MessageSizeTooLargeError,
+    aiokafka_errors.RecordListTooLargeError,
+    aiokafka_errors.TopicAuthorizationFailedError,
+    aiokafka_errors.GroupAuthorizationFailedError,
+    aiokafka_errors.TransactionalIdAuthorizationFailed,
+    aiokafka_errors.ClusterAuthorizationFailedError,
+    aiokafka_errors.InvalidTopicError,
+    aiokafka_errors.PolicyViolationError,
+)
+
+
+@pytest.mark.parametrize("kind", MUST_BE_CONFIGURATION, ids=lambda k: k.__name__)
+def test_record_too_large_and_refused_authorization_are_never_transient(kind: type) -> None:
+    """The issue's list: a record too large, an authorization refused, an invalid topic are
+    configuration problems, whatever the table says."""
+    assert translate(kind(), "sending").retry is Retry.CONFIG
+
+
 def test_the_other_aiokafka_errors_keep_their_flag() -> None:
     """Fenced hands off, a dead sender is replaced and retried, a timeout is transient, the rest
     follow aiokafka's own retriable flag."""

@@ -37,3 +37,17 @@ def test_jobs_and_bare_ids_parse() -> None:
     assert parse_job(job.encode()) == job
     assert parse_job(b"bpred_2") == Job(batch_id="bpred_2")
     assert parse_job(b'"bpred_3"') == Job(batch_id="bpred_3")
+
+
+def test_a_decoder_that_recurses_too_deep_gives_an_invalid_job(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Whatever the decoder raises (RecursionError on a deep record, with another decoder or
+    version), parse_job answers InvalidJob, so the worker commits past it."""
+
+    def recurse(_data: bytes) -> Job:
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr("forwarder.jobs._decode_job", recurse)
+    with pytest.raises(InvalidJob, match="RecursionError"):
+        parse_job(b'{"batch_id": "bpred_1"}')
