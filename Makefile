@@ -73,6 +73,10 @@ reliability: install ## Run the fault, bad-input, security, edge and reconciler 
 	scripts/test.sh tests/test_reconcile.py --junitxml=.cache/reliability/reconcile.xml
 	$(PY) -m tests.reliability_report
 
+.PHONY: mutate
+mutate: install ## Mutation audit of the failure policy (scripts/mutate.py; score in docs/testing.md)
+	$(PY) scripts/mutate.py
+
 .PHONY: clean
 clean: ## Remove caches and build output (keeps downloaded jars and tools)
 	rm -rf dist build .pytest_cache .mypy_cache .ruff_cache .hypothesis
