@@ -16,15 +16,18 @@ temporary directory, whose ``forwarder`` package comes first on ``PYTHONPATH`` (
 editable install points at the working tree, and tests start ``forwarder`` subprocesses).  The
 venv is reused by path.  One broker (``deploy/kafka/rig.py``, port ``$TEST_KAFKA_PORT`` or 19092)
 is started for the whole run unless ``FORWARDER_KAFKA_BOOTSTRAP_SERVERS`` names one.  The named
-tests first run once unmutated: a mutant only counts as killed by tests that pass without it.
+tests first run once unmutated: a test failing then is not used (it would "kill" anything), and a
+mutant left with no test is reported as not measured.
 
-Exit status: 0 when every mutant was killed, 1 otherwise (a survivor or an error), 2 for misuse.
+Exit status: 0 when every mutant was killed, 1 otherwise (a survivor, an error, a mutant not
+measured), 2 for misuse.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -230,12 +233,19 @@ def check_snippets(mutants: tuple[Mutant, ...]) -> list[str]:
     return problems
 
 
-def pytest(tree: Path, env: dict[str, str], tests: list[str]) -> tuple[int, float, str]:
-    """Run ``tests`` in ``tree``: exit code (None-like 124 on timeout), seconds, output's tail."""
+def pytest(
+    tree: Path, env: dict[str, str], tests: list[str], *, first_failure: bool = True
+) -> tuple[int, float, str, str]:
+    """Run ``tests`` in ``tree``: exit code (124 on timeout), seconds, the output's last line
+    and the whole output."""
     start = time.monotonic()
     try:
         done = subprocess.run(
-            [str(PYTHON), "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+            [
+                *(str(PYTHON), "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider"),
+                *(["-x"] if first_failure else []),
+                *tests,
+            ],
             cwd=tree,
             env=env,
             capture_output=True,
@@ -246,7 +256,7 @@ def pytest(tree: Path, env: dict[str, str], tests: list[str]) -> tuple[int, floa
     except subprocess.TimeoutExpired as exc:
         code, out = 124, f"timed out after {TIMEOUT} s\n{exc.stdout or ''}"
     lines = [line for line in out.splitlines() if line.strip()]
-    return code, time.monotonic() - start, lines[-1] if lines else ""
+    return code, time.monotonic() - start, lines[-1] if lines else "", out
 
 
 def start_broker(data: Path) -> str:
@@ -305,22 +315,36 @@ def main(argv: list[str] | None = None) -> int:
                 stop_broker(data)
 
 
+def failing(tests: list[str], out: str) -> set[str]:
+    """Which of ``tests`` pytest's short summary (``-rfE``) names as failed or in error."""
+    named = re.findall(r"^(?:FAILED|ERROR) (\S+)", out, re.M)
+    return {t for t in tests if any(n == t or n.startswith((f"{t}[", f"{t} ")) for n in named)}
+
+
 def run(tree: Path, env: dict[str, str], mutants: tuple[Mutant, ...]) -> int:
     tests = list(dict.fromkeys(t for m in mutants for t in m.tests))
-    code, seconds, tail = pytest(tree, env, tests)
+    code, seconds, tail, out = pytest(tree, env, tests, first_failure=False)
     print(f"baseline: {len(tests)} tests, exit {code} in {seconds:.0f} s: {tail}", flush=True)
-    if code != 0:
-        print(
-            "mutate: the named tests fail without any mutant: nothing to measure", file=sys.stderr
-        )
+    broken = failing(tests, out)
+    if code != 0 and not broken:
+        print(out[-6000:], file=sys.stderr)
+        print("mutate: the unmutated run failed, naming no test", file=sys.stderr)
         return 1
+    for test in sorted(broken):
+        # A test that fails without a mutant kills every mutant: it measures nothing.
+        print(f"baseline: {test} fails unmutated: not used", flush=True)
     rows = []
     for m in mutants:
+        usable = [t for t in m.tests if t not in broken]
+        if not usable:
+            rows.append((m, "NOT MEASURED", 0.0))
+            print(f"{'NOT MEASURED':16} {m.name:30} every test of it fails unmutated", flush=True)
+            continue
         target = tree / m.path
         original = target.read_text()
         target.write_text(original.replace(m.old, m.new, 1))
         try:
-            code, seconds, tail = pytest(tree, env, list(m.tests))
+            code, seconds, tail, _ = pytest(tree, env, usable)
         finally:
             target.write_text(original)
         # pytest exits 1 when a test failed; 124 is our timeout (a hang is a visible failure);
@@ -328,12 +352,18 @@ def run(tree: Path, env: dict[str, str], mutants: tuple[Mutant, ...]) -> int:
         verdict = {0: "SURVIVED", 1: "killed", 124: "killed (timeout)"}.get(code, f"error {code}")
         rows.append((m, verdict, seconds))
         print(f"{verdict:16} {m.name:30} {seconds:6.0f} s  {tail}", flush=True)
-    killed = sum(v.startswith("killed") for _, v, _ in rows)
     print("\n| mutant | module | behaviour changed | tests | result |\n|---|---|---|---|---|")
     for m, verdict, _ in rows:
-        names = "<br>".join(f"`{t.split('::')[-1]}`" for t in m.tests)
+        names = "<br>".join(
+            f"`{t}`" + (" (fails unmutated)" if t in broken else "") for t in m.tests
+        )
         print(f"| `{m.name}` | `{m.path}` | {m.what} | {names} | {verdict} |")
-    print(f"\nscore: {killed}/{len(rows)} killed ({100 * killed / len(rows):.0f}%)")
+    killed = sum(v.startswith("killed") for _, v, _ in rows)
+    measured = sum(v != "NOT MEASURED" for _, v, _ in rows)
+    print(
+        f"\nscore: {killed}/{measured} measured mutants killed"
+        f" ({100 * killed / max(measured, 1):.0f}%); {len(rows) - measured} not measured"
+    )
     return 0 if killed == len(rows) else 1
 
 
