@@ -76,7 +76,7 @@ MUTANTS = (
     Mutant(
         "eos-offsets-not-sent",
         "exactly-once: the job's offsets never added to the transaction (Transaction.send_offsets)",
-        "forwarder/pipeline.py",
+        "forwarder/outcome.py",
         "await self.producer.send_offsets_to_transaction(self.offsets, self.group_id)",
         "pass",
         (
@@ -153,9 +153,9 @@ MUTANTS = (
     ),
     Mutant(
         "state-write-redoes-batch",
-        "Pipeline.record raises a failed state write (the whole batch is redone) "
+        "Outcomes.record (Pipeline.record) raises a failed state write (the whole batch is redone) "
         "instead of retrying the write alone",
-        "forwarder/pipeline.py",
+        "forwarder/outcome.py",
         "        await retry(\n            lambda: self._record_once(state, txn),",
         "        await self._record_once(state, txn)\n        await retry(\n"
         "            lambda: self._record_once(state, txn),",
@@ -201,7 +201,9 @@ MUTANTS = (
         "forwarder/publish.py",
         "    if room < 0:\n        raise KafkaConfigProblem(",
         "    if False:\n        raise KafkaConfigProblem(",
-        ("tests/test_pipeline.py::test_every_dead_letter_reason",),
+        (
+            "tests/unit/test_publish.py::test_a_topic_too_small_for_the_headers_is_a_configuration_problem",
+        ),
     ),
 )
 
