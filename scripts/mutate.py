@@ -133,11 +133,15 @@ MUTANTS = (
         "forwarder/kafka.py",
         '    MessageSizeTooLargeError: "a record is larger than the topic\'s max.message.bytes",\n',
         "",
-        ("tests/unit/test_errors.py::test_refusals_no_retry_can_mend_are_configuration_problems",),
+        (
+            "tests/unit/test_errors.py::test_refusals_no_retry_can_mend_are_configuration_problems",
+            # A state topic whose max.message.bytes is below a state record: MessageSizeTooLarge.
+            "tests/test_failure_policy.py::test_a_state_topic_that_refuses_records_costs_no_copies",
+        ),
     ),
     Mutant(
         "parse-job-recursion-escapes",
-        "parse_job lets a RecursionError (or any non-ValueError) through",
+        "parse_job's catch-all narrowed to ValueError: a RecursionError (any other error) escapes",
         "forwarder/jobs.py",
         "except Exception as exc:  # RecursionError",
         "except ValueError as exc:  # RecursionError",
@@ -346,12 +350,16 @@ def run(tree: Path, env: dict[str, str], mutants: tuple[Mutant, ...]) -> int:
         original = target.read_text()
         target.write_text(original.replace(m.old, m.new, 1))
         try:
-            code, seconds, tail, _ = pytest(tree, env, usable)
+            code, seconds, tail, out = pytest(tree, env, usable, first_failure=False)
         finally:
             target.write_text(original)
         # pytest exits 1 when a test failed; 124 is our timeout (a hang is a visible failure);
         # anything else (collection error, usage) means the mutant broke the run, not a test.
         verdict = {0: "SURVIVED", 1: "killed", 124: "killed (timeout)"}.get(code, f"error {code}")
+        if code == 1:
+            # Which tests saw it: a mutant only an integration test kills is a unit-test gap.
+            killers = failing(usable, out)
+            verdict += f" by {', '.join(sorted(t.split('::')[-1] for t in killers)) or '?'}"
         rows.append((m, verdict, seconds))
         print(f"{verdict:16} {m.name:30} {seconds:6.0f} s  {tail}", flush=True)
     print("\n| mutant | module | behaviour changed | tests | result |\n|---|---|---|---|---|")
