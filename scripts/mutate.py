@@ -344,7 +344,9 @@ def run(tree: Path, env: dict[str, str], mutants: tuple[Mutant, ...]) -> int:
         usable = [t for t in m.tests if t not in broken]
         if not usable:
             rows.append((m, "NOT MEASURED", 0.0))
-            print(f"{'NOT MEASURED':16} {m.name:30} every test of it fails unmutated", flush=True)
+            print(
+                f"{m.name:30}     0 s  NOT MEASURED: every test of it fails unmutated", flush=True
+            )
             continue
         target = tree / m.path
         original = target.read_text()
@@ -361,7 +363,7 @@ def run(tree: Path, env: dict[str, str], mutants: tuple[Mutant, ...]) -> int:
             killers = failing(usable, out)
             verdict += f" by {', '.join(sorted(t.split('::')[-1] for t in killers)) or '?'}"
         rows.append((m, verdict, seconds))
-        print(f"{verdict:16} {m.name:30} {seconds:6.0f} s  {tail}", flush=True)
+        print(f"{m.name:30} {seconds:5.0f} s  {verdict}: {tail}", flush=True)
     print("\n| mutant | module | behaviour changed | tests | result |\n|---|---|---|---|---|")
     for m, verdict, _ in rows:
         names = "<br>".join(
