@@ -74,7 +74,8 @@ reliability: install ## Run the fault, bad-input, security, edge and reconciler 
 	$(PY) -m tests.reliability_report
 
 .PHONY: mutate
-mutate: install ## Mutation audit of the failure policy (scripts/mutate.py; score in docs/testing.md)
+mutate: install ## Mutation tests of the failure policy: mutmut over tests/unit, then the curated mutants (docs/testing.md)
+	$(PY) scripts/mutate.py --mutmut
 	$(PY) scripts/mutate.py
 
 .PHONY: clean

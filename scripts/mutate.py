@@ -26,6 +26,7 @@ measured), 2 for misuse.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -212,6 +213,101 @@ MUTANTS = (
 )
 
 
+#: The modules of the failure policy (issue 21) that mutmut mutates; its tests are tests/unit.
+MUTMUT_MODULES = (
+    "errors.py",
+    "health.py",
+    "jobs.py",
+    "kafka.py",
+    "ndjson.py",
+    "observability.py",
+    "pipeline.py",
+    "publish.py",
+    "retry.py",
+    "state.py",
+    "worker.py",
+)
+
+
+def mutmut(tree: Path, env: dict[str, str]) -> int:
+    """mutmut over MUTMUT_MODULES against tests/unit (no broker): every mutant it generates, in
+    the scratch copy (it writes a ``mutants/`` directory beside the sources).  Prints the
+    count per module and status, and the score over the mutants some unit test reaches."""
+    others = sorted(
+        f"forwarder/{p.name}"
+        for p in (tree / "forwarder").glob("*.py")
+        if p.name not in MUTMUT_MODULES
+    )
+    skip = {"forwarder", "tests", "mutants"}
+    extra = sorted(p.name for p in tree.iterdir() if p.name not in skip and p.name[0] != ".")
+    config = (
+        "\n[tool.mutmut]\n"
+        'source_paths = ["forwarder/"]\n'
+        f"do_not_mutate = {json.dumps(others)}\n"
+        'pytest_add_cli_args_test_selection = ["tests/unit/"]\n'
+        # tests/conftest.py imports deploy/kafka/rig.py: the whole tree goes along.
+        f"also_copy = {json.dumps(extra)}\n"
+    )
+    with (tree / "pyproject.toml").open("a") as f:
+        f.write(config)
+    # The console script, not `python -m`: mutmut records coverage in its own module, which
+    # `-m` would load twice (as __main__ and as mutmut.__main__).
+    cmd = [
+        str(REPO / ".venv" / "bin" / "mutmut"),
+        "run",
+        "--max-children",
+        str(os.cpu_count() or 1),
+    ]
+    start = time.monotonic()
+    done = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
+    seconds = time.monotonic() - start
+    if done.returncode != 0:
+        print(done.stdout[-3000:], done.stderr[-3000:], file=sys.stderr)
+        print(f"mutate: mutmut run exited {done.returncode}", file=sys.stderr)
+        return 1
+    listed = subprocess.run(
+        [str(REPO / ".venv" / "bin" / "mutmut"), "results", "--all", "true"],
+        cwd=tree,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    counts: dict[str, dict[str, int]] = {}
+    for name, _, status in (line.strip().rpartition(": ") for line in listed.splitlines()):
+        if name.startswith("forwarder."):
+            module = name.split(".")[1]
+            per = counts.setdefault(module, {})
+            per[status] = per.get(status, 0) + 1
+    statuses = ["killed", "survived", "no tests", "timeout", "suspicious", "skipped"]
+    seen = [s for s in statuses if any(s in per for per in counts.values())]
+    seen += sorted({s for per in counts.values() for s in per} - set(seen))
+    print("| module | " + " | ".join(seen) + " | score |")
+    print("|---|" + "---|" * (len(seen) + 1))
+    total: dict[str, int] = {}
+    for module in sorted(counts):
+        per = counts[module]
+        for status, n in per.items():
+            total[status] = total.get(status, 0) + n
+        print(
+            f"| `{module}.py` | "
+            + " | ".join(str(per.get(s, 0)) for s in seen)
+            + f" | {score(per)} |"
+        )
+    print("| all | " + " | ".join(str(total.get(s, 0)) for s in seen) + f" | {score(total)} |")
+    print(
+        f"\nmutmut: {sum(total.values())} mutants in {seconds:.0f} s; killed {score(total)} of"
+        " those a unit test reaches ('no tests': no unit test runs that code)"
+    )
+    return 0
+
+
+def score(per: dict[str, int]) -> str:
+    """Killed over killed plus survived (the mutants some test reached), as a percentage."""
+    reached = per.get("killed", 0) + per.get("survived", 0)
+    return f"{100 * per.get('killed', 0) / reached:.0f}%" if reached else "-"
+
+
 def copy_tree(dest: Path) -> None:
     """The working tree's tracked and untracked, not ignored, files (uncommitted edits
     included): what a commit of it would test.  ``.cache`` (broker jars, tools) is linked."""
@@ -281,6 +377,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these mutants")
     parser.add_argument("--list", action="store_true", help="list the mutants; run nothing")
+    parser.add_argument(
+        "--mutmut",
+        action="store_true",
+        help="instead of the curated mutants: mutmut over the failure policy's modules against "
+        "tests/unit (no broker), a table per module",
+    )
     args = parser.parse_args(argv)
     mutants = MUTANTS
     if args.only:
@@ -292,6 +394,11 @@ def main(argv: list[str] | None = None) -> int:
         for m in mutants:
             print(f"{m.name}: {m.what}\n    {m.path}; killed by {', '.join(m.tests)}")
         return 0
+    if args.mutmut:
+        with tempfile.TemporaryDirectory(prefix="forwarder-mutmut-") as scratch:
+            copy_tree(Path(scratch))
+            env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+            return mutmut(Path(scratch), env)
     if problems := check_snippets(mutants):
         print("mutate: stale mutants:\n  " + "\n  ".join(problems), file=sys.stderr)
         return 2
