@@ -55,7 +55,7 @@ class Mutant:
     tests: tuple[str, ...]
 
 
-MUTANTS = (
+MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "one-line-short-complete",
         "a stream one line short of request_counts.total counts as complete",
@@ -356,7 +356,9 @@ def pytest(
         )
         code, out = done.returncode, done.stdout + done.stderr
     except subprocess.TimeoutExpired as exc:
-        code, out = 124, f"timed out after {TIMEOUT} s\n{exc.stdout or ''}"
+        # The partial output is bytes, whatever text=True asked for.
+        partial = (exc.stdout or b"").decode(errors="replace")
+        code, out = 124, f"timed out after {TIMEOUT} s\n{partial}"
     lines = [line for line in out.splitlines() if line.strip()]
     return code, time.monotonic() - start, lines[-1] if lines else "", out
 
