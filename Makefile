@@ -78,6 +78,11 @@ reliability: install ## Run the fault, bad-input, security, edge and reconciler 
 	scripts/test.sh tests/test_reconcile.py --junitxml=.cache/reliability/reconcile.xml
 	$(PY) -m tests.reliability_report
 
+.PHONY: mutate
+mutate: install ## Mutation tests of the failure policy: mutmut over tests/unit, then the curated mutants (docs/testing.md)
+	$(PY) scripts/mutate.py --mutmut
+	$(PY) scripts/mutate.py
+
 .PHONY: clean
 clean: ## Remove caches and build output (keeps downloaded jars and tools)
 	rm -rf dist build .pytest_cache .mypy_cache .ruff_cache .hypothesis
