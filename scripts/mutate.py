@@ -136,6 +136,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "",
         (
             "tests/unit/test_errors.py::test_refusals_no_retry_can_mend_are_configuration_problems",
+            "tests/unit/test_errors.py::test_record_too_large_and_refused_authorization_are_never_transient",
             # A state topic whose max.message.bytes is below a state record: MessageSizeTooLarge.
             "tests/test_failure_policy.py::test_a_state_topic_that_refuses_records_costs_no_copies",
         ),
@@ -146,7 +147,10 @@ MUTANTS: tuple[Mutant, ...] = (
         "forwarder/jobs.py",
         "except Exception as exc:  # RecursionError",
         "except ValueError as exc:  # RecursionError",
-        ("tests/unit/test_jobs.py::test_anything_that_is_no_job_is_an_invalid_job",),
+        (
+            "tests/unit/test_jobs.py::test_anything_that_is_no_job_is_an_invalid_job",
+            "tests/unit/test_jobs.py::test_a_decoder_that_recurses_too_deep_gives_an_invalid_job",
+        ),
     ),
     Mutant(
         "invalid-job-not-committed",
