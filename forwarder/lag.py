@@ -38,7 +38,11 @@ class LagReporter:
         queued_at: Iterable[float],
     ) -> None:
         """Report the lag of every assigned partition (``offsets``: the jobs in flight of each)
-        and the age of the oldest job in flight (``queued_at``: when each was queued, epoch s)."""
+        and the age of the oldest job in flight (``queued_at``: when each was queued, epoch s).
+
+        ``queued_at`` is read before anything is awaited: it may be a view of the worker's live
+        jobs, which change while the broker answers."""
+        oldest = min(queued_at, default=None)
         assignment = list(consumer.assignment())
         now = time.monotonic()
         if assignment and now - self._ends_at > END_OFFSETS_TTL:
@@ -57,7 +61,6 @@ class LagReporter:
             if position is not None:
                 lag = max(end - position, 0)
                 self._metrics.jobs_lag.labels(partition=str(tp.partition)).set(lag)
-        oldest = min(queued_at, default=None)
         self._metrics.jobs_lag_seconds.set(0 if oldest is None else max(time.time() - oldest, 0))
 
     def forget(self, tp: TopicPartition) -> None:

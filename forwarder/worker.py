@@ -97,6 +97,19 @@ class Worker:
         with kafka_errors("starting the jobs consumer"):
             await self._consumer.start()
         self._loop_task = asyncio.create_task(self._loop(), name="jobs-loop")
+        self._loop_task.add_done_callback(self._loop_ended)
+
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        """The poll loop ends only when drained; ended by an error (a bug), this pod takes no
+        more jobs: say so loudly (log, metric, alert) and leave readiness, so that its
+        partitions' jobs are not silently held."""
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        log.error("jobs_loop_failed", error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+        self._metrics.internal_errors.labels(where="task").inc()
+        if self._health is not None:
+            self._health.fail("jobs_topic", f"the jobs loop stopped: {type(exc).__name__}: {exc}")
 
     async def drain(self, grace: float) -> None:
         """Stop taking jobs; let in-flight batches finish for ``grace`` s, then abandon them
@@ -106,7 +119,8 @@ class Worker:
             # The loop only polls and starts jobs: stopped at once, even while its poll is
             # retrying against an unreachable broker (the jobs it started run on below).
             self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # (A loop that failed was reported when it ended: _loop_ended.)
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._loop_task
             self._loop_task = None
         running = self._jobs.running()
@@ -151,7 +165,7 @@ class Worker:
             for tp, records in batches.items():
                 for record in records:
                     self._start(tp, record)
-            queued_at = (queued for _, _, queued in self._jobs.tasks.values())
+            queued_at = [queued for _, _, queued in self._jobs.tasks.values()]
             await self._lag.update(consumer, self._jobs.offsets, queued_at)
 
     @staticmethod

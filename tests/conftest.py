@@ -22,7 +22,7 @@ from pydantic import SecretStr
 
 from forwarder.config import Settings
 from tests.support.fake_datagrid import FakeDatagrid, start_fake_datagrid
-from tests.support.service_helpers import API_TOKEN, WEBHOOK_SECRET
+from tests.support.service_helpers import API_TOKEN, WEBHOOK_SECRET, Forwarder
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "deploy" / "kafka"))
@@ -121,3 +121,27 @@ def make_settings(kafka_bootstrap: str, fake_datagrid: FakeDatagrid) -> Callable
 def batch_id() -> str:
     """A fresh batch id per test."""
     return f"bpred_{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def forwarders() -> Iterator[list[Forwarder]]:
+    """Every ``forwarder serve`` a test starts (``service_helpers.start``) is stopped at its end
+    (and fails the test if it let an exception go unhandled)."""
+    started: list[Forwarder] = []
+    yield started
+    for fwd in started:
+        fwd.stop()
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[rig.Broker]:
+    """A private broker with SASL_SSL and mutual-TLS listeners, ACLs on (one per test module)."""
+    broker = rig.Broker.on_free_ports(tmp_path_factory.mktemp("kafka-secured"), secured=True)
+    try:
+        broker.start(wait=180)
+    except Exception as exc:
+        pytest.fail(f"could not start the secured Kafka broker: {exc}")
+    try:
+        yield broker
+    finally:
+        broker.stop()

@@ -349,20 +349,6 @@ def test_a_bad_setting_exits_2_with_its_line(make_settings: MakeSettings, output
 # --- a secured broker (SASL_SSL with SCRAM, ACLs on) ----------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[rig.Broker]:
-    """A private broker with SASL_SSL and mutual-TLS listeners, ACLs on."""
-    broker = rig.Broker.on_free_ports(tmp_path_factory.mktemp("kafka-secured"), secured=True)
-    try:
-        broker.start(wait=180)
-    except Exception as exc:
-        pytest.fail(f"could not start the secured Kafka broker: {exc}")
-    try:
-        yield broker
-    finally:
-        broker.stop()
-
-
 def scram(broker: rig.Broker, password: str = PASSWORD, **changes: Any) -> dict[str, Any]:
     """Settings fields for logging in to ``broker`` as ``forwarder`` over SASL_SSL/SCRAM."""
     assert broker.security is not None

@@ -9,10 +9,9 @@ import sqlite3
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 import rig
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -220,20 +219,6 @@ def test_example_takes_a_copy_without_cloudevents_headers_as_the_same_line(
         )
         assert ran.returncode == 0, ran.stdout + ran.stderr
         assert ran.stdout.splitlines() == [want.format(duplicates)], prefix
-
-
-@pytest.fixture(scope="module")
-def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[rig.Broker]:
-    """A private broker with SASL_SSL (SCRAM-SHA-512) and mutual-TLS listeners, ACLs on."""
-    broker = rig.Broker.on_free_ports(tmp_path_factory.mktemp("kafka-secured"), secured=True)
-    try:
-        broker.start(wait=180)
-    except Exception as exc:
-        pytest.fail(f"could not start the secured Kafka broker: {exc}")
-    try:
-        yield broker
-    finally:
-        broker.stop()
 
 
 def test_example_logs_in_over_sasl_ssl_with_only_read_acls(

@@ -8,11 +8,10 @@ import asyncio
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
-import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
@@ -22,24 +21,9 @@ from forwarder.jobs import Job, deployment_of
 from forwarder.kafka import partition_for
 from tests.support.fake_datagrid import FakeDatagrid
 from tests.support.kafka_helpers import read_topic
-from tests.support.service_helpers import Forwarder, wait_until
+from tests.support.service_helpers import Forwarder, start, wait_until
 
 MakeSettings = Callable[..., Settings]
-
-
-@pytest.fixture
-def forwarders() -> Iterator[list[Forwarder]]:
-    """Every forwarder a test starts is stopped at its end."""
-    started: list[Forwarder] = []
-    yield started
-    for fwd in started:
-        fwd.stop()
-
-
-def start(forwarders: list[Forwarder], settings: Settings, log_dir: Path, **env: str) -> Forwarder:
-    fwd = Forwarder(settings, log_dir, name=f"fwd{len(forwarders)}", **env).start()
-    forwarders.append(fwd)
-    return fwd
 
 
 def result_keys(settings: Settings) -> list[bytes | None]:

@@ -15,7 +15,7 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,20 +99,6 @@ def grants(settings: Settings, *, leave_out: tuple[str, ...] = ()) -> list[rig.A
                 rig.Acl(f"User:{USER}", row.resource, names[row.name], operation, row.pattern)
             )
     return out
-
-
-@pytest.fixture(scope="module")
-def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[rig.Broker]:
-    """A private broker with SASL_SSL and mutual-TLS listeners, ACLs on."""
-    broker = rig.Broker.on_free_ports(tmp_path_factory.mktemp("kafka-secured"), secured=True)
-    try:
-        broker.start(wait=180)
-    except Exception as exc:
-        pytest.fail(f"could not start the secured Kafka broker: {exc}")
-    try:
-        yield broker
-    finally:
-        broker.stop()
 
 
 def login(broker: rig.Broker, how: str, **changes: Any) -> dict[str, Any]:

@@ -9,11 +9,10 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
-import pytest
 from aiokafka import AIOKafkaProducer
 from pydantic import SecretStr
 
@@ -26,25 +25,11 @@ from tests.support.service_helpers import (
     Forwarder,
     event_body,
     settings_env,
+    start,
     wait_until,
 )
 
 MakeSettings = Callable[..., Settings]
-
-
-@pytest.fixture
-def forwarders(tmp_path: Path) -> Iterator[list[Forwarder]]:
-    """Every forwarder a test starts is stopped at its end, and its log shown on failure."""
-    started: list[Forwarder] = []
-    yield started
-    for fwd in started:
-        fwd.stop()
-
-
-def start(forwarders: list[Forwarder], settings: Settings, log_dir: Path, **env: str) -> Forwarder:
-    fwd = Forwarder(settings, log_dir, name=f"fwd{len(forwarders)}", **env).start()
-    forwarders.append(fwd)
-    return fwd
 
 
 def count(settings: Settings, topic: str) -> int:

@@ -241,3 +241,11 @@ def event_body(
         },
         separators=(",", ":"),
     ).encode()
+
+
+def start(forwarders: list[Forwarder], settings: Settings, log_dir: Path, **env: str) -> Forwarder:
+    """Start one more ``forwarder serve`` (its own ports and log) and keep it in ``forwarders``
+    (the conftest fixture of that name stops them all)."""
+    fwd = Forwarder(settings, log_dir, name=f"fwd{len(forwarders)}", **env).start()
+    forwarders.append(fwd)
+    return fwd

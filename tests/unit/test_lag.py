@@ -74,3 +74,24 @@ async def test_lag_without_jobs_uses_the_position_and_cached_end_offsets() -> No
     reporter.forget(TP0)
     reporter.forget(TP1)  # never reported: nothing to remove, no error
     assert _lag(metrics.registry, 0) is None
+
+
+async def test_jobs_finishing_while_the_lag_is_read_break_nothing() -> None:
+    """The queued times are taken before the reporter awaits the broker: a job that finishes
+    meanwhile (its entry popped from the worker's dict) cannot break the worker's poll loop
+    (it did: "dictionary changed size during iteration" ended the loop in a rolling restart)."""
+    running = {"job-1": time.time() - 5, "job-2": time.time() - 1}
+
+    class _Finishing(_Consumer):
+        async def end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+            running.pop("job-1")  # a job's done callback runs during this await
+            return await super().end_offsets(tps)
+
+    metrics = Metrics(process=False)
+    consumer = _Finishing({TP0: 10}, {TP0: 10})
+    consumer.positions[TP0] = 8
+    queued = (at for at in running.values())  # a view of the live dict, as the worker passes
+    await LagReporter(metrics).update(consumer, {TP0: PartitionOffsets()}, queued)  # type: ignore[arg-type]
+    age = metrics.registry.get_sample_value("forwarder_jobs_lag_seconds")
+    assert age is not None and 4 <= age < 15  # the oldest when the poll ended
+    assert _lag(metrics.registry, 0) == 2
