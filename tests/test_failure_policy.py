@@ -39,6 +39,25 @@ def metric(fwd: Forwarder, sample: str) -> float:
     return 0.0
 
 
+def committed_offsets(settings: Settings, partitions: list[int]) -> dict[int, int | None]:
+    """The consumer group's committed offset of each jobs partition, read from Kafka."""
+
+    async def read() -> dict[int, int | None]:
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=settings.kafka_bootstrap_servers, group_id=settings.consumer_group
+        )
+        await consumer.start()
+        try:
+            return {
+                p: await consumer.committed(TopicPartition(settings.jobs_topic, p))
+                for p in partitions
+            }
+        finally:
+            await consumer.stop()
+
+    return asyncio.run(read())
+
+
 def set_topic_config(settings: Settings, topic: str, name: str, value: str) -> None:
     async def alter() -> None:
         admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
@@ -145,17 +164,11 @@ def test_records_that_are_no_jobs_are_committed_past(
     assert [e["queued_by"] for e in fwd.events("job_foreign")] == ["other-group/other-results"]
     assert len(result_keys(settings)) == 5
 
-    async def committed() -> int | None:
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=settings.kafka_bootstrap_servers, group_id=settings.consumer_group
-        )
-        await consumer.start()
-        try:
-            return await consumer.committed(TopicPartition(settings.jobs_topic, partition))
-        finally:
-            await consumer.stop()
-
-    wait_until(lambda: asyncio.run(committed()) == last + 1, 30, "committed past every record")
+    wait_until(
+        lambda: committed_offsets(settings, [partition]) == {partition: last + 1},
+        30,
+        "committed past every record",
+    )
 
 
 def test_probes_answer_while_the_public_port_is_full(
@@ -217,20 +230,7 @@ def test_exactly_once_offsets_commit_in_the_transaction(
     for record in jobs:
         expected[record.partition] = max(expected.get(record.partition, 0), record.offset + 1)
 
-    async def committed() -> dict[int, int | None]:
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=settings.kafka_bootstrap_servers, group_id=settings.consumer_group
-        )
-        await consumer.start()
-        try:
-            return {
-                p: await consumer.committed(TopicPartition(settings.jobs_topic, p))
-                for p in expected
-            }
-        finally:
-            await consumer.stop()
-
-    assert asyncio.run(committed()) == expected
+    assert committed_offsets(settings, list(expected)) == expected
     assert fwd.queue(batches[0]).status_code == 202  # already forwarded: a duplicate
     via_consumer = 'forwarder_job_commits_total{via="consumer"}'
     wait_until(lambda: metric(fwd, via_consumer) == 1, 30, "the duplicate's commit")
