@@ -20,9 +20,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "deploy" / "kafka")]
 
 import rig  # noqa: E402
-from pydantic import SecretStr  # noqa: E402
 
-from forwarder.config import Settings  # noqa: E402
+from forwarder.config import SecretStr, Settings  # noqa: E402
 from tests.support.fake_datagrid import start_fake_datagrid  # noqa: E402
 from tests.support.kafka_helpers import read_topic  # noqa: E402
 from tests.support.service_helpers import API_TOKEN, Forwarder, event_body, wait_until  # noqa: E402

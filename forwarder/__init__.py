@@ -13,5 +13,9 @@ __revision__ = os.environ.get("DATAGRID_FORWARDER_REVISION", "unknown")
 # httpx imports its command-line client (click and rich, installed with litestar: about a tenth
 # of a second) whenever they are importable; the forwarder never runs it, so it is never loaded.
 sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
+# structlog likewise imports rich (about 40 ms) to pretty-print tracebacks in console logs. The
+# forwarder's logs are JSON with plain tracebacks (FORWARDER_LOG_FORMAT=console falls back to
+# plain ones too), so rich is not loaded either, unless something imported it before us.
+sys.modules.setdefault("rich", None)  # type: ignore[arg-type]
 
 __all__ = ["__revision__", "__version__"]

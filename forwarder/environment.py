@@ -15,16 +15,10 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
-from pydantic import AliasChoices, ValidationError
-
-from forwarder.config import ENV_PREFIX, Settings
+from forwarder.config import ENV_PREFIX, Settings, env_name, setting_docs, setting_fields
 from forwarder.errors import ConfigError
 
-
-def env_name(field: str) -> str:
-    """The environment variable that sets ``field`` (aliases are already variable names)."""
-    return field if field.isupper() else f"{ENV_PREFIX}{field.upper()}"
-
+__all__ = ["env_name", "load_settings"]
 
 FILE_SUFFIX = "_FILE"
 
@@ -32,19 +26,12 @@ FILE_SUFFIX = "_FILE"
 def secret_variables() -> dict[str, tuple[str, ...]]:
     """Each secret setting (every ``SecretStr`` field, alone or in a list) and the variables that
     set it, first the preferred one: each may instead be read from ``<variable>_FILE``."""
-    secrets = {}
-    for field, info in Settings.model_fields.items():
-        if "SecretStr" not in str(info.annotation):
-            continue
-        alias = info.validation_alias
-        names = alias.choices if isinstance(alias, AliasChoices) else [env_name(field)]
-        secrets[field] = tuple(str(name) for name in names)
-    return secrets
+    return {name: field.variables for name, field in setting_fields().items() if field.secret}
 
 
 def known_variables() -> frozenset[str]:
     """Every ``FORWARDER_*`` variable the forwarder reads (``<secret>_FILE`` included)."""
-    names = {env_name(field) for field in Settings.model_fields}
+    names = {env_name(field) for field in setting_fields()}
     for variables in secret_variables().values():
         names |= {*variables, *(variable + FILE_SUFFIX for variable in variables)}
     return frozenset(name for name in names if name.startswith(ENV_PREFIX))
@@ -166,45 +153,42 @@ def secrets_from_files(environ: Mapping[str, str]) -> dict[str, str]:
 
 
 def load_settings(**overrides: object) -> Settings:
-    """Build :class:`Settings` from the environment (and ``./.env``), turning validation errors
-    into one line each; unknown ``FORWARDER_*`` variables are refused, naming the closest.
-    Secrets may come from files (:func:`secrets_from_files`).
+    """Build :class:`Settings` from the environment (and ``./.env``; the environment wins),
+    variable names in any case; ``overrides`` win over both.  Unknown ``FORWARDER_*`` variables
+    are refused, naming the closest; secrets may come from files (:func:`secrets_from_files`);
+    every bad value is one ``<VARIABLE>: <problem>`` part of the :class:`ConfigError`.
 
     Kubernetes service-link variables are ignored (:func:`service_links` names them)."""
     environ = {**_dotenv_values(), **os.environ}
     check_unknown_variables(environ)
     _check_links_on_settings(environ)
-    overrides = {**secrets_from_files(environ), **overrides}
-    try:
-        return Settings(**overrides)  # type: ignore[arg-type]
-    except ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            field = str(error["loc"][0]) if error["loc"] else ""
-            name = env_name(field) if field else "configuration"
-            # Never echo the input: it may be a secret.
-            message = str(error["msg"]).removeprefix("Value error, ")
-            problems.append(f"{name}: {message}" if field else message)
-        raise ConfigError("; ".join(problems)) from None
+    upper = {name.upper(): value for name, value in environ.items()}
+    values: dict[str, object] = {}
+    for name, field in setting_fields().items():
+        variable = next((v for v in field.variables if v in upper), None)
+        if variable is not None:
+            values[name] = upper[variable]
+    values |= secrets_from_files(environ) | overrides
+    return Settings(**values)  # type: ignore[arg-type]
 
 
 def describe_variables() -> list[tuple[str, str, str]]:
     """``(variable, default, description)`` for every setting: for ``--help`` and the README."""
     rows = []
-    secrets = secret_variables()
-    for name, info in Settings.model_fields.items():
+    docs = setting_docs()
+    for name, field in setting_fields().items():
         variable = env_name(name)
         if name == "datagrid_api_key":
             variable = "DATAGRID_API_KEY / FORWARDER_DATAGRID_API_KEY"
-        default = info.get_default(call_default_factory=True)
+        default = field.default
         if isinstance(default, list) or default is None:
             shown = ""
         elif isinstance(default, bool):
             shown = str(default).lower()
         else:
             shown = str(getattr(default, "value", default))
-        description = info.description or ""
-        if name in secrets:  # generic, so a secret added later says it too
-            description += f" Or read from `{secrets[name][-1]}_FILE` (a file's path)."
+        description = docs.get(name, "")
+        if field.secret:  # generic, so a secret added later says it too
+            description += f" Or read from `{field.variables[-1]}_FILE` (a file's path)."
         rows.append((variable, shown, description))
     return rows

@@ -43,9 +43,8 @@ import structlog
 from aiokafka.abc import AbstractTokenProvider
 from aiokafka.conn import AIOKafkaConnection, OAuthAuthenticator
 from aiokafka.errors import SaslAuthenticationFailed
-from pydantic import SecretStr
 
-from forwarder.config import Settings
+from forwarder.config import SecretStr, Settings
 from forwarder.errors import ConfigError, KafkaError
 
 log = structlog.get_logger("forwarder.oauth")

@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import SecretStr
 
-from forwarder.config import Settings
+from forwarder.config import SecretStr, Settings
 from tests.support.fake_datagrid import FakeDatagrid, start_fake_datagrid
 from tests.support.service_helpers import API_TOKEN, WEBHOOK_SECRET, Forwarder
 

@@ -18,9 +18,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from pydantic import AliasChoices
-
-from forwarder.config import ENV_PREFIX, Settings
+from forwarder.config import ENV_PREFIX, setting_fields
 
 REPO = Path(__file__).resolve().parent.parent
 INSTALL_SCRIPT = REPO / "deploy" / "tools" / "install.sh"
@@ -82,20 +80,11 @@ def tool(name: str) -> str:
 @functools.cache
 def setting_variables() -> frozenset[str]:
     """Every environment variable the service reads: one per Settings field, plus its aliases."""
-    names: set[str] = set()
-    for field, info in Settings.model_fields.items():
-        alias = info.validation_alias
-        if isinstance(alias, AliasChoices):
-            names.update(str(choice) for choice in alias.choices)
-        elif isinstance(alias, str):
-            names.add(alias)
-        else:
-            names.add(f"{ENV_PREFIX}{field.upper()}")
-    return frozenset(names)
+    return frozenset(name for field in setting_fields().values() for name in field.variables)
 
 
 def settings_default(variable: str) -> object:
     """The service's default for a ``FORWARDER_*`` variable, as the environment would spell it."""
     field = variable.removeprefix(ENV_PREFIX).lower()
-    default = Settings.model_fields[field].get_default(call_default_factory=True)
+    default = setting_fields()[field].default
     return getattr(default, "value", default)

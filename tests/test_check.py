@@ -20,9 +20,8 @@ from typing import Any
 import pytest
 import rig
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from pydantic import SecretStr
 
-from forwarder.config import Settings
+from forwarder.config import SecretStr, Settings
 from forwarder.topics import topic_specs
 from tests.conftest import REPO
 from tests.support.service_helpers import forwarder_env

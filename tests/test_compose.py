@@ -82,7 +82,7 @@ def test_forwarder_environment_loads(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name)
     for name, value in environment("forwarder").items():
         monkeypatch.setenv(name, value)
-    settings = load_settings(_env_file=None)
+    settings = load_settings()
     assert settings.webhook_secrets and settings.api_tokens
     assert settings.require_api_key().get_secret_value()
 

@@ -17,7 +17,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from forwarder.config import Settings
+from forwarder.config import setting_fields
 from tests.deploy_helpers import REPO, run, tool
 
 DOCKERFILE = REPO / "Dockerfile"
@@ -110,7 +110,7 @@ def test_entrypoint_is_exec_form_forwarder_serve() -> None:
     """ENTRYPOINT ["forwarder"], CMD ["serve"], exec form: the app itself receives SIGTERM."""
     assert [json.loads(e) for e in RUNTIME.all("ENTRYPOINT")] == [["forwarder"]]
     assert [json.loads(c) for c in RUNTIME.all("CMD")] == [["serve"]]
-    assert RUNTIME.all("EXPOSE") == [str(Settings.model_fields["http_port"].default)]
+    assert RUNTIME.all("EXPOSE") == [str(setting_fields()["http_port"].default)]
     (healthcheck,) = RUNTIME.all("HEALTHCHECK")
     assert "/healthz" in healthcheck and "FORWARDER_HTTP_PORT" in healthcheck
 

@@ -27,11 +27,10 @@ import kubernetes_validate
 import pytest
 import yaml
 from prometheus_client import CollectorRegistry
-from pydantic import SecretStr
 
 from forwarder.app import Services, create_app
 from forwarder.cli import build_parser
-from forwarder.config import Settings
+from forwarder.config import SecretStr, Settings, setting_fields
 from forwarder.environment import describe_variables, env_name, load_settings
 from forwarder.observability import Metrics
 from forwarder.server import create_management_app
@@ -313,11 +312,9 @@ def test_config_schema_knows_exactly_the_services_settings() -> None:
     described = {
         name.strip() for variable, _, _ in describe_variables() for name in variable.split("/")
     }
-    secrets = {
-        env_name(name)
-        for name, info in Settings.model_fields.items()
-        if "SecretStr" in str(info.annotation)
-    } | {"DATAGRID_API_KEY"}
+    secrets = {env_name(name) for name, field in setting_fields().items() if field.secret} | {
+        "DATAGRID_API_KEY"
+    }
     # Credentials are in the schema only so that the chart can refuse them with its own message.
     credentials = {
         key
@@ -518,7 +515,7 @@ def test_rendered_settings_load(scenario: str, monkeypatch: pytest.MonkeyPatch) 
         env.pop(variable, None)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    settings = load_settings(_env_file=None)
+    settings = load_settings()
     assert settings.http_port == int(env["FORWARDER_HTTP_PORT"])
     assert settings.require_api_key().get_secret_value()
     assert settings.webhook_secrets

@@ -25,9 +25,9 @@ import pytest
 import rig
 from aiokafka.conn import AIOKafkaConnection
 from botocore.exceptions import NoCredentialsError
-from pydantic import SecretStr
 
-from forwarder.config import Settings
+from forwarder.config import SecretStr, Settings
+from forwarder.environment import load_settings
 from forwarder.errors import ConfigError, KafkaError
 from forwarder.kafka import connection_options
 from forwarder.oauth import REFRESH_AT, ClientCredentials, MskIam, token_provider
@@ -294,7 +294,7 @@ def test_a_failed_refresh_keeps_the_valid_token(idp: TokenEndpoint) -> None:
 def test_oauthbearer_needs_its_token_url_client_id_and_secret() -> None:
     """OAUTHBEARER without the token URL and client secret names exactly those; no user name or
     password is asked for."""
-    with pytest.raises(ValueError) as raised:
+    with pytest.raises(ConfigError) as raised:
         Settings(
             kafka_security_protocol="SASL_SSL",
             kafka_sasl_mechanism="OAUTHBEARER",
@@ -323,12 +323,14 @@ def test_msk_iam_needs_tls_and_a_region(
     monkeypatch: pytest.MonkeyPatch, protocol: str, region: str | None, expected: str
 ) -> None:
     """AWS_MSK_IAM is refused over plaintext, and without an AWS region."""
-    monkeypatch.delenv("AWS_REGION", raising=False)
-    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    for variable in ("AWS_REGION", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("FORWARDER_KAFKA_SECURITY_PROTOCOL", protocol)
+    monkeypatch.setenv("FORWARDER_KAFKA_SASL_MECHANISM", "AWS_MSK_IAM")
     if region:
         monkeypatch.setenv("AWS_REGION", region)
-    with pytest.raises(ValueError, match=re.escape(expected)):
-        Settings(kafka_security_protocol=protocol, kafka_sasl_mechanism="AWS_MSK_IAM")
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        load_settings()
 
 
 # --- AWS MSK IAM ---------------------------------------------------------------------------
@@ -340,7 +342,7 @@ def msk_settings(monkeypatch: pytest.MonkeyPatch, **env: str) -> Settings:
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    return Settings(
+    return load_settings(
         kafka_bootstrap_servers="b-1.example.kafka.eu-central-1.amazonaws.com:9098",
         kafka_security_protocol="SASL_SSL",
         kafka_sasl_mechanism="AWS_MSK_IAM",

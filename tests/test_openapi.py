@@ -5,15 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from litestar.testing import TestClient
-from pydantic import SecretStr
 
 from forwarder.app import create_app
-from forwarder.config import Settings
+from forwarder.config import SecretStr, Settings
 
 
 def _document() -> tuple[dict[str, Any], str]:
-    settings = Settings(  # type: ignore[call-arg]
-        _env_file=None,
+    settings = Settings(
         datagrid_api_key=SecretStr("dg_key"),
         webhook_secrets=[SecretStr("whsec_x")],
         api_tokens=[SecretStr("token_x")],

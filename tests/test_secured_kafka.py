@@ -24,9 +24,8 @@ import httpx
 import pytest
 import rig
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from pydantic import SecretStr
 
-from forwarder.config import Settings
+from forwarder.config import SecretStr, Settings
 from tests.conftest import REPO
 from tests.support.fake_datagrid import FakeDatagrid
 from tests.support.kafka_helpers import read_topic

@@ -20,9 +20,8 @@ from typing import Any
 
 import httpx
 import pytest
-from pydantic import SecretStr
 
-from forwarder.config import Settings
+from forwarder.config import SecretStr, Settings
 from tests.conftest import settings_for
 from tests.support.fake_datagrid import FakeDatagrid
 from tests.support.kafka_helpers import read_topic

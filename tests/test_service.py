@@ -14,9 +14,8 @@ from pathlib import Path
 
 import httpx
 from aiokafka import AIOKafkaProducer
-from pydantic import SecretStr
 
-from forwarder.config import Settings
+from forwarder.config import SecretStr, Settings
 from tests.conftest import REPO
 from tests.support.fake_datagrid import FakeDatagrid
 from tests.support.kafka_helpers import read_topic

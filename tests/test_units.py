@@ -10,9 +10,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from pydantic import SecretStr
 
-from forwarder.config import Settings
+from forwarder.config import SecretStr, Settings
 from forwarder.datagrid import RateLimiter, _raise_for_status, expected_lines, parse_retry_after
 from forwarder.environment import check_unknown_variables, load_settings
 from forwarder.errors import (
@@ -175,7 +174,7 @@ def test_signature_tolerance_edge_is_exact(offset: float, accepted: bool) -> Non
 
 
 def _settings(**values: object) -> Settings:
-    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+    return Settings(**values)
 
 
 def test_secrets_lose_surrounding_white_space() -> None:

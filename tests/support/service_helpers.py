@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from pydantic import SecretStr
 
-from forwarder.config import Settings
+from forwarder.config import SecretStr, Settings, setting_fields
 from forwarder.environment import env_name
 from forwarder.webhooks import sign
 
@@ -34,7 +33,7 @@ def free_port() -> int:
 def settings_env(settings: Settings) -> dict[str, str]:
     """The environment that reproduces ``settings`` for a child process."""
     env: dict[str, str] = {}
-    for name in Settings.model_fields:
+    for name in setting_fields():
         value = getattr(settings, name)
         if value is None:
             continue
