@@ -6,6 +6,7 @@ the guarantees), and partition look-ups. Every Kafka client comes from ``kafka.p
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,9 +98,11 @@ async def prepare_topics(settings: Settings) -> TopicLimits:
             ]
             response = await admin.create_topics(new, timeout_ms=30_000)
             _check_created(response)
-        policy = None
-        with contextlib.suppress(KafkaError):  # DescribeConfigs on the state topic is optional
-            policy = await _topic_config(admin, settings.state_topic, "cleanup.policy")
+        # One DescribeConfigs for every topic: the line topics' size limits are needed (retried
+        # while a topic created a moment ago is not known to every broker yet), the rest advice.
+        needed = (settings.results_topic, settings.dead_letter_topic)
+        configs = await retry(lambda: _topic_configs(admin, list(specs), needed), _NEW_TOPIC)
+        policy = configs.get(settings.state_topic, {}).get("cleanup.policy")
         if settings.state_topic in existing and policy is not None and "delete" not in policy:
             log.warning(
                 "state_topic_unbounded",
@@ -108,10 +111,10 @@ async def prepare_topics(settings: Settings) -> TopicLimits:
                 hint="set cleanup.policy=compact,delete and retention.ms, or it grows for ever",
             )
         limits = TopicLimits(
-            results=await _max_message_bytes(admin, settings.results_topic),
-            dead_letters=await _max_message_bytes(admin, settings.dead_letter_topic),
+            results=_max_message_bytes(configs[settings.results_topic]),
+            dead_letters=_max_message_bytes(configs[settings.dead_letter_topic]),
         )
-        await _warn_weak_topics(admin, settings, [t for t in specs if t in existing])
+        await _warn_weak_topics(admin, settings, {t: configs[t] for t in existing & configs.keys()})
         return limits
     except AIOKafkaError as exc:
         raise translate(exc, "preparing topics") from exc
@@ -205,18 +208,17 @@ def topic_config_warnings(
 
 
 async def _warn_weak_topics(
-    admin: AIOKafkaAdminClient, settings: Settings, topics: list[str]
+    admin: AIOKafkaAdminClient, settings: Settings, configs: dict[str, dict[str, str]]
 ) -> None:
     """Log a ``topic_config_weak`` warning per config of an existing topic that weakens the
-    guarantees (:func:`topic_config_warnings`); unreadable configs are left to the size check."""
-    if not topics:
+    guarantees (:func:`topic_config_warnings`); topics whose configs were unreadable are left
+    out."""
+    if not configs:
         return
-    configs: dict[str, dict[str, str]] = {}
     replication = {}
-    # Advice only: a principal without DescribeConfigs on the jobs or state topic still starts.
+    # Advice only: a principal without Describe on the jobs or state topic still starts.
     with contextlib.suppress(KafkaError, AIOKafkaError):
-        configs = await _topic_configs(admin, topics)
-        for entry in await admin.describe_topics(topics):
+        for entry in await admin.describe_topics(list(configs)):
             if entry["error_code"] == 0 and entry["partitions"]:
                 replication[entry["topic"]] = len(entry["partitions"][0]["replicas"])
     for warning in topic_config_warnings(settings, configs, replication):
@@ -230,17 +232,30 @@ async def _warn_weak_topics(
 
 
 async def _topic_configs(
-    admin: AIOKafkaAdminClient, topics: list[str]
+    admin: AIOKafkaAdminClient, topics: list[str], needed: Collection[str]
 ) -> dict[str, dict[str, str]]:
-    """Every effective config of each topic (one DescribeConfigs for all); a topic whose configs
-    cannot be read is left out."""
+    """Every effective config of each topic, in one DescribeConfigs. A topic whose configs
+    cannot be read is left out, unless it is ``needed``: then the refusal is an error, never a
+    guess (retriable while the topic is new to the broker that answered)."""
     resources = [ConfigResource(ConfigResourceType.TOPIC, topic) for topic in topics]
     configs: dict[str, dict[str, str]] = {}
     for response in await admin.describe_configs(resources):
         for resource in response.resources:
-            error_code, _message, _type, name, entries = resource[:5]
+            error_code, message, _type, name, entries = resource[:5]
             if not error_code:
                 configs[name] = {e[0]: str(e[1]) for e in entries if e[1] is not None}
+            elif name in needed and error_code == _UNKNOWN_TOPIC:
+                raise KafkaError(f"topic {name} is not known to every broker yet")
+            elif name in needed:
+                raise KafkaError(
+                    f"reading the configs of topic {name} failed (error {error_code}"
+                    f"{': ' + message if message else ''}): the forwarder needs DescribeConfigs "
+                    "on it to size its records (see docs/security.md)",
+                    retriable=False,
+                )
+    missing = [topic for topic in needed if topic not in configs]
+    if missing:  # no answer at all for it: as unknown as a new topic
+        raise KafkaError(f"topic {missing[0]} is not known to every broker yet")
     return configs
 
 
@@ -250,27 +265,6 @@ def _check_created(response: Any) -> None:
         if code not in (0, 36):
             message = rest[0] if rest else ""
             raise KafkaError(f"creating topic {topic}: error {code} {message}", retriable=False)
-
-
-async def _topic_config(admin: AIOKafkaAdminClient, topic: str, name: str) -> str | None:
-    """A topic's config value; refused (DescribeConfigs not granted) is an error, never a guess."""
-    responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
-    for response in responses:
-        for resource in response.resources:
-            error_code, message = resource[0], resource[1]
-            if error_code == _UNKNOWN_TOPIC:  # just created: its metadata is still spreading
-                raise KafkaError(f"topic {topic} is not known to every broker yet")
-            if error_code:
-                raise KafkaError(
-                    f"reading the configs of topic {topic} failed (error {error_code}"
-                    f"{': ' + message if message else ''}): the forwarder needs DescribeConfigs on "
-                    "it to size its records (see docs/security.md)",
-                    retriable=False,
-                )
-            for entry in resource[4]:
-                if entry[0] == name:
-                    return str(entry[1])
-    return None
 
 
 #: A topic created a moment ago is not known to every broker yet: ask again for up to 5 s.
@@ -283,8 +277,8 @@ _NEW_TOPIC = Policy(
 )
 
 
-async def _max_message_bytes(admin: AIOKafkaAdminClient, topic: str) -> int:
-    value = await retry(lambda: _topic_config(admin, topic, "max.message.bytes"), _NEW_TOPIC)
+def _max_message_bytes(configs: dict[str, str]) -> int:
+    value = configs.get("max.message.bytes")
     return int(value) if value is not None else DEFAULT_MAX_MESSAGE_BYTES
 
 

@@ -36,17 +36,17 @@ NOT_FOR_FORWARD = (
     "rich",
 )
 
-#: Runs ``forwarder forward`` as ``python -m forwarder.cli`` would, then writes the modules the
-#: process holds at exit (blocked ones, ``None`` in ``sys.modules``, are not loaded) to a file.
+#: Runs the ``forwarder`` command's ``main`` (what ``forwarder.cli.run`` runs, less its final
+#: ``os._exit``), then writes the modules the process holds (blocked ones, ``None`` in
+#: ``sys.modules``, are not loaded) to a file.
 _RUN_AND_LIST = """
-import atexit, json, runpy, sys
+import json, sys
 listing, *args = sys.argv[1:]
-def dump():
-    with open(listing, "w") as out:
-        json.dump(sorted(name for name, module in sys.modules.items() if module), out)
-atexit.register(dump)
-sys.argv = ["forwarder", *args]
-runpy.run_module("forwarder.cli", run_name="__main__")
+import forwarder.cli
+code = forwarder.cli.main(args)
+with open(listing, "w") as out:
+    json.dump(sorted(name for name, module in sys.modules.items() if module), out)
+sys.exit(code)
 """
 
 
