@@ -9,8 +9,8 @@ headers (batch id, content type, line status, line number).
 The one thing the aiokafka baselines take from ``forwarder/`` is Kafka's partitioner,
 ``forwarder.kafka.partition_for`` (``bench.check_records`` compares it with aiokafka's murmur2),
 imported where it is used, not here: it pulls in ``forwarder.config`` and aiokafka, which the
-confluent-kafka baseline, whose librdkafka partitions by itself, does without.  They always import it from the work tree, even under ``--ref``: see
-``Rig.baseline_env``.
+confluent-kafka baseline, whose librdkafka partitions by itself, does without.  They always
+import it from the work tree, even under ``--ref``: see ``Rig.baseline_env``.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 What a one-shot run imports is most of its start-up time, so the guard is on the modules, not
 on a clock: the run below forwards a real 10-line batch through the real broker and lists the
-modules its process held at exit.  The wall time itself is measured by ``python -m bench --only startup`` (``bench/RESULTS.md``).
+modules its process holds when the command is done. The wall time itself is measured by
+``python -m bench --only startup`` (``bench/RESULTS.md``).
 """
 
 from __future__ import annotations
