@@ -1,10 +1,11 @@
-"""The forwarding core, opened in order and closed in reverse: the topics check, the producer, the
-Datagrid client and the pipeline.  ``forwarder forward`` needs only this (no HTTP stack, so it
-starts fast); ``app.py`` builds the service on top of it.
+"""The forwarding core, opened in order and closed in reverse: the topics check (with the Datagrid
+client set up meanwhile), the producer and the pipeline.  ``forwarder forward`` needs only this
+(no HTTP stack, so it starts fast); ``app.py`` builds the service on top of it.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -47,11 +48,19 @@ async def open_core(
     out (not ready, retried at the cap); without it (one-shot commands) it ends the command."""
     settings.require_api_key()  # before any connection: a missing key is a setting error
     async with AsyncExitStack() as stack:
-        limits = await prepare_topics(settings)
+        # The topics check is round trips to Kafka; the Datagrid client's set-up is CPU (its TLS
+        # context loads the CA bundle): one is done while the other waits.
+        topics = asyncio.ensure_future(prepare_topics(settings))
+        try:
+            datagrid = DatagridClient(settings, metrics, transport=transport)
+        except BaseException:
+            topics.cancel()
+            await asyncio.gather(topics, return_exceptions=True)
+            raise
+        stack.push_async_callback(datagrid.aclose)
+        limits = await topics
         producer = SharedProducer(settings, limits)
         stack.push_async_callback(producer.stop)
         await producer.start()
-        datagrid = DatagridClient(settings, metrics, transport=transport)
-        stack.push_async_callback(datagrid.aclose)
         pipeline = Pipeline(settings, datagrid, producer, limits, metrics, health)
         yield Core(settings, metrics, limits, producer, datagrid, pipeline)
