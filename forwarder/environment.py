@@ -76,30 +76,28 @@ def is_service_link(name: str, value: str) -> bool:
     )
 
 
+def _not_settings(environ: Mapping[str, str]) -> dict[str, bool]:
+    """Each ``FORWARDER_*`` variable in ``environ`` that is no setting, and whether it is a
+    Kubernetes service link."""
+    known = known_variables()
+    return {
+        name: is_service_link(name.upper(), value)
+        for name, value in environ.items()
+        if name.upper().startswith(ENV_PREFIX) and name.upper() not in known
+    }
+
+
 def service_links(environ: Mapping[str, str]) -> list[str]:
     """The ``FORWARDER_*`` variables in ``environ`` that are Kubernetes service links, ignored."""
-    known = known_variables()
-    return sorted(
-        name
-        for name, value in environ.items()
-        if name.upper().startswith(ENV_PREFIX)
-        and name.upper() not in known
-        and is_service_link(name.upper(), value)
-    )
+    return sorted(name for name, link in _not_settings(environ).items() if link)
 
 
 def check_unknown_variables(environ: Mapping[str, str]) -> None:
     """Refuse ``FORWARDER_*`` names that are no setting (a typo would silently keep a default);
     Kubernetes service links (:func:`is_service_link`) are not settings and pass."""
-    known = known_variables()
-    unknown = {
-        name
-        for name, value in environ.items()
-        if name.upper().startswith(ENV_PREFIX)
-        and name.upper() not in known
-        and not is_service_link(name.upper(), value)
-    }
+    unknown = [name for name, link in _not_settings(environ).items() if not link]
     if unknown:
+        known = known_variables()
         problems = []
         for name in sorted(unknown):
             close = difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.75)
