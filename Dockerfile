@@ -58,8 +58,9 @@ COPY forwarder ./forwarder
 RUN --mount=type=cache,target=/root/.cache/uv \
     --mount=type=secret,id=ca-bundle,target=/etc/ssl/certs/ca-certificates.crt \
     uv sync --locked --no-dev --no-editable
-# Prove it: the module Python imports is the extension module, not the source beside it.
-RUN /opt/forwarder/venv/bin/python -c \
+# Prove it: the module Python imports is the extension module, not the source beside it (-P:
+# not /src/forwarder, the source tree in the working directory).
+RUN /opt/forwarder/venv/bin/python -P -c \
     'import forwarder.hotpath as m, sys; print(m.__file__); sys.exit(m.__file__.endswith(".py"))'
 
 FROM ${PYTHON_IMAGE} AS runtime
