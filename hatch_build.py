@@ -7,8 +7,9 @@ in the tree, and the wheel gets the two extension modules mypyc makes (the modul
 ``hotpath__mypyc`` runtime) next to the source, which Python imports only when they are absent.
 
 A build without a C compiler or Python's headers fails, saying so; ``FORWARDER_PURE_PYTHON=1``
-builds a pure-Python wheel instead (the source is the fallback). ``make hotpath`` builds the
-wheel and shows where the compiled module is (docs in the Makefile target).
+builds a pure-Python wheel instead (the source is the fallback). ``make hotpath`` builds a wheel
+this way, keeps its compiled modules under ``.cache/hotpath/`` (outside the package) and runs
+``tests/unit/test_hotpath.py``, which compares them with the source.
 """
 
 from __future__ import annotations

@@ -264,7 +264,8 @@ class Publisher:
         route.processed = n
 
     def _refusal(self, stop: int, n: int) -> ForwarderError | None:
-        """The error that ends the attempt at line ``n``, if the hot path stopped for one."""
+        """The error that ends the attempt at line ``n``, if the hot path stopped for one (a
+        diverged re-stream also gives up the prefix the next attempt could have skipped)."""
         batch_id = self.batch.batch_id
         if stop == hotpath.TOO_MANY_LINES:
             return TooManyLines(f"stream of {batch_id} exceeds {n - 1} lines")
