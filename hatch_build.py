@@ -74,7 +74,7 @@ def _advice() -> str:
     headers = Path(sysconfig.get_paths()["include"], "Python.h")
     if not headers.exists():
         hints.append(f"Python's headers are missing ({headers}: Debian's python3-dev)")
-    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    compiler = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0]
     if shutil.which(compiler) is None:
         hints.append(f"no C compiler ({compiler}: Debian's gcc)")
     hints.append("FORWARDER_PURE_PYTHON=1 builds a pure-Python wheel instead")
@@ -95,7 +95,12 @@ class MypycHook(BuildHookInterface):  # type: ignore[misc]
             return
         self._work = Path(tempfile.mkdtemp(prefix="forwarder-mypyc-"))
         out = self._work / "out"
-        for path in compile_modules(Path(self.root), self._work):
+        try:
+            built = compile_modules(Path(self.root), self._work)
+        except BaseException:
+            shutil.rmtree(self._work, ignore_errors=True)  # finalize() is not called
+            raise
+        for path in built:
             build_data["force_include"][str(path)] = path.relative_to(out).as_posix()
         # A platform wheel (cp311-cp311-linux_x86_64), not py3-none-any.
         build_data["pure_python"] = False

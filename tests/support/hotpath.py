@@ -126,7 +126,7 @@ def _build_wheel(work: Path) -> Path:
 
 def missing_toolchain() -> str | None:
     """What this machine lacks to compile an extension module, if anything."""
-    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    compiler = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0]
     if shutil.which(compiler) is None:
         return f"no C compiler ({compiler})"
     headers = Path(sysconfig.get_paths()["include"], "Python.h")
