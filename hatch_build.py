@@ -6,10 +6,11 @@ sit beside an edited ``hotpath.py`` and shadow it. Compilation happens in a temp
 in the tree, and the wheel gets the two extension modules mypyc makes (the module and its
 ``hotpath__mypyc`` runtime) next to the source, which Python imports only when they are absent.
 
-A build without a C compiler or Python's headers fails, saying so; ``FORWARDER_PURE_PYTHON=1``
-builds a pure-Python wheel instead (the source is the fallback). ``make hotpath`` builds a wheel
-this way, keeps its compiled modules under ``.cache/hotpath/`` (outside the package) and runs
-``tests/unit/test_hotpath.py``, which compares them with the source.
+A build without a C compiler or Python's headers fails, saying so;
+``DATAGRID_FORWARDER_PURE_PYTHON=1`` builds a pure-Python wheel instead (the source is the
+fallback; not a ``FORWARDER_*`` name, which the service would refuse as unknown). ``make hotpath``
+builds a wheel this way, keeps its compiled modules under ``.cache/hotpath/`` (outside the
+package) and runs ``tests/unit/test_hotpath.py``, which compares them with the source.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from hatchling.builders.hooks.plugin.interface import BuildHookInterface
 
 #: The modules compiled, relative to the project root (each stays in the wheel as its fallback).
 COMPILED = ("forwarder/hotpath.py",)
+#: Set to 1, a pure-Python wheel (for a platform without a C compiler).
+PURE_PYTHON = "DATAGRID_FORWARDER_PURE_PYTHON"
 
 # Runs in a subprocess (setuptools and mypyc keep global state): mypyc turns the staged modules
 # into C, setuptools compiles them into --build-lib.
@@ -77,7 +80,7 @@ def _advice() -> str:
     compiler = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0]
     if shutil.which(compiler) is None:
         hints.append(f"no C compiler ({compiler}: Debian's gcc)")
-    hints.append("FORWARDER_PURE_PYTHON=1 builds a pure-Python wheel instead")
+    hints.append(f"{PURE_PYTHON}=1 builds a pure-Python wheel instead")
     return "".join(f"  - {hint}\n" for hint in hints)
 
 
@@ -90,8 +93,8 @@ class MypycHook(BuildHookInterface):  # type: ignore[misc]
         """Compile into a temporary directory and add the extension modules to the wheel."""
         if self.target_name != "wheel" or version == "editable":
             return
-        if os.environ.get("FORWARDER_PURE_PYTHON") == "1":
-            self.app.display_warning("FORWARDER_PURE_PYTHON=1: the hot path is not compiled")
+        if os.environ.get(PURE_PYTHON) == "1":
+            self.app.display_warning(f"{PURE_PYTHON}=1: the hot path is not compiled")
             return
         self._work = Path(tempfile.mkdtemp(prefix="forwarder-mypyc-"))
         out = self._work / "out"

@@ -108,7 +108,7 @@ def _build_wheel(work: Path) -> Path:
     uv = REPO / ".cache" / "uv" / "bin" / "uv"
     command = [str(uv) if uv.exists() else shutil.which("uv") or "uv"]
     env = {**os.environ, "UV_PYTHON": sys.executable}
-    env.pop("FORWARDER_PURE_PYTHON", None)
+    env.pop("DATAGRID_FORWARDER_PURE_PYTHON", None)
     run = subprocess.run(
         [*command, "build", "--wheel", "--out-dir", str(work), str(REPO)],
         capture_output=True,
