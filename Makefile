@@ -30,6 +30,11 @@ lint: install ## ruff and mypy (strict on the package)
 	$(PY) -m ruff format --check forwarder tests bench deploy examples
 	$(PY) -m mypy forwarder
 
+.PHONY: hotpath
+hotpath: install ## Compile forwarder/hotpath.py with mypyc as wheels do (.cache/hotpath/) and test it against the source
+	$(PY) -c 'from tests.support.hotpath import build_compiled; print(build_compiled())'
+	$(PY) -m pytest tests/unit/test_hotpath.py
+
 .PHONY: kafka-start
 kafka-start: install ## Start a local broker on 127.0.0.1:9092
 	$(PY) deploy/kafka/rig.py start

@@ -20,10 +20,12 @@ from typing import Final
 import msgspec
 
 __all__ = [
+    "UNSET",
     "LineHead",
     "LineSplitter",
     "Oversized",
     "classify",
+    "decode_head",
     "is_blank",
     "is_complete_object",
     "without_bom",
@@ -176,14 +178,16 @@ class LineHead(msgspec.Struct):
 
 # float_hook=float: a number too large for a double (1e400) is still JSON (inf), as in Python,
 # rather than a ValidationError that would read as "not an object".
-_decode_head = msgspec.json.Decoder(LineHead, float_hook=float).decode
+decode_head = msgspec.json.Decoder(LineHead, float_hook=float).decode
+#: A head's ``batch_id`` when the line has none.
+UNSET: Final = msgspec.UNSET
 _decode_any = msgspec.json.Decoder(float_hook=float).decode
 
 
 def classify(line: bytes, batch_id: str) -> tuple[str, str] | LineHead:
     """The line's routing head, or ``(reason, detail)`` when it must be dead-lettered."""
     try:
-        head = _decode_head(line)
+        head = decode_head(line)
     except msgspec.ValidationError:
         # The typed decoder stops at the first token that is not "{", so "[1,2" or "[" * 100_000
         # land here too: only a full parse (on this error path alone) tells them from real JSON.

@@ -16,16 +16,16 @@ import contextlib
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import cast
 
 from aiokafka import AIOKafkaProducer
 
+from forwarder import hotpath
 from forwarder.acks import Acks, Unit
 from forwarder.config import Settings
 from forwarder.errors import ForwarderError, KafkaConfigProblem, StreamDiverged, TooManyLines
-from forwarder.kafka import RECORD_OVERHEAD_BYTES, TopicLimits, partition_for, translate_send
-from forwarder.ndjson import WHITESPACE as _WS
-from forwarder.ndjson import LineHead, Oversized, classify
+from forwarder.kafka import _MURMUR_SEED, RECORD_OVERHEAD_BYTES, TopicLimits, translate_send
+from forwarder.kafka import _hash as _murmur2
+from forwarder.ndjson import UNSET, Oversized, classify, decode_head
 from forwarder.observability import Metrics, line_status_label
 from forwarder.state import utcnow
 
@@ -146,10 +146,6 @@ class Publisher:
         self.key_batch = batch.batch_id.encode()
         self.progress = progress
         self.partitions = partitions
-        self.line_no = 0
-        # The last line fully handled (in a unit, dead-lettered, blank or skipped) and its bytes.
-        self.processed_through = 0
-        self.last_line = progress.boundary
         self.open: list[Unit | None] = [None] * partitions
         self.acks = Acks(
             progress,
@@ -188,92 +184,99 @@ class Publisher:
         self.fixed_size = (
             headers_size(self.result_headers) + 3 * _HEADER_OVERHEAD + 64 + len(self.ce_id)
         )
+        hooks = hotpath.Hooks(decode_head, config.status_of, self._heads_for, self._open, _murmur2)
+        route = self.route = hotpath.Lines(batch.batch_id, hooks, UNSET, _MURMUR_SEED)
+        route.skip_through, route.boundary = progress.acked_through, progress.boundary
+        route.first_new, route.max_lines = progress.high_water, batch.max_lines
+        route.expected = -1 if batch.expected_lines is None else batch.expected_lines
+        route.limit, route.fixed_size = config.results_limit, self.fixed_size
+        route.ce_id = self.ce_id
+        route.open_units, route.statuses, route.heads = self.open, config.statuses, self.heads
+        route.last, route.blank = progress.boundary, progress.blank_lines
 
-    async def publish(self, lines: Sequence[bytes | Oversized]) -> None:  # noqa: C901 - the per-line hot path, flat on purpose (see below)
+    @property
+    def line_no(self) -> int:
+        """The last line read (numbered) by this attempt."""
+        return self.route.line_no
+
+    @property
+    def processed_through(self) -> int:
+        """The last line fully handled (in a unit, dead-lettered, blank or skipped)."""
+        return self.route.processed
+
+    @property
+    def last_line(self) -> bytes:
+        """The bytes of line ``processed_through``."""
+        return self.route.last
+
+    async def publish(self, lines: Sequence[bytes | Oversized]) -> None:
         """Number, classify and batch lines; wait while too much is unacknowledged.
 
-        The per-line path of the service: written out flat, with what it reads bound to locals
-        once per chunk (every attribute look-up and call here runs a million times a batch).
+        The per-line work is :meth:`forwarder.hotpath.Lines.run`, one call for the whole chunk
+        (compiled in wheel builds); it returns here only for a line that needs an await or an
+        error, which :meth:`_attend` handles before the run resumes after it.
         """
-        progress, batch, config = self.progress, self.batch, self.config
-        skip_through, first_new = progress.acked_through, progress.high_water
-        expected, max_lines, batch_id = batch.expected_lines, batch.max_lines, batch.batch_id
-        statuses, status_of, heads = config.statuses, config.status_of, self.heads
-        ce_id = self.ce_id
-        limit, fixed_size, partitions = config.results_limit, self.fixed_size, self.partitions
-        open_units = self.open
-        n, last, blank = self.line_no, self.last_line, progress.blank_lines
-        processed = self.processed_through
+        route, end = self.route, len(lines)
         try:
-            for line in lines:
-                n += 1
-                if n > max_lines:
-                    raise TooManyLines(f"stream of {batch_id} exceeds {n - 1} lines")
-                if n <= skip_through:  # already in Kafka: check the re-stream matches, skip it
-                    last = _raw(line)
-                    if n == skip_through and last != progress.boundary:
-                        progress.acked_through = 0
-                        raise StreamDiverged(
-                            f"re-stream of {batch_id} differs at line {n}; re-publishing all lines"
-                        )
-                    processed = n
-                    continue
-                new = n > first_new
-                past_total = new and expected is not None and n - 1 - blank >= expected
-                if isinstance(line, Oversized):
-                    if past_total:  # refused before it reaches Kafka
-                        raise self._too_many_lines()
-                    detail = f"line of {line.size} bytes exceeds the limit"
-                    await self._dead_letter(n, line.prefix, "too_large", detail, last)
-                    last = line.prefix
-                elif not line or (line[0] in _WS and not line.strip(_WS)):
-                    blank += new
-                    last = line
-                else:
-                    if past_total:  # refused before it reaches Kafka
-                        raise self._too_many_lines()
-                    head = classify(line, batch_id)
-                    if isinstance(head, tuple):
-                        await self._dead_letter(n, line, *head, last)
-                        last, processed = line, n
-                        continue
-                    key = cast(str, head.custom_id).encode()
-                    status = head.status
-                    known = statuses.get(status) if type(status) is str else None
-                    status_bytes, label = known or status_of(status)
-                    size = len(line) + len(key) + len(status_bytes) + fixed_size
-                    if size > limit:
-                        await self._dead_letter(
-                            n, line, "too_large", self._too_large(line, size, head), last
-                        )
-                        last, processed = line, n
-                        continue
-                    fixed = heads.get(status_bytes) or self._heads_for(status_bytes)
-                    # A list: aiokafka's C encoder takes no tuple.
-                    headers = [*fixed, ("datagrid-line", b"%d" % n)]
-                    if ce_id:
-                        headers.append(("ce_id", b"%s%d" % (ce_id, n)))
-                    partition = partition_for(key, partitions)
-                    unit = open_units[partition] or self._open(partition, n, last)
-                    if (
-                        unit.builder.append(key=key, value=line, timestamp=None, headers=headers)
-                        is None
-                    ):
-                        # Full: hand it over and start the next one with this line (an empty
-                        # batch takes any record that passed the size check).
-                        await self._submit(partition)
-                        unit = self._open(partition, n, last)
-                        unit.builder.append(key=key, value=line, timestamp=None, headers=headers)
-                    unit.numbers.append(n)
-                    unit.labels.append(label)
-                    last = line
-                processed = n
+            index = route.run(lines, 0)
+            while index < end:
+                await self._attend(lines[index])
+                index = route.run(lines, index + 1)
         finally:
             # What was fully handled, for the next chunk, drain() and the next attempt.
-            self.line_no, self.processed_through, self.last_line = n, processed, last
-            progress.blank_lines = blank
-            progress.high_water = max(progress.high_water, processed)
+            progress = self.progress
+            progress.blank_lines = route.blank
+            progress.high_water = max(progress.high_water, route.processed)
         await self.acks.settle()
+
+    async def _attend(self, line: bytes | Oversized) -> None:
+        """The line the hot path stopped at (numbered, not handled): raise, or dead-letter it, or
+        hand its partition's full record batch over and append its record to a new one."""
+        route = self.route
+        n, stop, before = route.line_no, route.stop, route.last
+        problem = self._refusal(stop, n)
+        if problem is not None:
+            raise problem
+        if isinstance(line, Oversized):
+            detail = f"line of {line.size} bytes exceeds the limit"
+            await self._dead_letter(n, line.prefix, "too_large", detail, before)
+            route.last = line.prefix
+        elif stop == hotpath.REFUSED:
+            verdict = classify(line, self.batch.batch_id)
+            assert isinstance(verdict, tuple), f"line {n}: the hot path and classify() disagree"
+            await self._dead_letter(n, line, *verdict, before)
+            route.last = line
+        elif stop == hotpath.TOO_LARGE:
+            detail = self._too_large(line, route.size, route.status)
+            await self._dead_letter(n, line, "too_large", detail, before)
+            route.last = line
+        else:
+            assert stop == hotpath.FULL, stop
+            # Hand it over and start the next one with this line (an empty batch takes any
+            # record that passed the size check).
+            partition = route.partition
+            await self._submit(partition)
+            unit = self._open(partition, n, before)
+            unit.builder.append(key=route.key, value=line, timestamp=None, headers=route.headers)
+            unit.numbers.append(n)
+            unit.labels.append(route.label)
+            route.last = line
+        route.processed = n
+
+    def _refusal(self, stop: int, n: int) -> ForwarderError | None:
+        """The error that ends the attempt at line ``n``, if the hot path stopped for one (a
+        diverged re-stream also gives up the prefix the next attempt could have skipped)."""
+        batch_id = self.batch.batch_id
+        if stop == hotpath.TOO_MANY_LINES:
+            return TooManyLines(f"stream of {batch_id} exceeds {n - 1} lines")
+        if stop == hotpath.DIVERGED:
+            self.progress.acked_through = 0
+            return StreamDiverged(
+                f"re-stream of {batch_id} differs at line {n}; re-publishing all lines"
+            )
+        if stop == hotpath.PAST_TOTAL:  # refused before it reaches Kafka
+            return self._too_many_lines()
+        return None
 
     def _too_many_lines(self) -> TooManyLines:
         expected = self.batch.expected_lines
@@ -288,8 +291,8 @@ class Publisher:
             self.heads[status_bytes] = fixed
         return fixed
 
-    def _too_large(self, line: bytes, size: int, head: LineHead) -> str:
-        status = head.status if isinstance(head.status, str) else ""
+    def _too_large(self, line: bytes, size: int, status: object) -> str:
+        status = status if isinstance(status, str) else ""
         limit = self.config.results_limit + RECORD_OVERHEAD_BYTES
         return (
             f"record of {size} bytes (line {len(line)}, status header {len(status.encode())}) "
@@ -433,7 +436,3 @@ def fit_dead_letter(
         text = text[: max(budget - len(note), 0)] + note
     # Cut on a character boundary: header values stay valid UTF-8.
     return value, text[:budget].decode("utf-8", "ignore").encode()
-
-
-def _raw(line: bytes | Oversized) -> bytes:
-    return line.prefix if isinstance(line, Oversized) else line

@@ -8,8 +8,14 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 log() { printf 'bootstrap: %s\n' "$*" >&2; }
 
 # Debian packages: prometheus/promtool (observability tests), kcat, jq and curl (benchmark
-# baselines), openssl (the Kafka rig's test certificates for its secured listeners).
+# baselines), openssl (the Kafka rig's test certificates for its secured listeners), a C compiler
+# and python3's headers (wheel builds compile forwarder/hotpath.py with mypyc: hatch_build.py;
+# tests/unit/test_hotpath.py builds it so, and in CI fails without them).
 missing=()
+command -v gcc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
+python3 -c 'import os, sys, sysconfig
+sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+    || missing+=(python3-dev)
 command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v kcat >/dev/null 2>&1 || missing+=(kcat)

@@ -7,7 +7,8 @@
 # replaced (through its PYTHON_IMAGE / UV_IMAGE build args; its FROM lines stay as they are) by
 # local stand-ins:
 #   python: a Debian bookworm rootfs with Debian's python3.11 (mmdebstrap), linked at
-#           /usr/local/bin/python3.11 where the official python image has it;
+#           /usr/local/bin/python3.11 where the official python image has it, with its headers
+#           as there (python3.11-dev: the build stage compiles the hot path against them);
 #   uv:     the uv binary of the PyPI wheel that scripts/bootstrap.sh installs (.cache/uv/bin/uv),
 #           at /uv as in ghcr.io/astral-sh/uv.
 # plus a pause image (Debian's static catatonit) for containerd's pod sandboxes. The stand-ins are
@@ -52,7 +53,7 @@ pm() { podman --root "${out}/storage" --runroot "${run_root}" --storage-driver o
 
 # python stand-in: keyed on the mmdebstrap command line.
 suite=bookworm
-mmdebstrap_args=(--variant=minbase --include=python3.11,ca-certificates
+mmdebstrap_args=(--variant=minbase --include=python3.11,python3.11-dev,ca-certificates
     '--customize-hook=mkdir -p "$1"/usr/local/bin && ln -sf /usr/bin/python3.11 "$1"/usr/local/bin/python3.11'
     '--customize-hook=rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*.bin'
     "${suite}")
