@@ -75,6 +75,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--plots", type=Path, default=None, help="where the PNG plots go (default: --out)")
     add("--env", action="append", default=[], metavar="NAME=VALUE", help="extra service env")
     add("--ref", default=None, help="benchmark forwarder/ as of this git commit")
+    add("--pure", action="store_true", help="the pure-Python hot path, not the compiled one")
     args = p.parse_args(argv)
     if args.quick:
         args.lines, args.runs, args.warmup = min(args.lines, 200_000), 1, 0
@@ -181,10 +182,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM (timeout, kill) unwinds like Ctrl-C, so the broker and the fake are stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     scratch = Path(tempfile.mkdtemp(prefix="forwarder-bench-"))
-    rig_ = Rig(args.partitions, scratch, args.ref)
+    rig_ = Rig(args.partitions, scratch, args.ref, pure=args.pure)
     rig_.extra_env = dict(item.split("=", 1) for item in args.env)
     started = time.monotonic()
     info = describe()
+    info["hotpath"] = rig_.hotpath
     if args.ref:
         info["forwarder_ref"] = subprocess.run(
             ["git", "-C", str(REPO), "rev-parse", "--short", args.ref],
@@ -204,6 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elapsed = time.monotonic() - started
     rows = report.summarize([r for r in runs if not r.contender.startswith("startup-")])
     where = info.get("forwarder_ref") or "the work tree " + info["revision"]
+    where += f", hot path {rig_.hotpath}"
     print(
         f"\n## Results: forwarder/ from {where}; {args.lines:,}-line batch, median of {args.runs} "
         f"after {args.warmup} warm-up; {args.partitions} partitions; took {elapsed:.0f} s\n"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import uuid
@@ -21,6 +22,7 @@ from bench.data import CHUNK, Workload, expected_counts
 from bench.harness import REPO, BenchFailure, log, proc_cpu
 from bench.topics import create_topics, delete_topics, watermarks
 from tests.support.fake_datagrid import FakeDatagrid, start_fake_datagrid
+from tests.support.hotpath import build_compiled
 
 sys.path.insert(0, str(REPO / "deploy" / "kafka"))
 import rig
@@ -36,22 +38,35 @@ LOG_APPEND_TIME = {"message.timestamp.type": "LogAppendTime"}
 class Rig:
     """Broker, fake Datagrid, scratch dir and the expected partition counts."""
 
-    def __init__(self, partitions: int, scratch: Path, ref: str | None = None) -> None:
+    def __init__(
+        self, partitions: int, scratch: Path, ref: str | None = None, *, pure: bool = False
+    ) -> None:
         self.partitions = partitions
         self.scratch = scratch
-        self.pythonpath = str(REPO)
+        src = scratch / "src"
+        src.mkdir()
+        self.pythonpath = f"{src}{os.pathsep}{REPO}"
         if ref:
             # Benchmark the forwarder package of a commit (e.g. HEAD while the work tree is being
             # edited, or main against a branch); bench/ and tests/ still come from the work tree.
-            src = scratch / "src"
-            src.mkdir()
+            # Its hot path is the source's (pure Python): the compiled one is the work tree's.
             archive = subprocess.run(
                 ["git", "-C", str(REPO), "archive", ref, "forwarder"],
                 check=True,
                 capture_output=True,
             ).stdout
             subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
-            self.pythonpath = f"{src}{os.pathsep}{REPO}"
+            self.hotpath = "pure Python (--ref)"
+        else:
+            # What users run: the package as a wheel installs it, forwarder.hotpath compiled with
+            # mypyc beside its source (the editable install in .venv imports the source alone).
+            shutil.copytree(
+                REPO / "forwarder", src / "forwarder", ignore=shutil.ignore_patterns("__pycache__")
+            )
+            self.hotpath = "pure Python (--pure)" if pure else "compiled (mypyc)"
+            if not pure:
+                for module in build_compiled().iterdir():
+                    shutil.copy2(module, src / "forwarder" / module.name)
         self.broker: rig.Broker | None = None
         self.broker_pid: int | None = None
         self.bootstrap = ""
