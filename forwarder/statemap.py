@@ -3,13 +3,25 @@
 Pure bookkeeping, no Kafka: ``store.StateStore`` follows the state topic into it and writes what
 this process records.  States are held encoded (about half the memory of decoded ones) and decoded
 when read; ``forwarder_state_batches`` is their number.
+
+Each partition's states live in a few large buffers (:class:`_Partition`), not in a dict of
+small objects: CPython keeps small objects in 256 KiB arenas that go back to the system only when
+every object in them is freed, and the partitions restored together interleave their objects in
+the same arenas, so dropping a partition after a rebalance used to free its states without
+freeing the memory (a pod that had restored every partition alone kept about two thirds of it
+after giving four of six away).  Large buffers come from ``malloc`` (``mmap`` or the heap that
+``malloc_trim`` gives back) and go back when the partition is dropped.
 """
 
 from __future__ import annotations
 
+import struct
 import time
+from array import array
+from bisect import bisect_left
+from collections.abc import Iterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 import structlog
@@ -26,6 +38,160 @@ log = structlog.get_logger("forwarder.store")
 _WAITING = b'"status":"waiting"'
 _UNFINISHED = b'"status":"forwarding"'
 
+#: A record in a partition's blob: its timestamp in ms, the lengths of the batch id and of the
+#: JSON, then the batch id and the JSON themselves.
+_HEADER = struct.Struct("<qII")
+_LOW = 0xFFFFFFFF  # an index entry's low 32 bits: the slot; the high 32: the id's hash
+#: Ids written since the last merge are found in a dict until there are this many of them, or a
+#: quarter of the index if that is more (so that merging costs O(1) per id, amortized).
+_RECENT = 4096
+#: The blob is rewritten without its dead records once they are half of it (and at least this).
+_GARBAGE = 1 << 20
+
+
+def _hash32(key: bytes) -> int:
+    """32 bits of the hash of a batch id (Python's: per process, which is all an index in memory
+    needs; a test replaces it with a colliding one)."""
+    return hash(key) & _LOW
+
+
+class _Partition:
+    """One state partition's states, in large buffers that are freed as a whole.
+
+    * ``blob``: the records, appended (:data:`_HEADER`, batch id, JSON); a batch written again
+      gets a new record, and the old one is garbage until :meth:`_rebuild` rewrites the blob.
+    * ``offsets``: by slot (one per batch id, in the order they came), where its latest record
+      starts; -1 once the batch is forgotten.
+    * ``index``: sorted ``hash32(id) << 32 | slot`` entries, found by bisection.  Two ids may
+      share a hash: a candidate is the id only if the id stored in its record is.
+    * ``recent``: id -> slot for the ids not merged into the index yet (a dict of small objects,
+      but a bounded one, merged away when it grows and when a restore ends).
+    """
+
+    __slots__ = ("blob", "garbage", "index", "live", "offsets", "recent")
+
+    def __init__(self) -> None:
+        self.blob = bytearray()
+        self.offsets = array("q")
+        self.index = array("Q")
+        self.recent: dict[bytes, int] = {}
+        self.live = 0  # batches held
+        self.garbage = 0  # bytes of the blob no slot points to
+
+    # --- reading ---------------------------------------------------------------------------
+    def find(self, key: bytes) -> int:
+        """The slot of batch id ``key`` (-1: not held)."""
+        slot = self.recent.get(key)
+        if slot is not None:
+            return slot
+        index, offsets, blob = self.index, self.offsets, self.blob
+        hashed = _hash32(key) << 32
+        i, end = bisect_left(index, hashed), len(index)
+        while i < end and index[i] & ~_LOW == hashed:
+            slot = index[i] & _LOW
+            at = offsets[slot]
+            if at >= 0:
+                _, id_length, _ = _HEADER.unpack_from(blob, at)
+                if id_length == len(key) and blob.startswith(key, at + _HEADER.size):
+                    return slot
+            i += 1
+        return -1
+
+    def read(self, slot: int) -> tuple[int, bytes]:
+        """The timestamp and JSON of ``slot``'s record."""
+        at = self.offsets[slot]
+        written, id_length, length = _HEADER.unpack_from(self.blob, at)
+        start = at + _HEADER.size + id_length
+        return written, bytes(self.blob[start : start + length])
+
+    def records(self) -> Iterator[_Record]:
+        """Each held batch's record, read where it lies (:meth:`StateMap.waiting` and
+        :meth:`StateMap.prune` look at every one).  The blob must not change meanwhile."""
+        blob, unpack = self.blob, _HEADER.unpack_from
+        for slot, at in enumerate(self.offsets):
+            if at >= 0:
+                written, id_length, length = unpack(blob, at)
+                start = at + _HEADER.size + id_length
+                yield _Record(slot, at, blob[at + _HEADER.size : start], written, start, length)
+
+    def _size(self, slot: int) -> int:
+        _, id_length, length = _HEADER.unpack_from(self.blob, self.offsets[slot])
+        return int(_HEADER.size + id_length + length)
+
+    # --- writing ---------------------------------------------------------------------------
+    def write(self, key: bytes, written: int, value: bytes) -> None:
+        """Make ``value`` (written at ``written`` ms) the latest state of batch id ``key``."""
+        slot = self.find(key)
+        at = len(self.blob)
+        self.blob += _HEADER.pack(written, len(key), len(value))
+        self.blob += key
+        self.blob += value
+        if slot >= 0:
+            self.garbage += self._size(slot)
+            self.offsets[slot] = at
+        else:
+            self.recent[key] = len(self.offsets)
+            self.offsets.append(at)
+            self.live += 1
+        self.tidy()
+
+    def forget(self, key: bytes) -> None:
+        """Forget batch id ``key`` (nothing if it is not held)."""
+        slot = self.find(key)
+        if slot >= 0:
+            self.kill(slot, key)
+            self.tidy()
+
+    def kill(self, slot: int, key: bytes) -> None:
+        """Forget ``slot`` (batch id ``key``); its index entry stays until the next rebuild."""
+        self.garbage += self._size(slot)
+        self.offsets[slot] = -1
+        self.recent.pop(key, None)
+        self.live -= 1
+
+    def tidy(self, merge: bool = False) -> None:
+        """Merge the recent ids into the index when they are many (or ``merge``), and rewrite the
+        blob when half of it is garbage."""
+        if self.garbage > max(len(self.blob) // 2, _GARBAGE):
+            self._rebuild()
+        elif self.recent and (merge or len(self.recent) > max(_RECENT, len(self.index) // 4)):
+            entries = sorted((_hash32(key) << 32) | slot for key, slot in self.recent.items())
+            # Two sorted runs: sorted() merges them in linear time.
+            self.index = array("Q", sorted([*self.index, *entries]))
+            self.recent = {}
+
+    def _rebuild(self) -> None:
+        """Copy the live records into a new blob, renumber their slots and index them all: the
+        garbage and the forgotten slots go."""
+        blob, offsets, entries = bytearray(), array("q"), []
+        for record in self.records():
+            entries.append((_hash32(bytes(record.key)) << 32) | len(offsets))
+            offsets.append(len(blob))
+            blob += self.blob[record.at : record.start + record.length]
+        entries.sort()
+        self.blob, self.offsets, self.index = blob, offsets, array("Q", entries)
+        self.recent, self.garbage = {}, 0
+
+
+class _Record(NamedTuple):
+    """A held record as :meth:`_Partition.records` finds it: its JSON is
+    ``blob[start : start + length]``."""
+
+    slot: int
+    at: int
+    key: bytearray
+    written: int
+    start: int
+    length: int
+
+    def has(self, blob: bytearray, marker: bytes) -> bool:
+        """True when the JSON contains ``marker`` (read in place)."""
+        return blob.find(marker, self.start, self.start + self.length) >= 0
+
+    def value(self, blob: bytearray) -> bytes:
+        """The JSON, copied."""
+        return bytes(blob[self.start : self.start + self.length])
+
 
 class StateMap:
     """Batch id -> latest state, by state partition, for the partitions held.
@@ -36,8 +202,7 @@ class StateMap:
 
     def __init__(self, metrics: Metrics, retention_hours: float) -> None:
         self._metrics = metrics
-        # By state partition: batch id -> (record timestamp in ms, the record's JSON).
-        self._states: dict[int, dict[str, tuple[int, bytes]]] = {}
+        self._states: dict[int, _Partition] = {}  # by state partition
         self.partition_count = 0  # of the state topic, once known
         self._retention = retention_hours * 3600.0
         self.pruned_at = time.monotonic()
@@ -58,18 +223,26 @@ class StateMap:
 
     def hold(self, partition: int) -> None:
         """Hold ``partition``, empty (its states are restored into it)."""
-        self._states[partition] = {}
+        self._states[partition] = _Partition()
 
     def drop(self, partition: int) -> None:
-        """Forget ``partition`` and its states."""
+        """Forget ``partition`` and its states (their buffers are freed whole)."""
         del self._states[partition]
 
     def size(self, partition: int) -> int:
         """How many batches of ``partition`` are held."""
-        return len(self._states.get(partition, ()))
+        held = self._states.get(partition)
+        return held.live if held is not None else 0
+
+    def settle(self, partition: int) -> None:
+        """``partition`` is restored: index all its states, so that they are held in its large
+        buffers only (none in the small-object dict of recent ids)."""
+        held = self._states.get(partition)
+        if held is not None:
+            held.tidy(merge=True)
 
     # --- batches ---------------------------------------------------------------------------
-    def _held(self, batch_id: str) -> dict[str, tuple[int, bytes]] | None:
+    def _held(self, batch_id: str) -> _Partition | None:
         """The states of ``batch_id``'s partition, if it is held."""
         return self._states.get(self.partition_of(batch_id)) if self.partition_count else None
 
@@ -80,14 +253,16 @@ class StateMap:
     def get(self, batch_id: str) -> BatchState | None:
         """The latest state of ``batch_id`` if its partition is held (None: unknown or not ours)."""
         held = self._held(batch_id)
-        entry = held.get(batch_id) if held is not None else None
-        return decode_state(entry[1], batch_id) if entry is not None else None
+        slot = held.find(batch_id.encode()) if held is not None else -1
+        if held is None or slot < 0:
+            return None
+        return decode_state(held.read(slot)[1], batch_id)
 
     def put(self, state: BatchState) -> None:
         """Remember a state this process just wrote (the topic will echo it later)."""
         held = self._held(state.batch_id)
         if held is not None:
-            held[state.batch_id] = (int(time.time() * 1000), state.encode())
+            held.write(state.batch_id.encode(), int(time.time() * 1000), state.encode())
             self.update_gauge()
 
     def apply(self, record: ConsumerRecord[Any, Any]) -> None:
@@ -95,25 +270,25 @@ class StateMap:
         held = self._states.get(record.partition)
         if held is None or record.key is None:
             return
-        batch_id = record.key.decode("utf-8", "replace")
         if record.value is None:  # tombstone: forget the batch
-            held.pop(batch_id, None)
+            held.forget(record.key)
         else:
-            held[batch_id] = (record.timestamp, record.value)
+            held.write(record.key, record.timestamp, record.value)
 
     def waiting(self) -> list[BatchState]:
         """Held batches parked until Datagrid finishes them."""
         found = []
         for held in self._states.values():
-            for batch_id, (_, value) in held.items():
-                if _WAITING in value:  # a cheap filter; the decoded status decides
-                    state = decode_state(value, batch_id)
+            for record in held.records():
+                if record.has(held.blob, _WAITING):  # a cheap filter; the decoded status decides
+                    batch_id = record.key.decode("utf-8", "replace")
+                    state = decode_state(record.value(held.blob), batch_id)
                     if state is not None and state.status is Status.WAITING:
                         found.append(state)
         return found
 
     def __len__(self) -> int:
-        return sum(len(held) for held in self._states.values())
+        return sum(held.live for held in self._states.values())
 
     def update_gauge(self) -> None:
         """Set ``forwarder_state_batches`` to the number of batches held."""
@@ -127,13 +302,17 @@ class StateMap:
         cutoff = ((now or datetime.now(UTC)).timestamp() - self._retention) * 1000
         forgotten = 0
         for held in self._states.values():
+            blob = held.blob
             old = [
-                batch_id
-                for batch_id, (written, value) in held.items()
-                if written < cutoff and _UNFINISHED not in value and _WAITING not in value
+                (record.slot, bytes(record.key))
+                for record in held.records()
+                if record.written < cutoff
+                and not record.has(blob, _UNFINISHED)
+                and not record.has(blob, _WAITING)
             ]
-            for batch_id in old:
-                del held[batch_id]
+            for slot, key in old:
+                held.kill(slot, key)
+            held.tidy()
             forgotten += len(old)
         self.update_gauge()
         return forgotten

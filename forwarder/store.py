@@ -168,6 +168,7 @@ class StateStore:
         for p, restore in list(self._restoring.items()):
             if await self._consumer.position(TopicPartition(self._topic, p)) >= restore.end:
                 del self._restoring[p]
+                self._map.settle(p)
                 restore.done.set()
                 log.info(
                     "state_restored",
@@ -283,8 +284,10 @@ async def _read_latest(settings: Settings, tp: TopicPartition, batch_id: str) ->
 
 
 def _release_memory() -> None:
-    """Hand the memory of dropped partitions back to the system: CPython's small-object arenas
-    go back when empty, glibc's free lists only when trimmed."""
+    """Hand the memory of dropped partitions back to the system.  Their buffers are large
+    allocations: those glibc served by ``mmap`` go back when freed, those it served from its heap
+    (glibc raises its mmap threshold after freeing a large block, up to 32 MB) only when trimmed;
+    the collection frees whatever a cycle still held of the partitions' restore."""
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
