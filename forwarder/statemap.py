@@ -18,7 +18,6 @@ from __future__ import annotations
 import struct
 import time
 from array import array
-from bisect import bisect_left
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
@@ -41,10 +40,10 @@ _UNFINISHED = b'"status":"forwarding"'
 #: A record in a partition's blob: its timestamp in ms, the lengths of the batch id and of the
 #: JSON, then the batch id and the JSON themselves.
 _HEADER = struct.Struct("<qII")
-_LOW = 0xFFFFFFFF  # an index entry's low 32 bits: the slot; the high 32: the id's hash
-#: Ids written since the last merge are found in a dict until there are this many of them, or a
-#: quarter of the index if that is more (so that merging costs O(1) per id, amortized).
-_RECENT = 4096
+_LOW = 0xFFFFFFFF  # an index entry: the id's 32-bit hash above, its slot + 1 in these bits
+#: The index (open addressing, linear probing) doubles when it is half full: a lookup of an id
+#: not held probes about two entries.
+_FIRST_INDEX = 8
 #: The blob is rewritten without its dead records once they are half of it (and at least this).
 _GARBAGE = 1 << 20
 
@@ -56,46 +55,46 @@ def _hash32(key: bytes) -> int:
 
 
 class _Partition:
-    """One state partition's states, in large buffers that are freed as a whole.
+    """One state partition's states, in three large buffers that are freed as a whole.
 
     * ``blob``: the records, appended (:data:`_HEADER`, batch id, JSON); a batch written again
       gets a new record, and the old one is garbage until :meth:`_rebuild` rewrites the blob.
     * ``offsets``: by slot (one per batch id, in the order they came), where its latest record
       starts; -1 once the batch is forgotten.
-    * ``index``: sorted ``hash32(id) << 32 | slot`` entries, found by bisection.  Two ids may
-      share a hash: a candidate is the id only if the id stored in its record is.
-    * ``recent``: id -> slot for the ids not merged into the index yet (a dict of small objects,
-      but a bounded one, merged away when it grows and when a restore ends).
+    * ``index``: a hash table of ``hash32(id) << 32 | slot + 1`` entries (0: empty), probed
+      linearly from ``hash32(id)``; every slot has one entry, a forgotten one's too, until the
+      next rebuild.  Two ids may share a hash: an entry is the id's only if the id stored in its
+      record is.
     """
 
-    __slots__ = ("blob", "garbage", "index", "live", "offsets", "recent")
+    __slots__ = ("blob", "garbage", "index", "live", "offsets")
 
     def __init__(self) -> None:
         self.blob = bytearray()
         self.offsets = array("q")
-        self.index = array("Q")
-        self.recent: dict[bytes, int] = {}
+        self.index = array("Q", [0]) * _FIRST_INDEX
         self.live = 0  # batches held
         self.garbage = 0  # bytes of the blob no slot points to
 
     # --- reading ---------------------------------------------------------------------------
-    def find(self, key: bytes) -> int:
-        """The slot of batch id ``key`` (-1: not held)."""
-        slot = self.recent.get(key)
-        if slot is not None:
-            return slot
+    def probe(self, key: bytes, hashed: int) -> int:
+        """The slot of batch id ``key`` (whose :func:`_hash32` is ``hashed``) if it is held, else
+        ``~i`` where ``i`` is the free index entry where it would go."""
         index, offsets, blob = self.index, self.offsets, self.blob
-        hashed = _hash32(key) << 32
-        i, end = bisect_left(index, hashed), len(index)
-        while i < end and index[i] & ~_LOW == hashed:
-            slot = index[i] & _LOW
-            at = offsets[slot]
-            if at >= 0:
-                _, id_length, _ = _HEADER.unpack_from(blob, at)
-                if id_length == len(key) and blob.startswith(key, at + _HEADER.size):
+        mask = len(index) - 1
+        i = hashed & mask
+        while entry := index[i]:
+            if entry >> 32 == hashed:
+                slot = (entry & _LOW) - 1
+                at = offsets[slot]
+                if (
+                    at >= 0
+                    and blob.startswith(key, at + _HEADER.size)
+                    and _HEADER.unpack_from(blob, at)[1] == len(key)
+                ):
                     return slot
-            i += 1
-        return -1
+            i = (i + 1) & mask
+        return ~i
 
     def read(self, slot: int) -> tuple[int, bytes]:
         """The timestamp and JSON of ``slot``'s record."""
@@ -121,56 +120,76 @@ class _Partition:
     # --- writing ---------------------------------------------------------------------------
     def write(self, key: bytes, written: int, value: bytes) -> None:
         """Make ``value`` (written at ``written`` ms) the latest state of batch id ``key``."""
-        slot = self.find(key)
-        at = len(self.blob)
-        self.blob += _HEADER.pack(written, len(key), len(value))
-        self.blob += key
-        self.blob += value
+        hashed = _hash32(key)
+        slot = self.probe(key, hashed)
+        blob = self.blob
+        at = len(blob)
+        blob += _HEADER.pack(written, len(key), len(value))
+        blob += key
+        blob += value
         if slot >= 0:
             self.garbage += self._size(slot)
             self.offsets[slot] = at
+            if self.garbage > _GARBAGE and self.garbage > len(blob) // 2:
+                self._rebuild()
         else:
-            self.recent[key] = len(self.offsets)
-            self.offsets.append(at)
+            offsets = self.offsets
+            self.index[~slot] = (hashed << 32) | (len(offsets) + 1)
+            offsets.append(at)
             self.live += 1
-        self.tidy()
+            if 2 * len(offsets) > len(self.index):
+                self._reindex(2 * len(self.index))
 
     def forget(self, key: bytes) -> None:
         """Forget batch id ``key`` (nothing if it is not held)."""
-        slot = self.find(key)
+        slot = self.probe(key, _hash32(key))
         if slot >= 0:
-            self.kill(slot, key)
+            self.kill(slot)
             self.tidy()
 
-    def kill(self, slot: int, key: bytes) -> None:
-        """Forget ``slot`` (batch id ``key``); its index entry stays until the next rebuild."""
+    def kill(self, slot: int) -> None:
+        """Forget ``slot``; its index entry stays until the next rebuild."""
         self.garbage += self._size(slot)
         self.offsets[slot] = -1
-        self.recent.pop(key, None)
         self.live -= 1
 
-    def tidy(self, merge: bool = False) -> None:
-        """Merge the recent ids into the index when they are many (or ``merge``), and rewrite the
-        blob when half of it is garbage."""
-        if self.garbage > max(len(self.blob) // 2, _GARBAGE):
+    def tidy(self) -> None:
+        """Rewrite the blob when half of it is garbage."""
+        if self.garbage > _GARBAGE and self.garbage > len(self.blob) // 2:
             self._rebuild()
-        elif self.recent and (merge or len(self.recent) > max(_RECENT, len(self.index) // 4)):
-            entries = sorted((_hash32(key) << 32) | slot for key, slot in self.recent.items())
-            # Two sorted runs: sorted() merges them in linear time.
-            self.index = array("Q", sorted([*self.index, *entries]))
-            self.recent = {}
+
+    def _reindex(self, size: int) -> None:
+        """Move the index's entries to a new one of ``size`` entries (a power of two)."""
+        index, mask = array("Q", [0]) * size, size - 1
+        for entry in self.index:
+            if entry:
+                i = (entry >> 32) & mask
+                while index[i]:
+                    i = (i + 1) & mask
+                index[i] = entry
+        self.index = index
 
     def _rebuild(self) -> None:
-        """Copy the live records into a new blob, renumber their slots and index them all: the
-        garbage and the forgotten slots go."""
-        blob, offsets, entries = bytearray(), array("q"), []
+        """Copy the live records into a new blob and renumber their slots: the garbage and the
+        forgotten slots' index entries go."""
+        blob, offsets = bytearray(), array("q")
+        old = self.blob
         for record in self.records():
-            entries.append((_hash32(bytes(record.key)) << 32) | len(offsets))
             offsets.append(len(blob))
-            blob += self.blob[record.at : record.start + record.length]
-        entries.sort()
-        self.blob, self.offsets, self.index = blob, offsets, array("Q", entries)
-        self.recent, self.garbage = {}, 0
+            blob += old[record.at : record.start + record.length]
+        self.blob, self.offsets, self.garbage = blob, offsets, 0
+        size = _FIRST_INDEX
+        while size < 2 * len(offsets) + 1:
+            size *= 2
+        index, mask = array("Q", [0]) * size, size - 1
+        for slot, at in enumerate(offsets):
+            _, id_length, _ = _HEADER.unpack_from(blob, at)
+            hashed = _hash32(bytes(blob[at + _HEADER.size : at + _HEADER.size + id_length]))
+            i = hashed & mask
+            while index[i]:
+                i = (i + 1) & mask
+            index[i] = (hashed << 32) | (slot + 1)
+        self.index = index
 
 
 class _Record(NamedTuple):
@@ -234,13 +253,6 @@ class StateMap:
         held = self._states.get(partition)
         return held.live if held is not None else 0
 
-    def settle(self, partition: int) -> None:
-        """``partition`` is restored: index all its states, so that they are held in its large
-        buffers only (none in the small-object dict of recent ids)."""
-        held = self._states.get(partition)
-        if held is not None:
-            held.tidy(merge=True)
-
     # --- batches ---------------------------------------------------------------------------
     def _held(self, batch_id: str) -> _Partition | None:
         """The states of ``batch_id``'s partition, if it is held."""
@@ -253,7 +265,8 @@ class StateMap:
     def get(self, batch_id: str) -> BatchState | None:
         """The latest state of ``batch_id`` if its partition is held (None: unknown or not ours)."""
         held = self._held(batch_id)
-        slot = held.find(batch_id.encode()) if held is not None else -1
+        key = batch_id.encode()
+        slot = held.probe(key, _hash32(key)) if held is not None else -1
         if held is None or slot < 0:
             return None
         return decode_state(held.read(slot)[1], batch_id)
@@ -304,14 +317,14 @@ class StateMap:
         for held in self._states.values():
             blob = held.blob
             old = [
-                (record.slot, bytes(record.key))
+                record.slot
                 for record in held.records()
                 if record.written < cutoff
                 and not record.has(blob, _UNFINISHED)
                 and not record.has(blob, _WAITING)
             ]
-            for slot, key in old:
-                held.kill(slot, key)
+            for slot in old:
+                held.kill(slot)
             held.tidy()
             forgotten += len(old)
         self.update_gauge()

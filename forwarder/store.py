@@ -168,7 +168,6 @@ class StateStore:
         for p, restore in list(self._restoring.items()):
             if await self._consumer.position(TopicPartition(self._topic, p)) >= restore.end:
                 del self._restoring[p]
-                self._map.settle(p)
                 restore.done.set()
                 log.info(
                     "state_restored",
