@@ -18,7 +18,7 @@ from __future__ import annotations
 import struct
 import time
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
@@ -138,7 +138,7 @@ class _Partition:
             offsets.append(at)
             self.live += 1
             if 2 * len(offsets) > len(self.index):
-                self._reindex(2 * len(self.index))
+                self._reindex(2 * len(self.index), self.index)
 
     def forget(self, key: bytes) -> None:
         """Forget batch id ``key`` (nothing if it is not held)."""
@@ -158,10 +158,10 @@ class _Partition:
         if self.garbage > _GARBAGE and self.garbage > len(self.blob) // 2:
             self._rebuild()
 
-    def _reindex(self, size: int) -> None:
-        """Move the index's entries to a new one of ``size`` entries (a power of two)."""
+    def _reindex(self, size: int, entries: Iterable[int]) -> None:
+        """A new index of ``size`` entries (a power of two) holding ``entries``."""
         index, mask = array("Q", [0]) * size, size - 1
-        for entry in self.index:
+        for entry in entries:
             if entry:
                 i = (entry >> 32) & mask
                 while index[i]:
@@ -172,24 +172,17 @@ class _Partition:
     def _rebuild(self) -> None:
         """Copy the live records into a new blob and renumber their slots: the garbage and the
         forgotten slots' index entries go."""
-        blob, offsets = bytearray(), array("q")
+        blob, offsets, entries = bytearray(), array("q"), array("Q")
         old = self.blob
         for record in self.records():
             offsets.append(len(blob))
+            entries.append((_hash32(bytes(record.key)) << 32) | len(offsets))
             blob += old[record.at : record.start + record.length]
         self.blob, self.offsets, self.garbage = blob, offsets, 0
         size = _FIRST_INDEX
         while size < 2 * len(offsets) + 1:
             size *= 2
-        index, mask = array("Q", [0]) * size, size - 1
-        for slot, at in enumerate(offsets):
-            _, id_length, _ = _HEADER.unpack_from(blob, at)
-            hashed = _hash32(bytes(blob[at + _HEADER.size : at + _HEADER.size + id_length]))
-            i = hashed & mask
-            while index[i]:
-                i = (i + 1) & mask
-            index[i] = (hashed << 32) | (slot + 1)
-        self.index = index
+        self._reindex(size, entries)
 
 
 class _Record(NamedTuple):
