@@ -15,6 +15,13 @@ Parts (``--only``), each on fresh topics and consumer groups, with the machine's
   exactly-once; no line may be missing.
 * ``lookup``: ``GET /v1/batches/{id}`` latency (p50/p99) on the ``--lookup-size`` state topic from
   a pod that owns the batch's partition and from one that does not.
+* ``scaleout``: for each ``--scaleout-sizes`` state size, one pod restores every partition alone,
+  then ``--pods - 1`` more join its group (a deployment scaled out from 1 to ``--pods``): each
+  pod's RSS against issue 23's bound, an empty pod's RSS + 1.25 x the memory of the states it
+  holds (``tests/support/memory.py``: bytes/state measured in the same run, on the one pod).
+* ``statemap``: the state map alone, in a process of its own (``--ref`` applies): bytes per state
+  and CPU per 100,000 records restored, looked up, put, scanned; the RSS kept after dropping four
+  of six partitions restored together.
 
 Writes a Markdown table to stdout, raw numbers to ``bench/out/scaling-*.json`` and a PNG plot
 (``--plots DIR``). Any failed check stops it with exit 1.
@@ -26,6 +33,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import re
 import shutil
 import statistics
@@ -33,33 +41,32 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from bench.data import Workload
-from bench.harness import OUT, BenchFailure, forwarder_command, log, proc_cpu
+from bench.harness import OUT, PY, BenchFailure, forwarder_command, log, proc_cpu
 from bench.machine import LoadWindow, describe
 from bench.testbed import API_TOKEN, WEBHOOK_SECRET, Rig, rig
 from bench.topics import produce_values, wait_for_records
 from forwarder.kafka import partition_for
 from tests.support.fake_datagrid import generate_lines
 from tests.support.kafka_helpers import read_topic
-from tests.support.state_preload import preload_state
+from tests.support.memory import (
+    SLACK,
+    per_state_bytes,
+    rss_bound_mb,
+    states_per_partition,
+    vm_rss_kb,
+)
+from tests.support.state_preload import preload_state, preloaded_id
 from tests.support.tally import Tally
 
 PARTITIONS = 6
 CHUNK = 4096  # small chunks, each after --drip seconds: a slow, I/O-bound upstream
-
-
-def vm_rss_kb(pid: int) -> int:
-    """Resident memory now (``VmRSS``)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 class Pod:
@@ -507,7 +514,202 @@ def lookup(bench: Bench) -> list[dict[str, Any]]:
     return rows
 
 
-PARTS = {"readiness": readiness, "throughput": throughput, "restarts": restarts, "lookup": lookup}
+def held_settled(pods: list[Pod], counts: dict[int, int], timeout: float = 300) -> list[int]:
+    """Until each pod's ``forwarder_state_batches`` is the number of states in the partitions it
+    owns (its restores done, the ones it gave away dropped); each pod's number."""
+    deadline = time.monotonic() + timeout
+    while True:
+        owned = [p.owned() for p in pods]
+        held = [int(p.value("forwarder_state_batches")) for p in pods]
+        expected = [sum(counts.get(part, 0) for part in mine) for mine in owned]
+        if held == expected and sum(map(len, owned)) == PARTITIONS:
+            return held
+        if time.monotonic() > deadline:
+            raise BenchFailure(f"states held {held}, expected {expected} for partitions {owned}")
+        time.sleep(0.2)
+
+
+def scaleout(bench: Bench) -> list[dict[str, Any]]:
+    """One pod restores every partition alone; ``--pods - 1`` more join: each pod's RSS against
+    an empty pod's + 1.25 x its states' memory (bytes/state from the one pod, this run)."""
+    rows = []
+    args = bench.args
+    empty_topic, _ = bench.state_topic(0)
+    empty = bench.pods(bench.names("scale-empty", state=empty_topic), 1, "se-")
+    empty_mb = empty[0].rss_mb
+    bench.drop(empty)
+    for size in args.scaleout_sizes:
+        topic, ids = bench.state_topic(size)
+        counts = states_per_partition(ids, PARTITIONS)
+        names = bench.names(f"scale{size}", state=topic)
+        bench.mark()
+        window = bench.window()
+        group = bench.pods(names, 1, f"s{size}-")
+        held_settled(group, counts)
+        one_mb = group[0].rss_mb
+        state_bytes = per_state_bytes(one_mb, empty_mb, size)
+        more = [Pod(bench, names, f"s{size}-{i}") for i in range(1, args.pods)]
+        bench.live.extend(more)
+        for pod in more:
+            pod.start()
+        group += more
+        bench.wait_ready(more)
+        bench.settle(group)
+        bench.all_ready(group)
+        held = held_settled(group, counts)
+        per_pod = []
+        for pod, states in zip(group, held, strict=True):
+            rss, bound = pod.rss_mb, rss_bound_mb(empty_mb, state_bytes, states)
+            per_pod.append(
+                {
+                    "rss_mb": round(rss, 1),
+                    "bound_mb": round(bound, 1),
+                    "state_batches": states,
+                    "partitions": sorted(pod.owned()),
+                    "within": rss <= bound,
+                }
+            )
+        load = bench.load(window, group, 0.0)
+        bench.drop(group)
+        row = {
+            "part": "scaleout",
+            "state": size,
+            "pods": args.pods,
+            "empty_mb": round(empty_mb, 1),
+            "one_pod_mb": round(one_mb, 1),
+            "state_bytes": round(state_bytes),
+            "per_pod": per_pod,
+            "load": load,
+        }
+        log(f"scale-out 1 -> {args.pods} pods, {size:,} states: {row}")
+        rows.append(row)
+    return rows
+
+
+def statemap(bench: Bench) -> list[dict[str, Any]]:
+    """The state map alone, in a child process with the measured tree's ``forwarder/``."""
+    rows = []
+    for size in bench.args.map_sizes:
+        child = subprocess.run(
+            [PY, "-m", "bench.scaling", "--map-child", str(size)],
+            env=bench.rig.service_env(bench.names("map")),  # its PYTHONPATH: the measured tree
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=bench.scratch,  # not the work tree, which would come first on the path
+        )
+        if child.returncode:
+            raise BenchFailure(f"state map measure failed:\n{child.stderr[-2000:]}")
+        row = {"part": "statemap", **json.loads(child.stdout.splitlines()[-1])}
+        log(f"state map, {size:,} states: {row}")
+        rows.append(row)
+    return rows
+
+
+def measure_map(count: int) -> dict[str, Any]:
+    """Restore ``count`` states into six partitions of a ``StateMap`` as a pod that restores them
+    alone reads them (interleaved, each record's key and value fresh objects), then read,
+    write, scan them and drop four partitions: RSS and CPU of each step."""
+    import gc
+
+    from aiokafka import ConsumerRecord
+
+    from forwarder import store
+    from forwarder.observability import Metrics
+    from forwarder.state import BatchState, Status
+    from forwarder.statemap import StateMap
+
+    ids = [preloaded_id("", i) for i in range(count)]  # made before the first RSS reading
+    template = BatchState(
+        batch_id="\x00",
+        status=Status.FORWARDED,
+        lines={"succeeded": 100},
+        expected_lines=100,
+        attempts=1,
+        batch_status="completed",
+        source="webhook",
+        event_id="evt_\x00",
+        delivery="at-least-once",
+        started_at="2026-12-07T17:00:00.000Z",
+        finished_at="2026-12-07T17:00:00.000Z",
+        terminal_at="2026-12-07T17:00:00.000Z",
+    ).encode()
+    head, middle, tail = template.split(b"\\u0000")
+    now_ms = int(time.time() * 1000)
+
+    def records() -> Iterator[ConsumerRecord[bytes, bytes]]:
+        for offset, batch_id in enumerate(ids):
+            key = batch_id.encode()
+            value = b"".join((head, key, middle, key, tail))
+            partition = partition_for(key, PARTITIONS)
+            yield ConsumerRecord(
+                "state", partition, offset, now_ms, 0, key, value, None, 0, len(value), ()
+            )
+
+    def rss_mb() -> float:
+        gc.collect()
+        return vm_rss_kb(os.getpid()) * 1024 / 1e6
+
+    states = StateMap(Metrics(process=False), retention_hours=720)
+    states.partition_count = PARTITIONS
+    for partition in range(PARTITIONS):
+        states.hold(partition)
+    before = rss_mb()
+    started = time.process_time()
+    for _ in records():  # what making the records costs, taken off the restore's CPU
+        pass
+    making = time.process_time() - started
+    started = time.process_time()
+    for record in records():
+        states.apply(record)
+    cpu = {"restore": time.process_time() - started - making}
+    full = rss_mb()
+    sample = ids[:: max(count // 100_000, 1)]
+    for name, step in (
+        ("get", lambda: [states.get(b) for b in sample]),
+        ("waiting", states.waiting),
+        ("prune", states.prune),
+    ):
+        started = time.process_time()
+        step()
+        cpu[name] = time.process_time() - started
+    cpu["get"] *= count / len(sample)  # scaled to a lookup of every state, like the others
+    for partition in range(4):
+        states.drop(partition)
+    store._release_memory()
+    after_drop = rss_mb()
+    share = len(states)
+    mine = [f"bpred_put{i:07d}" for i in range(200_000)]
+    puts = [
+        BatchState(batch_id=b, status=Status.FORWARDING)
+        for b in mine
+        if states.partition_of(b) >= 4
+    ][:20_000]
+    started = time.process_time()
+    for state in puts:
+        states.put(state)
+    put_cpu = (time.process_time() - started) * 100_000 / len(puts)
+    per_100k = {name: round(seconds * 100_000 / count, 3) for name, seconds in cpu.items()}
+    return {
+        "states": count,
+        "bytes_per_state": round((full - before) * 1e6 / count),
+        "rss_before_mb": round(before, 1),
+        "rss_full_mb": round(full, 1),
+        "states_after_drop": share,
+        "rss_after_drop_mb": round(after_drop, 1),
+        "share_mb": round(before + (full - before) * share / count, 1),
+        "cpu_s_per_100k": {**per_100k, "put": round(put_cpu, 3)},
+    }
+
+
+PARTS = {
+    "readiness": readiness,
+    "throughput": throughput,
+    "restarts": restarts,
+    "lookup": lookup,
+    "scaleout": scaleout,
+    "statemap": statemap,
+}
 
 
 # --- report ----------------------------------------------------------------------------------
@@ -587,6 +789,40 @@ def markdown(rows: list[dict[str, Any]], machine: dict[str, Any]) -> str:
                 f"| from {'the owner' if r['from'] == 'owner' else 'a non-owner'} "
                 f"| {r['state']:,} | {r['requests']} | {r['p50_ms']:.1f} "
                 f"| {r['p99_ms']:.1f} | {r['max_ms']:.1f} | {_others(r['load'])} |"
+            )
+        out.append("")
+    scale = [r for r in rows if r["part"] == "scaleout"]
+    if scale:
+        out += [
+            f"| state records | empty pod MB | 1 pod MB (bytes/state) | after scale-out: RSS MB "
+            f"(per pod) | bound MB: empty + {SLACK} × bytes/state × held | states held (per pod) "
+            "| within | others' cores |",
+            "|---:|---:|---|---|---|---|---|---|",
+        ]
+        for r in scale:
+            per = r["per_pod"]
+            within = "yes" if all(p["within"] for p in per) else "**no**"
+            out.append(
+                f"| {r['state']:,} | {r['empty_mb']:.0f} | {r['one_pod_mb']:.0f} "
+                f"({r['state_bytes']}) | {_each(per, 'rss_mb', '.0f')} "
+                f"| {_each(per, 'bound_mb', '.0f')} | {_each(per, 'state_batches', ',')} "
+                f"| {within} | {_others(r['load'])} |"
+            )
+        out.append("")
+    maps = [r for r in rows if r["part"] == "statemap"]
+    if maps:
+        out += [
+            "| states (6 partitions) | bytes/state | RSS MB: before / full / 2 of 6 kept "
+            "(their share) | CPU s per 100k: restore / get / put / waiting / prune |",
+            "|---:|---:|---|---|",
+        ]
+        for r in maps:
+            cpu = r["cpu_s_per_100k"]
+            out.append(
+                f"| {r['states']:,} | {r['bytes_per_state']} | {r['rss_before_mb']:.0f} / "
+                f"{r['rss_full_mb']:.0f} / {r['rss_after_drop_mb']:.0f} ({r['share_mb']:.0f}) "
+                f"| {cpu['restore']:.2f} / {cpu['get']:.2f} / {cpu['put']:.2f} / "
+                f"{cpu['waiting']:.2f} / {cpu['prune']:.2f} |"
             )
         out.append("")
     out.append(
@@ -672,6 +908,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--lookups", type=int, default=300, help="lookup: requests per kind")
     add("--remote-lookups", type=int, default=40, help="lookup: requests to a non-owner")
     add("--lookup-size", type=int, default=300_000, help="lookup: state records")
+    add("--scaleout-sizes", type=_ints, default=[300_000], help="scaleout: state records")
+    add("--map-sizes", type=_ints, default=[300_000], help="statemap: states")
+    add("--map-child", type=int, default=0, help=argparse.SUPPRESS)  # statemap's own process
     add("--ref", default=None, help="measure forwarder/ as of this git commit (e.g. main~1)")
     add("--smoke", action="store_true", help="tiny sizes: does it still run?")
     add("--out", type=Path, default=OUT)
@@ -681,12 +920,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.sizes, args.batches, args.lines, args.lookups = [0, 2000], 6, 40, 20
         args.remote_lookups = 10
         args.lookup_size, args.drip = 2000, 0.01
+        args.scaleout_sizes, args.map_sizes = [2000], [2000]
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the parts, print the tables, write the JSON and the plot."""
     args = parse_args(argv)
+    if args.map_child:  # the statemap part's child: one JSON line
+        print(json.dumps(measure_map(args.map_child)))
+        return 0
     parts = [p for p in args.only.split(",") if p]
     unknown = set(parts) - set(PARTS)
     if unknown:

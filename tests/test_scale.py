@@ -7,6 +7,10 @@ three are restarted one by one (SIGTERM, exit, start, ready) with jobs still arr
 topic is read back with ``read_committed`` and counted per (batch, line): nothing may be lost; in
 at-least-once mode the duplicates are counted and printed, in exactly-once mode there are none.
 
+Memory follows ownership (issue 23): one pod restores every state partition alone, two more
+join, and each pod's RSS must then be within an empty pod's RSS plus 1.25 times the memory of
+the states it holds (``tests/support/memory.py``).
+
 Every wait is on a counter, a gauge or a state (polling with generous deadlines), never a sleep
 that assumes a fast machine.
 """
@@ -31,6 +35,7 @@ from forwarder.config import Delivery, Settings
 from forwarder.kafka import partition_for
 from tests.support.fake_datagrid import FakeDatagrid, generate_lines
 from tests.support.kafka_helpers import read_topic
+from tests.support.memory import per_state_bytes, rss_bound_mb, states_per_partition, vm_rss_kb
 from tests.support.service_helpers import API_TOKEN, Forwarder, wait_until
 from tests.support.state_preload import PARTITIONS, preload_state
 from tests.support.tally import Tally
@@ -315,3 +320,93 @@ def test_three_pods_kill_and_rolling_restart(
         # streamed again after its attempt was cut (the kill or a rebalance), so whole batches'
         # worth at most.
         assert all(0 < n <= LINES * 8 for n in extra.values()), extra
+
+
+# --- memory after a scale-out ----------------------------------------------------------------
+
+#: States preloaded for the scale-out, the issue's 300,000: a pod's share is ~60 MB, so the
+#: bound's 25 % is ~15 MB above it.  Enough for what restoring every partition alone leaves
+#: on the first pod whatever the storage (~8 MB of CPython arenas still partly used, from the
+#: records fetched six partitions at a time), and far below what the old storage kept (~110 MB).
+SCALE_OUT = PRELOADED
+
+
+def rss_mb(pod: Forwarder) -> float:
+    """The pod's resident memory now, MB."""
+    assert pod.process is not None
+    return vm_rss_kb(pod.process.pid) * 1024 / 1e6
+
+
+def held_settled(group: list[Forwarder], counts: dict[int, int]) -> list[int]:
+    """Wait until the group's partitions are shared out (each exactly once, each pod some) and
+    each pod holds the states of its partitions, no more (``forwarder_state_batches``); each
+    pod's number of states."""
+    seen: list[tuple[set[int], int]] = []
+
+    def settled() -> bool:
+        seen[:] = [(owned_partitions(p), int(metric(p, "forwarder_state_batches"))) for p in group]
+        owned = [mine for mine, _ in seen]
+        return (
+            sorted(p for mine in owned for p in mine) == list(range(PARTITIONS))
+            and all(owned)
+            and all(held == sum(counts[p] for p in mine) for mine, held in seen)
+        )
+
+    try:
+        wait_until(settled, 180, "partitions and states shared out", interval=0.5)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: (partitions, states) per pod {seen}") from None
+    return [held for _, held in seen]
+
+
+@pytest.mark.slow
+def test_scaling_out_from_one_pod_to_three_leaves_each_pod_at_its_share(
+    make_settings: Callable[..., Settings], pods: list[Forwarder], tmp_path: Path
+) -> None:
+    """A deployment scaled from one pod to three: the first pod restores all 300,000 states
+    alone, then two pods join (the test broker has ``group.initial.rebalance.delay.ms=0``).  Each
+    pod then holds exactly the states of its partitions, and its RSS is at most an empty pod's
+    plus 1.25 x its states' memory, the memory of a state being measured here on the first pod
+    while it held them all.  The old storage, a dict of small objects per partition, left the
+    first pod at about two thirds of everything after giving four partitions of six away."""
+    options = {
+        "kafka_topic_partitions": PARTITIONS,
+        "reconcile_interval_seconds": 0,
+        "datagrid_requests_per_minute": 0,
+    }
+    settings, elsewhere = make_settings(**options), make_settings(**options)
+    tag = uuid.uuid4().hex[:6]
+    ids = asyncio.run(
+        preload_state(settings.kafka_bootstrap_servers, settings.state_topic, SCALE_OUT, tag=tag)
+    )
+    counts = states_per_partition(ids, PARTITIONS)
+
+    def pod(name: str, where: Settings = settings) -> Forwarder:
+        started = Forwarder(where, tmp_path, name=name).start()
+        pods.append(started)
+        return started
+
+    empty, first = pod("empty", elsewhere), pod("first")
+    empty.wait_ready(timeout=180)
+    first.wait_ready(timeout=180)
+    assert held_settled([first], counts) == [SCALE_OUT]
+    empty_mb, one_mb = rss_mb(empty), rss_mb(first)
+    empty.stop()
+    state_bytes = per_state_bytes(one_mb, empty_mb, SCALE_OUT)
+    assert state_bytes > 0
+
+    group = [first, pod("second"), pod("third")]
+    for member in group:
+        member.wait_ready(timeout=180)
+    held = held_settled(group, counts)
+    assert sum(held) == SCALE_OUT
+    report = [
+        (round(rss_mb(member), 1), round(rss_bound_mb(empty_mb, state_bytes, states), 1), states)
+        for member, states in zip(group, held, strict=True)
+    ]
+    print(
+        f"\nscale-out 1 -> 3 over {SCALE_OUT:,} states: empty pod {empty_mb:.1f} MB, one pod "
+        f"{one_mb:.1f} MB ({state_bytes:.0f} bytes/state); (RSS, bound, states) per pod {report}"
+    )
+    for member, (rss, bound, states) in zip(group, report, strict=True):
+        assert rss <= bound, f"{member.log_path.name}: {rss} MB > {bound} MB with {states} states"
