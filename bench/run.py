@@ -9,7 +9,7 @@
    verified record count by record count (``bench.harness`` measures them);
 3. start-up: a 10-line batch, N interleaved runs of the service and two plain scripts;
 4. latency (``bench.latency``): signed webhooks at steady rates into one pod, 202 to last ack;
-5. ``bench.report`` prints Markdown tables with each figure against issue 16's target and the
+5. ``bench.report`` prints Markdown tables with each figure against issue 23's target and the
    load during each run (``bench.machine``), ``bench.plots`` writes PNGs, and the raw numbers go
    to ``bench/out/results-*.json``.  Any failed check stops the suite with exit 1.
 """

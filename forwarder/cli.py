@@ -50,16 +50,26 @@ def _epilog() -> str:
     return "\n".join(lines)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Writes the configuration table (:func:`_epilog`) into ``--help`` only when help is shown:
+    it reads every setting's docstring from the source, which no other command needs to pay."""
+
+    def format_help(self) -> str:
+        self.epilog = _epilog()
+        return super().format_help()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also used to render ``--help``)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="forwarder",
         description="Forward Datagrid batch-prediction results into Kafka, once per batch.",
-        epilog=_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=argparse.ArgumentParser
+    )
     check = commands.add_parser(
         "check",
         help="check settings, Kafka (login, topics, ACLs, configs) and the Datagrid key",

@@ -5,8 +5,8 @@ stops start-up with one line naming the variable. How the environment becomes th
 (unknown names, Kubernetes service links, secrets from files) is ``environment.py``'s.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: the fields' types are objects when the class
+# is made, so reading them (``setting_fields``) evaluates no strings at start-up.
 import dataclasses
 import functools
 import inspect
@@ -380,7 +380,6 @@ class Settings:
     def check_files(self) -> None:
         """Every file setting exists, is readable and parses, or a :class:`ConfigError` names the
         variable (called at start, where the files are: not when settings are merely built)."""
-        context = ssl.create_default_context()
         files = {
             "FORWARDER_KAFKA_SSL_CAFILE": self.kafka_ssl_cafile,
             "FORWARDER_KAFKA_SSL_CERTFILE": self.kafka_ssl_certfile,
@@ -395,6 +394,10 @@ class Settings:
             raise ConfigError(
                 "FORWARDER_KAFKA_SSL_CERTFILE and FORWARDER_KAFKA_SSL_KEYFILE go together"
             )
+        if not any(files.values()):
+            return
+        # Not a default context: loading the system's CA store is for connecting, not this.
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         try:
             if self.kafka_ssl_cafile:
                 context.load_verify_locations(cafile=self.kafka_ssl_cafile)
@@ -490,13 +493,12 @@ class SettingField:
 @functools.cache
 def setting_fields() -> dict[str, SettingField]:
     """Every setting, in declaration order."""
-    kinds = typing.get_type_hints(Settings, include_extras=True)
     fields = {}
     for item in dataclasses.fields(Settings):
         factory = item.default_factory
         default = factory() if factory is not dataclasses.MISSING else item.default
         variables = ALIASES.get(item.name, (env_name(item.name),))
-        fields[item.name] = SettingField(item.name, kinds[item.name], default, variables)
+        fields[item.name] = SettingField(item.name, item.type, default, variables)
     return fields
 
 
