@@ -7,7 +7,7 @@ import asyncio
 
 from aiokafka import TopicPartition
 
-from forwarder.offsets import JobsLedger, KeyedLock, PartitionOffsets
+from forwarder.offsets import GroupCommit, JobsLedger, KeyedLock, PartitionOffsets
 
 TP0, TP1 = TopicPartition("jobs", 0), TopicPartition("jobs", 1)
 
@@ -79,3 +79,51 @@ async def test_keyed_lock_serialises_one_key_and_drops_idle_locks() -> None:
     assert order.index("a1-") < order.index("a2+")  # a2 waited for a1
     assert order.index("b1+") < order.index("a1-")  # b ran beside a
     assert len(locks) == 0
+
+
+async def test_jobs_finishing_together_share_one_commit_in_offset_order() -> None:
+    """GroupCommit: offsets that finish within the linger go in one commit (a partition's highest),
+    a job waits until its commit is answered, later ones go in the next, never two at once."""
+    sent: list[dict[TopicPartition, int]] = []
+    sending, answer = asyncio.Event(), asyncio.Event()
+
+    async def commit(offsets: dict[TopicPartition, int]) -> None:
+        assert not sending.is_set(), "two commits in flight at once"
+        sending.set()
+        await answer.wait()
+        sent.append(offsets)
+        sending.clear()
+
+    group = GroupCommit(commit, linger=0)
+    first = [
+        asyncio.create_task(group.commit(tp, offset))
+        for tp, offset in ((TP0, 6), (TP1, 3), (TP0, 8), (TP0, 7))
+    ]
+    await sending.wait()  # the first commit is in flight: what finishes now goes in the next
+    later = [asyncio.create_task(group.commit(TP0, 9)), asyncio.create_task(group.commit(TP1, 4))]
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert not any(task.done() for task in first + later)
+    answer.set()
+    await asyncio.gather(*first, *later)
+    assert sent == [{TP0: 8, TP1: 3}, {TP0: 9, TP1: 4}]
+
+
+async def test_a_cancelled_job_does_not_cancel_the_shared_commit_and_close_sends_at_once() -> None:
+    """A job abandoned while it waits leaves the others' commit alone; close() sends what is
+    pending without waiting out the linger."""
+    sent: list[dict[TopicPartition, int]] = []
+
+    async def commit(offsets: dict[TopicPartition, int]) -> None:
+        sent.append(offsets)
+
+    group = GroupCommit(commit, linger=3600)
+    abandoned = asyncio.create_task(group.commit(TP0, 4))
+    kept = asyncio.create_task(group.commit(TP1, 2))
+    await asyncio.sleep(0)
+    abandoned.cancel()
+    await asyncio.sleep(0)
+    assert abandoned.cancelled() and not kept.done()
+    await asyncio.wait_for(group.close(), 5)
+    await asyncio.wait_for(kept, 5)
+    assert sent == [{TP0: 4, TP1: 2}]
