@@ -299,7 +299,8 @@ def profile_serve(rig_: Rig, args: argparse.Namespace, stamp: str) -> str:
         name: [f"{names['batch']}_{name}_{i}" for i in range(n)]
         for name, n in (("warm", max(args.batches // 5, 20)), ("timed", args.batches))
     }
-    rounds["profiled"] = [f"{names['batch']}_profiled_{i}" for i in range(args.batches)]
+    if not args.cpu_only:
+        rounds["profiled"] = [f"{names['batch']}_profiled_{i}" for i in range(args.batches)]
     for batch_ids in rounds.values():
         for batch_id in batch_ids:
             rig_.configure(batch_id, work)
@@ -313,7 +314,7 @@ def profile_serve(rig_: Rig, args: argparse.Namespace, stamp: str) -> str:
             (b or 0) - (a or 0) for a, b in zip(helpers0, rig_.helpers_cpu(), strict=True)
         )
         load = window.close(cpu + helpers, {*rig_.our_pids(), server.proc.pid})
-        pyspy = find_pyspy()
+        pyspy = None if args.cpu_only else find_pyspy()
         report = ""
         if pyspy:
             raw = OUT / f"profile-serve-{stamp}.txt"
@@ -326,7 +327,7 @@ def profile_serve(rig_: Rig, args: argparse.Namespace, stamp: str) -> str:
             spy.send_signal(signal.SIGINT)
             spy.wait(60)
             report = summarize_raw(raw, per_batch_ms=1000 * cpu / len(rounds["timed"]))
-        else:
+        elif not args.cpu_only:
             log("py-spy not found: CPU per batch only")
     rig_.delete(topics)
     n = len(rounds["timed"])
@@ -349,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--batches", type=int, default=500, help="serve: batches per round")
     p.add_argument("--via", choices=("jobs", "webhook"), default="jobs", help="serve: how fed")
+    p.add_argument("--cpu-only", action="store_true", help="serve: CPU per batch, no profile")
     p.add_argument(
         "--env", action="append", default=[], help="serve: extra NAME=VALUE for the server"
     )
