@@ -109,29 +109,28 @@ STEPS: list[tuple[str, str]] = [
     ("logging (structlog, the JSON renderer, the handler)", r"structlog/|logging/"),
     ("metrics (prometheus_client)", r"prometheus_client/"),
     (
-        "Publisher set-up and publish (publish.py, acks.py, ndjson.py)",
-        r"forwarder/(publish|acks|ndjson)\.py",
-    ),
-    (
         "state record (Outcomes.record / send_state, BatchState.encode)",
         r"^(Outcomes\.(record|_record_once|send_state)|BatchState\.encode) ",
     ),
     ("state store (StateStore, statemap)", r"forwarder/(store|statemap)\.py"),
     (
-        "job offset commit (Worker._commit, consumer.commit)",
-        r"^(Worker\._commit|AIOKafkaConsumer\.commit) ",
+        "job offset commit (Worker._commit, GroupCommit, consumer.commit)",
+        r"^(Worker\._commit(_offsets)?|GroupCommit\.\w+|AIOKafkaConsumer\.commit) ",
+    ),
+    (
+        "webhook / API request (litestar, uvicorn, the handler, the job's produce)",
+        r"litestar/|uvicorn/protocols/|forwarder/(webhooks|api)\.py",
     ),
     ("upstream GET /batches/{id} (DatagridClient.get_batch)", r"^DatagridClient\.get_batch "),
     (
         "upstream results stream (stream_results, httpx)",
-        r"^(DatagridClient\.stream_results|Pipeline\._stream) |httpx/|httpcore/|h11/|anyio/",
+        r"^DatagridClient\.stream_results |httpx/|httpcore/|h11/|anyio/",
+    ),
+    (
+        "Publisher set-up and publish (publish.py, acks.py, ndjson.py)",
+        r"forwarder/(publish|acks|ndjson)\.py",
     ),
     ("results partitions (producer.partitions_for)", r"^AIOKafkaProducer\.partitions_for "),
-    (
-        "webhook / API request (litestar, uvicorn, the handler)",
-        r"litestar/|uvicorn/protocols/|forwarder/(webhooks|api)\.py",
-    ),
-    ("jobs queue put (JobQueue)", r"forwarder/jobs\.py"),
     (
         "jobs poll loop (Worker._loop, lag, getmany)",
         r"^(Worker\._loop|LagReporter\.update|AIOKafkaConsumer\.getmany) ",
