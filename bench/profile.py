@@ -14,8 +14,11 @@ speedscope or flamegraph.pl read it) and the report in ``bench/out/``.
 ``--contender serve`` measures the fixed cost of a batch instead: one ``forwarder serve`` is fed
 ``--batches`` batches of ``--lines`` lines (tiny, so the per-line path hardly shows) through the
 jobs topic or as signed webhooks, three times: a warm-up, a timed round (the server's CPU from
-``/proc`` over it, divided by the batches: CPU-ms per batch) and a profiled round (py-spy
-attached to the running server), whose samples are also broken down by per-batch step.
+``/proc`` over it, divided by the batches: CPU-ms per batch, and the kernel's share of it) and a
+profiled round (py-spy attached to the running server), whose samples are also broken down by
+per-batch step.  py-spy counts a thread that is runnable but waiting for a core as on-CPU, so on a
+busy machine the shares of the event loop's ``select`` and of socket sends are inflated: compare
+shares from a quiet machine.
 """
 
 from __future__ import annotations
@@ -289,6 +292,12 @@ def _feed_round(
     raise BenchFailure(f"{done - forwarded:.0f} of {len(batch_ids)} batches counted forwarded")
 
 
+def _system_cpu(pid: int) -> float:
+    """System (kernel) CPU seconds of a live process: its syscalls (socket sends, epoll)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[12]) / os.sysconf("SC_CLK_TCK")
+
+
 def profile_serve(rig_: Rig, args: argparse.Namespace, stamp: str) -> str:
     """The fixed cost of a batch in ``forwarder serve``: CPU-ms per batch, then a profile."""
     names = rig_.names("serve")
@@ -306,9 +315,11 @@ def profile_serve(rig_: Rig, args: argparse.Namespace, stamp: str) -> str:
     with serve(rig_, names, **dict(e.split("=", 1) for e in args.env)) as server:
         _feed_round(rig_, server, names, rounds["warm"], args.via, args.lines)
         cpu0, started, helpers0 = server.cpu, time.perf_counter(), rig_.helpers_cpu()
+        sys0 = _system_cpu(server.proc.pid)
         window = LoadWindow()
         _feed_round(rig_, server, names, rounds["timed"], args.via, args.lines)
         cpu, wall = server.cpu - cpu0, time.perf_counter() - started
+        kernel = _system_cpu(server.proc.pid) - sys0
         helpers = sum(
             (b or 0) - (a or 0) for a, b in zip(helpers0, rig_.helpers_cpu(), strict=True)
         )
@@ -332,7 +343,8 @@ def profile_serve(rig_: Rig, args: argparse.Namespace, stamp: str) -> str:
     n = len(rounds["timed"])
     return (
         f"{n} batches of {args.lines} lines via {args.via}: {1000 * cpu / n:.2f} CPU-ms per "
-        f"batch ({cpu:.2f} CPU-s over {wall:.1f} s wall, {n / wall:.0f} batches/s); load: "
+        f"batch ({cpu:.2f} CPU-s, {100 * kernel / max(cpu, 1e-9):.0f}% of it in the kernel, over "
+        f"{wall:.1f} s wall, {n / wall:.0f} batches/s); load: "
         f"{load}\n\n{report}"
     )
 
