@@ -69,7 +69,7 @@ class Worker:
         self._loop_task: asyncio.Task[None] | None = None
         self._jobs = JobsLedger()
         self._batch_locks = KeyedLock()
-        self._commits = GroupCommit(self._commit_offsets)
+        self._commits = self._jobs.commits = GroupCommit(self._commit_offsets)
         self._slots = asyncio.Semaphore(settings.concurrency)
         self._stopping = asyncio.Event()
         self._lag = LagReporter(metrics)
@@ -135,7 +135,7 @@ class Worker:
         if not self._stopping.is_set() or self._loop_task is not None:
             await self.drain(0)
         if self._consumer is not None:
-            await self._commits.close()
+            await self._commits.flush()
             await self._consumer.stop()
             self._consumer = None
         if self._txn is not None:
@@ -217,7 +217,7 @@ class Worker:
         except Exception:  # a bug: count it, log it, and do not wedge the partition behind it
             logger.exception("job_internal_error")
             self._metrics.internal_errors.labels(where="job").inc()
-        await self._commit(tp, record.offset)
+        self._commit(tp, record.offset)
 
     async def _reroute(self, job: Job, tp: TopicPartition) -> None:
         """A job not keyed by its batch id (another producer's) sits in a partition whose state
@@ -332,7 +332,7 @@ class Worker:
             return
         self._parking.schedule(job, checks, exc.batch_status)
 
-    async def _commit(self, tp: TopicPartition, offset: int) -> None:
+    def _commit(self, tp: TopicPartition, offset: int) -> None:
         offsets = self._jobs.offsets.get(tp)
         if offsets is None or self._consumer is None:
             return  # partition revoked meanwhile: its new owner decides
@@ -342,7 +342,7 @@ class Worker:
         if self._jobs.in_transaction(tp, commit):
             self._metrics.job_commits.labels(via="transaction").inc()
             return  # exactly-once: committed with the batch, atomically
-        await self._commits.commit(tp, commit)
+        self._commits.add(tp, commit)  # (sent within COMMIT_LINGER, with others')
 
     async def _commit_offsets(self, offsets: dict[TopicPartition, int]) -> None:
         """One consumer commit of the finished jobs' offsets gathered by :class:`GroupCommit`.

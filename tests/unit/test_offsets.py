@@ -82,8 +82,8 @@ async def test_keyed_lock_serialises_one_key_and_drops_idle_locks() -> None:
 
 
 async def test_jobs_finishing_together_share_one_commit_in_offset_order() -> None:
-    """GroupCommit: offsets that finish within the linger go in one commit (a partition's highest),
-    a job waits until its commit is answered, later ones go in the next, never two at once."""
+    """GroupCommit: offsets queued within the linger go in one commit (a partition's highest),
+    those queued while it is in flight go in the next, never two at once."""
     sent: list[dict[TopicPartition, int]] = []
     sending, answer = asyncio.Event(), asyncio.Event()
 
@@ -95,35 +95,33 @@ async def test_jobs_finishing_together_share_one_commit_in_offset_order() -> Non
         sending.clear()
 
     group = GroupCommit(commit, linger=0)
-    first = [
-        asyncio.create_task(group.commit(tp, offset))
-        for tp, offset in ((TP0, 6), (TP1, 3), (TP0, 8), (TP0, 7))
-    ]
+    for tp, offset in ((TP0, 6), (TP1, 3), (TP0, 8), (TP0, 7)):
+        group.add(tp, offset)
     await sending.wait()  # the first commit is in flight: what finishes now goes in the next
-    later = [asyncio.create_task(group.commit(TP0, 9)), asyncio.create_task(group.commit(TP1, 4))]
+    group.add(TP0, 9)
+    group.add(TP1, 4)
     for _ in range(10):
         await asyncio.sleep(0)
-    assert not any(task.done() for task in first + later)
+    assert sent == []
     answer.set()
-    await asyncio.gather(*first, *later)
+    await group.flush()  # returns once everything queued so far is answered
     assert sent == [{TP0: 8, TP1: 3}, {TP0: 9, TP1: 4}]
 
 
-async def test_a_cancelled_job_does_not_cancel_the_shared_commit_and_close_sends_at_once() -> None:
-    """A job abandoned while it waits leaves the others' commit alone; close() sends what is
-    pending without waiting out the linger."""
+async def test_a_flush_sends_at_once_and_waits_for_the_answer() -> None:
+    """flush() (a revocation, a stop) does not wait out the linger; with nothing pending it
+    sends nothing."""
     sent: list[dict[TopicPartition, int]] = []
 
     async def commit(offsets: dict[TopicPartition, int]) -> None:
+        await asyncio.sleep(0)
         sent.append(offsets)
 
     group = GroupCommit(commit, linger=3600)
-    abandoned = asyncio.create_task(group.commit(TP0, 4))
-    kept = asyncio.create_task(group.commit(TP1, 2))
-    await asyncio.sleep(0)
-    abandoned.cancel()
-    await asyncio.sleep(0)
-    assert abandoned.cancelled() and not kept.done()
-    await asyncio.wait_for(group.close(), 5)
-    await asyncio.wait_for(kept, 5)
+    group.add(TP0, 4)
+    group.add(TP1, 2)
+    await asyncio.wait_for(group.flush(), 5)
     assert sent == [{TP0: 4, TP1: 2}]
+    await group.flush()
+    assert sent == [{TP0: 4, TP1: 2}]
+    assert [t for t in asyncio.all_tasks() if t.get_name() == "jobs-commit"] == []
