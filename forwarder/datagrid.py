@@ -207,15 +207,23 @@ class DatagridClient:
         }
         if settings.datagrid_teamspace:
             headers["Datagrid-Teamspace"] = settings.datagrid_teamspace
+        base_url = settings.datagrid_base_url.rstrip("/") + "/"
+        timeout = httpx.Timeout(
+            settings.datagrid_read_timeout, connect=settings.datagrid_connect_timeout
+        )
         self._http = httpx.AsyncClient(
-            base_url=settings.datagrid_base_url.rstrip("/") + "/",
+            base_url=base_url,
             headers=headers,
-            timeout=httpx.Timeout(
-                settings.datagrid_read_timeout, connect=settings.datagrid_connect_timeout
-            ),
+            timeout=timeout,
             transport=transport,
             follow_redirects=False,
         )
+        # Each request is built from these, not by the client's build_request, which merges the
+        # base URL, headers, cookies and timeout anew every time (about 80 µs a request, twice a
+        # batch): the same as it would, done once.
+        self._base_url = base_url
+        self._timeout = {"timeout": timeout.as_dict()}
+        self._headers: dict[str, httpx.Headers] = {}
         self._on_response = metrics.on_upstream_response
         self._limiter = RateLimiter(
             settings.datagrid_requests_per_minute, metrics.ratelimit_wait.inc
@@ -293,9 +301,7 @@ class DatagridClient:
     ) -> httpx.Response:
         """Send ``GET path``; the response's headers are read (and observed), its body is not."""
         started = time.perf_counter()
-        # identity: a compressed body would let a small response inflate without bound.
-        headers = {"Accept": accept, "Accept-Encoding": "identity"}
-        request = self._http.build_request("GET", path, headers=headers, params=params)
+        request = self._request(path, accept, params)
         try:
             response = await self._http.send(request, stream=True)
         except httpx.LocalProtocolError as exc:
@@ -309,6 +315,30 @@ class DatagridClient:
         self._on_response(str(response.status_code), time.perf_counter() - started)
         self._limiter.observe(endpoint, response.status_code, response.headers)
         return response
+
+    def _request(
+        self, path: str, accept: str, params: dict[str, str | int] | None
+    ) -> httpx.Request:
+        """``GET path`` as the client's ``build_request`` would build it."""
+        if self._http.cookies:  # a server set cookies (say, a load balancer's): merge them
+            return self._http.build_request(
+                "GET", path, headers=self._headers_for(accept), params=params
+            )
+        return httpx.Request(
+            "GET",
+            self._base_url + path,
+            params=params,
+            headers=self._headers_for(accept),
+            extensions=dict(self._timeout),
+        )
+
+    def _headers_for(self, accept: str) -> httpx.Headers:
+        headers = self._headers.get(accept)
+        if headers is None:
+            headers = self._headers[accept] = self._http.headers.copy()
+            # identity: a compressed body would let a small response inflate without bound.
+            headers.update({"Accept": accept, "Accept-Encoding": "identity"})
+        return headers
 
     @asynccontextmanager
     async def stream_results(self, batch_id: str) -> AsyncIterator[ResultsStream]:

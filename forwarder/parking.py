@@ -45,7 +45,9 @@ class Parking:
         self._rerun = rerun
         self._jobs_partition = jobs_partition
         self._waiters: dict[str, asyncio.Task[None]] = {}
-        self._adopting: asyncio.Task[None] | None = None
+        # Adoptions still running: a rebalance soon after another starts one more, and every one
+        # must be cancelled at a drain (a task left pending when the loop closes is an error).
+        self._adopting: set[asyncio.Task[None]] = set()
         # Polls of a batch that is not terminal: 2, 4, 8 ... s, up to the poll setting.
         self._not_ready = Backoff(base=1.0, cap=poll_cap, jitter=0.2)
 
@@ -95,7 +97,9 @@ class Parking:
         """Once the state of ``assigned`` is restored, park its waiting batches (in the
         background: a rebalance is not held up by a restore)."""
         # (an earlier adoption still running only parks batches this pod holds, once each)
-        self._adopting = asyncio.create_task(self._adopt(assigned), name="adopt")
+        task = asyncio.create_task(self._adopt(assigned), name="adopt")
+        self._adopting.add(task)
+        task.add_done_callback(self._adopting.discard)
 
     async def _adopt(self, assigned: list[TopicPartition]) -> None:
         for tp in assigned:
@@ -108,7 +112,7 @@ class Parking:
     def cancel(self) -> None:
         """Cancel every timer and any adoption (drain: the waiting records stay, and the
         partitions' next owner, or this pod restarted, adopts them)."""
-        for waiter in [*self._waiters.values(), *filter(None, [self._adopting])]:
+        for waiter in [*self._waiters.values(), *self._adopting]:
             waiter.cancel()
         self._waiters.clear()
 

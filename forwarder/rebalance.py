@@ -2,8 +2,9 @@
 partitions.
 
 Revoked partitions: their jobs in flight finish within the drain timeout or are abandoned
-(uncommitted: the new owner redoes them), and everything this pod kept for them goes (offsets,
-exactly-once producers, lag series, parked batches).  Assigned partitions: their state starts
+(uncommitted: the new owner redoes them), the finished jobs' offsets are committed (not left to
+the commit linger), and everything this pod kept for them goes (offsets, exactly-once producers,
+lag series, parked batches).  Assigned partitions: their state starts
 restoring, their offsets are tracked, their exactly-once producers start, and their waiting
 batches are adopted once restored.
 """
@@ -65,6 +66,9 @@ class Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         revoked_set = set(revoked)
         if mine := self._jobs.running(revoked_set):
             await finish_or_abandon(mine, self._grace, "rebalance_abandoned")
+        if self._jobs.commits is not None:
+            # The finished jobs' offsets commit while the partitions are still ours.
+            await self._jobs.commits.flush()
         for tp in revoked_set:
             self._jobs.forget(tp)
             self._lag.forget(tp)

@@ -31,7 +31,7 @@ from forwarder.jobs import Job, JobQueue, deployment_of, parse_job
 from forwarder.kafka import kafka_errors, make_jobs_consumer, partition_for
 from forwarder.lag import LagReporter
 from forwarder.observability import Metrics
-from forwarder.offsets import JobsLedger, KeyedLock, PartitionOffsets
+from forwarder.offsets import GroupCommit, JobsLedger, KeyedLock, PartitionOffsets
 from forwarder.parking import Parking
 from forwarder.pipeline import Pipeline, Transaction
 from forwarder.producers import TransactionalProducers
@@ -69,6 +69,7 @@ class Worker:
         self._loop_task: asyncio.Task[None] | None = None
         self._jobs = JobsLedger()
         self._batch_locks = KeyedLock()
+        self._commits = self._jobs.commits = GroupCommit(self._commit_offsets)
         self._slots = asyncio.Semaphore(settings.concurrency)
         self._stopping = asyncio.Event()
         self._lag = LagReporter(metrics)
@@ -134,6 +135,7 @@ class Worker:
         if not self._stopping.is_set() or self._loop_task is not None:
             await self.drain(0)
         if self._consumer is not None:
+            await self._commits.flush()
             await self._consumer.stop()
             self._consumer = None
         if self._txn is not None:
@@ -215,7 +217,7 @@ class Worker:
         except Exception:  # a bug: count it, log it, and do not wedge the partition behind it
             logger.exception("job_internal_error")
             self._metrics.internal_errors.labels(where="job").inc()
-        await self._commit(tp, record.offset)
+        self._commit(tp, record.offset)
 
     async def _reroute(self, job: Job, tp: TopicPartition) -> None:
         """A job not keyed by its batch id (another producer's) sits in a partition whose state
@@ -330,7 +332,7 @@ class Worker:
             return
         self._parking.schedule(job, checks, exc.batch_status)
 
-    async def _commit(self, tp: TopicPartition, offset: int) -> None:
+    def _commit(self, tp: TopicPartition, offset: int) -> None:
         offsets = self._jobs.offsets.get(tp)
         if offsets is None or self._consumer is None:
             return  # partition revoked meanwhile: its new owner decides
@@ -340,13 +342,30 @@ class Worker:
         if self._jobs.in_transaction(tp, commit):
             self._metrics.job_commits.labels(via="transaction").inc()
             return  # exactly-once: committed with the batch, atomically
+        self._commits.add(tp, commit)  # (sent within COMMIT_LINGER, with others')
+
+    async def _commit_offsets(self, offsets: dict[TopicPartition, int]) -> None:
+        """One consumer commit of the finished jobs' offsets gathered by :class:`GroupCommit`.
+        Never raises: a failed commit is not fatal (the jobs may be redone, and the state store
+        makes them duplicates)."""
+        # Only partitions still ours, and not committed further by a transaction meanwhile.
+        offsets = {
+            tp: commit
+            for tp, commit in offsets.items()
+            if tp in self._jobs.offsets and not self._jobs.in_transaction(tp, commit)
+        }
+        if not offsets or self._consumer is None:
+            return
         try:
-            with kafka_errors(f"committing {tp}"):
-                await self._consumer.commit({tp: commit})
-            self._metrics.job_commits.labels(via="consumer").inc()
+            with kafka_errors(f"committing {sorted(tp.partition for tp in offsets)}"):
+                await self._consumer.commit(offsets)
+            self._metrics.job_commits.labels(via="consumer").inc(len(offsets))
         except KafkaError as exc:
-            # Not fatal: the job may be redone, and the state store makes that a duplicate.
-            log.warning("commit_failed", partition=tp.partition, offset=commit, error=str(exc))
+            for tp, commit in offsets.items():
+                log.warning("commit_failed", partition=tp.partition, offset=commit, error=str(exc))
+        except Exception:  # a bug: counted and logged, the jobs are redone at worst
+            log.exception("commit_internal_error")
+            self._metrics.internal_errors.labels(where="job").inc()
 
     @property
     def transactions_failure(self) -> str | None:

@@ -7,7 +7,7 @@ import asyncio
 
 from aiokafka import TopicPartition
 
-from forwarder.offsets import JobsLedger, KeyedLock, PartitionOffsets
+from forwarder.offsets import GroupCommit, JobsLedger, KeyedLock, PartitionOffsets
 
 TP0, TP1 = TopicPartition("jobs", 0), TopicPartition("jobs", 1)
 
@@ -79,3 +79,49 @@ async def test_keyed_lock_serialises_one_key_and_drops_idle_locks() -> None:
     assert order.index("a1-") < order.index("a2+")  # a2 waited for a1
     assert order.index("b1+") < order.index("a1-")  # b ran beside a
     assert len(locks) == 0
+
+
+async def test_jobs_finishing_together_share_one_commit_in_offset_order() -> None:
+    """GroupCommit: offsets queued within the linger go in one commit (a partition's highest),
+    those queued while it is in flight go in the next, never two at once."""
+    sent: list[dict[TopicPartition, int]] = []
+    sending, answer = asyncio.Event(), asyncio.Event()
+
+    async def commit(offsets: dict[TopicPartition, int]) -> None:
+        assert not sending.is_set(), "two commits in flight at once"
+        sending.set()
+        await answer.wait()
+        sent.append(offsets)
+        sending.clear()
+
+    group = GroupCommit(commit, linger=0)
+    for tp, offset in ((TP0, 6), (TP1, 3), (TP0, 8), (TP0, 7)):
+        group.add(tp, offset)
+    await sending.wait()  # the first commit is in flight: what finishes now goes in the next
+    group.add(TP0, 9)
+    group.add(TP1, 4)
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert sent == []
+    answer.set()
+    await group.flush()  # returns once everything queued so far is answered
+    assert sent == [{TP0: 8, TP1: 3}, {TP0: 9, TP1: 4}]
+
+
+async def test_a_flush_sends_at_once_and_waits_for_the_answer() -> None:
+    """flush() (a revocation, a stop) does not wait out the linger; with nothing pending it
+    sends nothing."""
+    sent: list[dict[TopicPartition, int]] = []
+
+    async def commit(offsets: dict[TopicPartition, int]) -> None:
+        await asyncio.sleep(0)
+        sent.append(offsets)
+
+    group = GroupCommit(commit, linger=3600)
+    group.add(TP0, 4)
+    group.add(TP1, 2)
+    await asyncio.wait_for(group.flush(), 5)
+    assert sent == [{TP0: 4, TP1: 2}]
+    await group.flush()
+    assert sent == [{TP0: 4, TP1: 2}]
+    assert [t for t in asyncio.all_tasks() if t.get_name() == "jobs-commit"] == []

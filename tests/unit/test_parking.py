@@ -101,3 +101,29 @@ async def test_adoption_parks_the_restored_waiting_batches_once() -> None:
     assert reruns == [Job("w1", source="webhook", event_id="e1")]
     assert "w2" in parking
     parking.cancel()
+
+
+async def test_a_drain_cancels_every_adoption_still_running() -> None:
+    """Two rebalances in a row start two adoptions, both waiting for a restore: cancel() stops
+    both (one left pending would be destroyed with the loop, an error at shutdown)."""
+    never = asyncio.Event()
+
+    class _Slow(_Store):
+        async def restored_partition(self, partition: int) -> None:
+            await never.wait()
+
+    parking = Parking(
+        _Slow([]),  # type: ignore[arg-type]
+        Metrics(process=False),
+        rerun=lambda job: asyncio.sleep(0),
+        jobs_partition=lambda batch_id: None,
+        poll_cap=60,
+    )
+    parking.adopt([TopicPartition("jobs", 1)])
+    parking.adopt([TopicPartition("jobs", 2)])
+    await asyncio.sleep(0)
+    adoptions = [t for t in asyncio.all_tasks() if t.get_name() == "adopt"]
+    assert len(adoptions) == 2
+    parking.cancel()
+    await asyncio.wait(adoptions, timeout=5)
+    assert all(task.cancelled() for task in adoptions)

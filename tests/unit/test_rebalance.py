@@ -9,7 +9,7 @@ from aiokafka import TopicPartition
 from forwarder.jobs import Job
 from forwarder.lag import LagReporter
 from forwarder.observability import Metrics
-from forwarder.offsets import JobsLedger, PartitionOffsets
+from forwarder.offsets import GroupCommit, JobsLedger, PartitionOffsets
 from forwarder.parking import Parking
 from forwarder.rebalance import Rebalance
 
@@ -36,8 +36,10 @@ async def _nothing(job: Job) -> None:
     return None
 
 
-def _listener(grace: float) -> tuple[Rebalance, JobsLedger, Parking, _Store, Metrics]:
-    metrics, store, jobs = Metrics(process=False), _Store(), JobsLedger()
+def _listener(
+    grace: float, commits: GroupCommit | None = None
+) -> tuple[Rebalance, JobsLedger, Parking, _Store, Metrics]:
+    metrics, store, jobs = Metrics(process=False), _Store(), JobsLedger(commits=commits)
     parking = Parking(
         store,  # type: ignore[arg-type]
         metrics,
@@ -94,3 +96,21 @@ async def test_revocation_abandons_late_jobs_and_forgets_only_the_revoked_partit
     kept.cancel()
     parking.cancel()
     await asyncio.gather(kept, return_exceptions=True)
+
+
+async def test_revocation_commits_the_finished_jobs_while_the_partition_is_ours() -> None:
+    """Offsets of finished jobs waiting out the commit linger are committed before the revoked
+    partition is forgotten (its new owner then starts past them), not an hour later."""
+    sent: list[tuple[dict[TopicPartition, int], set[TopicPartition]]] = []
+
+    async def commit(offsets: dict[TopicPartition, int]) -> None:
+        sent.append((offsets, set(jobs.offsets)))
+
+    commits = GroupCommit(commit, linger=3600)
+    listener, jobs, parking, _, _ = _listener(grace=1.0, commits=commits)
+    await listener.on_partitions_assigned([TP0, TP1])
+    commits.add(TP0, 4)
+    await listener.on_partitions_revoked([TP0])
+    assert sent == [({TP0: 4}, {TP0, TP1})]  # committed while TP0 was still tracked
+    assert list(jobs.offsets) == [TP1]
+    parking.cancel()
