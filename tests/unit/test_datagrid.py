@@ -4,9 +4,8 @@ requests the httpx client's own ``build_request`` gives, cookies included once a
 from __future__ import annotations
 
 import httpx
-from pydantic import SecretStr
 
-from forwarder.config import Settings
+from forwarder.config import SecretStr, Settings
 from forwarder.datagrid import DatagridClient
 from forwarder.observability import Metrics
 
