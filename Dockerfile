@@ -3,7 +3,7 @@
 # datagrid-forwarder image.
 #
 #   docker build -t datagrid-forwarder:dev \
-#     --build-arg VERSION=0.3.0 --build-arg REVISION="$(git rev-parse HEAD)" .
+#     --build-arg VERSION=0.4.0 --build-arg REVISION="$(git rev-parse HEAD)" .
 #
 # Behind a TLS-intercepting proxy, hand the build your system's CA bundle as a secret (it replaces
 # the image's bundle for the dependency download only, and stays out of every layer):
@@ -65,7 +65,7 @@ RUN /opt/forwarder/venv/bin/python -P -c \
 
 FROM ${PYTHON_IMAGE} AS runtime
 ARG PYTHON_IMAGE
-ARG VERSION=0.3.0
+ARG VERSION=0.4.0
 ARG REVISION=unknown
 ARG CREATED=unknown
 LABEL org.opencontainers.image.title="datagrid-forwarder" \

@@ -5,7 +5,7 @@ import sys
 
 #: The project's version: pyproject.toml's (a test keeps them equal). A constant, not
 #: importlib.metadata, which costs every command a tenth of a second of start-up.
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 #: The source revision, stamped by the image build (``forwarder_build_info``).
 __revision__ = os.environ.get("DATAGRID_FORWARDER_REVISION", "unknown")
