@@ -71,3 +71,22 @@ def test_bench_headers_smoke(kafka_bootstrap: str, tmp_path: Path) -> None:
     assert 100 < extra < 1000, summary
     assert "| `datagrid-*` only |" in done.stdout
     assert "the 5% bar" in done.stdout
+
+
+def test_bench_hotpath_smoke() -> None:
+    """`python -m bench.hotpath --smoke` times the 0.3.0 loop, the pure-Python fallback and the
+    compiled hot path on the same lines (no broker) and prints one row for each."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.hotpath", "--smoke"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = {
+        line.split("|")[1].strip()
+        for line in done.stdout.splitlines()
+        if line.startswith("| ") and not line.startswith("| variant")
+    }
+    assert rows == {"before", "pure", "compiled", "split"}
