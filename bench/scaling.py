@@ -62,7 +62,7 @@ from tests.support.memory import (
     states_per_partition,
     vm_rss_kb,
 )
-from tests.support.state_preload import preload_state, preloaded_id
+from tests.support.state_preload import preload_state, preloaded_id, preloaded_state
 from tests.support.tally import Tally
 
 PARTITIONS = 6
@@ -620,20 +620,7 @@ def measure_map(count: int) -> dict[str, Any]:
     from forwarder.statemap import StateMap
 
     ids = [preloaded_id("", i) for i in range(count)]  # made before the first RSS reading
-    template = BatchState(
-        batch_id="\x00",
-        status=Status.FORWARDED,
-        lines={"succeeded": 100},
-        expected_lines=100,
-        attempts=1,
-        batch_status="completed",
-        source="webhook",
-        event_id="evt_\x00",
-        delivery="at-least-once",
-        started_at="2026-12-07T17:00:00.000Z",
-        finished_at="2026-12-07T17:00:00.000Z",
-        terminal_at="2026-12-07T17:00:00.000Z",
-    ).encode()
+    template = preloaded_state("\x00", "2026-12-07T17:00:00.000Z").encode()
     head, middle, tail = template.split(b"\\u0000")
     now_ms = int(time.time() * 1000)
 

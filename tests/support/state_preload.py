@@ -21,6 +21,24 @@ def preloaded_id(tag: str, index: int) -> str:
     return f"bpred_pre{tag}{index:07d}"
 
 
+def preloaded_state(batch_id: str, at: str) -> BatchState:
+    """The state a preloaded batch has: forwarded at ``at``, 100 lines."""
+    return BatchState(
+        batch_id=batch_id,
+        status=Status.FORWARDED,
+        lines={"succeeded": 100},
+        expected_lines=100,
+        attempts=1,
+        batch_status="completed",
+        source="webhook",
+        event_id=f"evt_{batch_id}",
+        delivery="at-least-once",
+        started_at=at,
+        finished_at=at,
+        terminal_at=at,
+    )
+
+
 async def preload_state(
     bootstrap: str,
     topic: str,
@@ -60,20 +78,7 @@ async def preload_state(
         batches: dict[int, Any] = {}
         for batch_id in ids:
             key = batch_id.encode()
-            value = BatchState(
-                batch_id=batch_id,
-                status=Status.FORWARDED,
-                lines={"succeeded": 100},
-                expected_lines=100,
-                attempts=1,
-                batch_status="completed",
-                source="webhook",
-                event_id=f"evt_{batch_id}",
-                delivery="at-least-once",
-                started_at=now,
-                finished_at=now,
-                terminal_at=now,
-            ).encode()
+            value = preloaded_state(batch_id, now).encode()
             partition = partition_for(key, partitions)
             batch = batches.get(partition)
             if batch is None:
