@@ -7,6 +7,7 @@ stops start-up with one line naming the variable. How the environment becomes th
 
 # No ``from __future__ import annotations`` here: the fields' types are objects when the class
 # is made, so reading them (``setting_fields``) evaluates no strings at start-up.
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -487,7 +488,12 @@ class SettingField:
     @property
     def secret(self) -> bool:
         """Whether it holds a secret (alone or in a list): never logged, readable from a file."""
-        return "SecretStr" in repr(self.kind)
+        return _holds(self.kind, SecretStr)
+
+
+def _holds(kind: Any, target: type) -> bool:
+    """Whether the type ``kind`` is ``target`` or has it among its arguments, at any depth."""
+    return kind is target or any(_holds(arg, target) for arg in get_args(kind))
 
 
 @functools.cache
@@ -556,15 +562,12 @@ def _convert(kind: Any, value: object) -> object:  # noqa: C901 - one case per t
             return value.lower() in _TRUE
         raise ValueError("must be true or false")
     if kind in (int, float) and not isinstance(value, bool):
-        try:
-            number = kind(value) if isinstance(value, str | int) else None
-        except ValueError:
-            number = None
-        if number is None and kind is float and isinstance(value, float):
-            number = value
-        if number is None:
-            raise ValueError("must be a whole number" if kind is int else "must be a number")
-        return number
+        if isinstance(value, int) or (kind is float and isinstance(value, float)):
+            return kind(value)
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                return kind(value)
+        raise ValueError("must be a whole number" if kind is int else "must be a number")
     if isinstance(kind, type) and issubclass(kind, StrEnum):
         if isinstance(value, str) and value in set(kind):
             return kind(value)

@@ -10,6 +10,7 @@ README's table from the settings' docstrings.
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 import re
 from collections.abc import Mapping
@@ -29,6 +30,7 @@ def secret_variables() -> dict[str, tuple[str, ...]]:
     return {name: field.variables for name, field in setting_fields().items() if field.secret}
 
 
+@functools.cache
 def known_variables() -> frozenset[str]:
     """Every ``FORWARDER_*`` variable the forwarder reads (``<secret>_FILE`` included)."""
     names = {env_name(field) for field in setting_fields()}
